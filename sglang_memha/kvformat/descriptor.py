@@ -1,0 +1,127 @@
+"""Compatibility descriptor exchanged at the PD handshake.
+
+Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores (decode) and sends
+``to_bytes()`` to the other. The receiver (decode) calls ``local.check_compatible(peer)``:
+
+* identical where it matters -> ``[]`` (no bridge, bytes are used as they arrive);
+* an exact, cheap difference -> the list of ``Bridge`` steps the receiver applies on arrival:
+    - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ``: fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00 one way),
+      per-row scales halved/doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``), value-exact;
+    - ``LAYER_TO_TOKEN_SCALE``: a stock SGLang fp8 pool (``fp8_e4m3_tensor``) into our
+      ``fp8_e4m3``: bytes kept, every (token, head) scale set to the layer scale, value-exact;
+    - ``REPAGE``: different page sizes; every format is token-local, so the receiver copies
+      token rows (data and scale rows together) into its own pages;
+* anything else -> ``FormatMismatchError`` naming every differing field with both values
+  (other formats would need a lossy re-quantization, which we refuse to do silently).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, fields
+
+from sglang_memha.kvformat.spec import FORMAT_VERSION, SUPPORTED_VERSIONS, KVFormat, format_spec
+from sglang_memha.kvformat.transforms import K_TRANSFORMS
+
+LAYOUTS = ("NHD",)
+
+
+class FormatMismatchError(ValueError):
+    """Raised at handshake; ``mismatches`` is a list of (field, local value, peer value)."""
+
+    def __init__(self, mismatches: list[tuple[str, object, object]]):
+        self.mismatches = mismatches
+        body = "; ".join(f"{f}: local={a!r} peer={b!r}" for f, a, b in mismatches)
+        super().__init__(f"KV format mismatch with peer (not bridgeable): {body}")
+
+
+class Bridge(str, enum.Enum):
+    FNUZ_TO_FN = "fnuz_to_fn"
+    FN_TO_FNUZ = "fn_to_fnuz"
+    LAYER_TO_TOKEN_SCALE = "layer_to_token_scale"
+    REPAGE = "repage"
+
+
+# (peer format, local format) -> bridge applied by the local (receiving) side
+_FORMAT_BRIDGES = {
+    (KVFormat.FP8_E4M3FNUZ, KVFormat.FP8_E4M3): Bridge.FNUZ_TO_FN,
+    (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ): Bridge.FN_TO_FNUZ,
+    (KVFormat.FP8_E4M3_TENSOR, KVFormat.FP8_E4M3): Bridge.LAYER_TO_TOKEN_SCALE,
+}
+
+
+@dataclass(frozen=True)
+class FormatDescriptor:
+    fmt: KVFormat
+    page_size: int
+    num_kv_heads: int  # per rank (after TP sharding)
+    head_dim: int
+    num_layers: int
+    model_id: str  # e.g. "Qwen/Qwen3-8B" plus a config hash; must match exactly
+    k_transform: str = "none"  # transforms.K_TRANSFORMS
+    layout: str = "NHD"
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", KVFormat.parse(self.fmt))
+        for name in ("page_size", "num_kv_heads", "num_layers", "version"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"FormatDescriptor.{name}={v!r}: expected a positive int")
+        format_spec(self.fmt).check_head_dim(self.head_dim)
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise ValueError(f"FormatDescriptor.model_id={self.model_id!r}: expected a non-empty str")
+        if self.k_transform not in K_TRANSFORMS:
+            raise ValueError(f"FormatDescriptor.k_transform={self.k_transform!r}: expected one of {K_TRANSFORMS}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"FormatDescriptor.layout={self.layout!r}: expected one of {LAYOUTS}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fmt"] = self.fmt.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FormatDescriptor:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"FormatDescriptor fields {unknown} are unknown; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON (sorted keys, no spaces), UTF-8."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FormatDescriptor:
+        try:
+            d = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"FormatDescriptor bytes are not UTF-8 JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"FormatDescriptor JSON must be an object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+    def check_compatible(self, peer: FormatDescriptor) -> list[Bridge]:
+        """Called by the receiving side with the sender's descriptor; see the module docstring."""
+        bad: list[tuple[str, object, object]] = []
+        bridges: list[Bridge] = []
+        if peer.version not in SUPPORTED_VERSIONS or self.version not in SUPPORTED_VERSIONS:
+            bad.append(("version", self.version, peer.version))
+        if peer.fmt != self.fmt:
+            bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
+            if bridge is None:
+                bad.append(("fmt", self.fmt.value, peer.fmt.value))
+            else:
+                bridges.append(bridge)
+        for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "layout"):
+            a, b = getattr(self, name), getattr(peer, name)
+            if a != b:
+                bad.append((name, a, b))
+        if bad:
+            raise FormatMismatchError(bad)
+        if peer.page_size != self.page_size:
+            bridges.append(Bridge.REPAGE)
+        return bridges

@@ -1,0 +1,24 @@
+"""bf16: the baseline. data = the bf16 bit patterns of x (little-endian), no scales."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_memha.kvformat.base import KVCodec, check_input, check_out_dtype
+from sglang_memha.kvformat.spec import KVFormat
+
+
+class Bf16Codec(KVCodec):
+    fmt = KVFormat.BF16
+
+    def quantize(self, x):
+        """data = bf16_rne(x) as bytes [T, H, 2 * head_dim]; exact for bf16 input."""
+        check_input(x, self.spec)
+        t, h, d = x.shape
+        return x.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(t, h, 2 * d), None
+
+    def dequantize(self, data, scales, out_dtype=torch.bfloat16):
+        head_dim = self.check_data(data, scales)
+        check_out_dtype(out_dtype)
+        t, h = data.shape[:2]
+        return data.contiguous().view(torch.bfloat16).reshape(t, h, head_dim).to(out_dtype)

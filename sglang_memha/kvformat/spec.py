@@ -1,0 +1,190 @@
+"""What the bytes of a KV page look like: the format enum, per-format facts, page geometry.
+
+One page of one layer holds ``page_size`` consecutive token slots of K (and, separately, of V).
+Every format stores, per (token, kv-head), a fixed number of *data* bytes and a fixed number of
+*scale* bytes, so a page is two dense blocks:
+
+    data  [page_size, num_kv_heads, data_bytes_per_head]   uint8   (NHD, token-major)
+    scale [page_size, num_kv_heads, scale_bytes_per_head]  uint8   (viewed as the scale dtype)
+
+In a KV pool the scales live in a *companion* buffer indexed by the same slot as the data
+(slot ``s`` -> data row ``s``, scale row ``s``), so page ``p`` of a layer is the byte range
+``[p * data_bytes, (p + 1) * data_bytes)`` of the data buffer plus
+``[p * scale_bytes, (p + 1) * scale_bytes)`` of the scale buffer. The data buffer of
+``fp8_e4m3_tensor`` is therefore byte-identical to SGLang's ``--kv-cache-dtype fp8_e4m3`` pool.
+For a single contiguous wire/file form, ``PageGeometry`` also gives a *packed* page of one layer:
+``[K data | V data | K scale | V scale]``, each segment starting at a multiple of ``PACK_ALIGN``
+bytes (zero padding between). Byte order is little-endian everywhere.
+
+``docs/kv_format.md`` specifies the bytes; ``tests/kvformat/test_doc_tables.py`` keeps that page
+and ``FORMAT_SPECS`` in agreement.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# Version of the byte format as a whole. Bump when any byte of any format changes meaning.
+FORMAT_VERSION = 1
+FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
+    (1, "initial: bf16, fp8_e4m3 (fp32 scale per token-head), fp8_e4m3_tensor, "
+        "fp8_e4m3fnuz (clamp 224), int8, int4_g32/int4_g64 (asymmetric, bf16 scale+min), bfp8"),
+)
+# Versions this build reads (handshake accepts a peer whose version is in this set).
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+
+# Every packed-page segment starts at a multiple of this many bytes.
+PACK_ALIGN = 16
+# Inputs must be finite and |x| <= MAX_ABS_INPUT (keeps every scale computation overflow-free).
+MAX_ABS_INPUT = 2.0**64
+
+
+class KVFormat(str, enum.Enum):
+    """How one K or V element is stored in a page. The value is the wire/CLI name."""
+
+    BF16 = "bf16"
+    FP8_E4M3 = "fp8_e4m3"
+    FP8_E4M3_TENSOR = "fp8_e4m3_tensor"
+    FP8_E4M3FNUZ = "fp8_e4m3fnuz"
+    INT8 = "int8"
+    INT4_G32 = "int4_g32"
+    INT4_G64 = "int4_g64"
+    BFP8 = "bfp8"
+
+    @classmethod
+    def parse(cls, value: str | KVFormat) -> KVFormat:
+        if isinstance(value, KVFormat):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(f.value for f in cls)
+            raise ValueError(f"kv format {value!r} is not supported; expected one of: {names}") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Static facts of one format (the rows of the table in docs/kv_format.md)."""
+
+    fmt: KVFormat
+    bits: int  # stored bits per K/V element
+    scale_scope: str  # "none" | "layer" | "token_head" | "group"
+    group_size: int | None  # elements sharing one scale entry along head_dim (group scopes)
+    scale_dtype: str  # "none" | "fp32" | "bf16x2" (scale, min) | "e8m0"
+    scale_entry_bytes: int  # bytes of one scale entry
+    head_dim_multiple: int  # head_dim must be a multiple of this
+    dequant: str  # the dequantization formula, also in the doc
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % self.head_dim_multiple:
+            raise ValueError(
+                f"head_dim={head_dim!r} is not valid for {self.fmt.value}: expected a positive "
+                f"multiple of {self.head_dim_multiple}"
+            )
+
+    def data_bytes_per_head(self, head_dim: int) -> int:
+        """Data bytes of one (token, kv-head) row."""
+        self.check_head_dim(head_dim)
+        return head_dim * self.bits // 8
+
+    def scales_per_head(self, head_dim: int) -> int:
+        """Scale entries of one (token, kv-head) row (0 for bf16 and per-layer scales)."""
+        self.check_head_dim(head_dim)
+        if self.scale_scope == "token_head":
+            return 1
+        if self.scale_scope == "group":
+            return head_dim // self.group_size
+        return 0
+
+    def scale_bytes_per_head(self, head_dim: int) -> int:
+        return self.scales_per_head(head_dim) * self.scale_entry_bytes
+
+
+FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
+    s.fmt: s
+    for s in (
+        FormatSpec(KVFormat.BF16, 16, "none", None, "none", 0, 1, "x = bf16(data)"),
+        FormatSpec(KVFormat.FP8_E4M3, 8, "token_head", None, "fp32", 4, 1, "x = e4m3fn(data) * scale"),
+        FormatSpec(KVFormat.FP8_E4M3_TENSOR, 8, "layer", None, "fp32", 4, 1, "x = e4m3fn(data) * layer_scale"),
+        FormatSpec(KVFormat.FP8_E4M3FNUZ, 8, "token_head", None, "fp32", 4, 1, "x = e4m3fnuz(data) * scale"),
+        FormatSpec(KVFormat.INT8, 8, "token_head", None, "fp32", 4, 1, "x = int8(data) * scale"),
+        FormatSpec(KVFormat.INT4_G32, 4, "group", 32, "bf16x2", 4, 32, "x = uint4(data) * scale + min"),
+        FormatSpec(KVFormat.INT4_G64, 4, "group", 64, "bf16x2", 4, 64, "x = uint4(data) * scale + min"),
+        FormatSpec(KVFormat.BFP8, 8, "group", 16, "e8m0", 1, 16, "x = sign * mag7 * 2^(exp - 133)"),
+    )
+}
+
+
+def format_spec(fmt: str | KVFormat) -> FormatSpec:
+    return FORMAT_SPECS[KVFormat.parse(fmt)]
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} is not valid: expected a positive int")
+    return value
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def kv_bytes_per_token(fmt: str | KVFormat, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of K + V of ONE layer for one token, per-token scales included.
+
+    Per-layer scales (``fp8_e4m3_tensor``: 8 bytes per layer) are not per token and not counted.
+    """
+    spec = format_spec(fmt)
+    _positive_int("num_kv_heads", num_kv_heads)
+    per_head = spec.data_bytes_per_head(head_dim) + spec.scale_bytes_per_head(head_dim)
+    return 2 * num_kv_heads * per_head
+
+
+@dataclass(frozen=True)
+class PageGeometry:
+    """Byte geometry of one page of one layer (sizes are for K alone; V is the same)."""
+
+    fmt: KVFormat
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    data_bytes_per_head: int  # per (token, kv-head)
+    scale_bytes_per_head: int  # per (token, kv-head); 0 when there are no per-token scales
+    data_bytes: int  # page_size * num_kv_heads * data_bytes_per_head
+    scale_bytes: int  # page_size * num_kv_heads * scale_bytes_per_head
+    layer_scale_bytes: int  # per layer, K and V together (fp8_e4m3_tensor: 8), sent once
+    # packed page [K data | V data | K scale | V scale], each segment aligned to PACK_ALIGN
+    k_data_offset: int
+    v_data_offset: int
+    k_scale_offset: int
+    v_scale_offset: int
+    packed_bytes: int
+
+    @property
+    def scale_dtype(self) -> str:
+        return FORMAT_SPECS[self.fmt].scale_dtype
+
+
+def page_geometry(fmt: str | KVFormat, page_size: int, num_kv_heads: int, head_dim: int) -> PageGeometry:
+    spec = format_spec(fmt)
+    _positive_int("page_size", page_size)
+    _positive_int("num_kv_heads", num_kv_heads)
+    dph = spec.data_bytes_per_head(head_dim)
+    sph = spec.scale_bytes_per_head(head_dim)
+    data = page_size * num_kv_heads * dph
+    scale = page_size * num_kv_heads * sph
+    v_data = _align(data, PACK_ALIGN)
+    k_scale = v_data + _align(data, PACK_ALIGN)
+    v_scale = k_scale + _align(scale, PACK_ALIGN)
+    packed = v_scale + _align(scale, PACK_ALIGN)
+    return PageGeometry(
+        fmt=spec.fmt, page_size=page_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        data_bytes_per_head=dph, scale_bytes_per_head=sph, data_bytes=data, scale_bytes=scale,
+        layer_scale_bytes=8 if spec.scale_scope == "layer" else 0,
+        k_data_offset=0, v_data_offset=v_data, k_scale_offset=k_scale, v_scale_offset=v_scale,
+        packed_bytes=packed,
+    )

@@ -1,0 +1,48 @@
+"""Entry point of the ``sglang.srt.plugins`` group: ``memha = sglang_memha.sglang_ext.plugin:register``.
+
+Who calls it: ``sglang.srt.plugins.load_plugins()``, once per process, early: in the launcher
+(``launch_server`` before it parses arguments), in each scheduler process (first thing in
+``run_scheduler_process``) and in the detokenizer. It only registers hooks; SGLang applies them
+right after (``HookRegistry.apply_hooks``). It does not block.
+
+Which hooks a process gets is decided by what that process has already imported: a scheduler
+process has imported ``sglang.srt.managers.scheduler`` (it unpickled its target from there),
+a detokenizer has not. So no process imports the heavy scheduler stack just to be hooked.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from sglang_memha.config import load_config
+
+logger = logging.getLogger("sglang_memha")
+
+_registered = False
+
+
+def _log_scheduler_active(result, scheduler, *args, **kwargs):
+    """AFTER ``Scheduler.__init__``: the line tests and operators grep to see the plugin is live
+    in a scheduler (``sglang-memha active in scheduler``)."""
+    mode = getattr(scheduler.server_args, "disaggregation_mode", "null")
+    logger.warning("sglang-memha active in scheduler pid=%d disaggregation_mode=%s cpu_compat=%s",
+                   os.getpid(), mode, load_config().cpu_compat_enabled)
+    return result
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    cfg = load_config()
+    if cfg.cpu_compat_enabled:
+        from sglang_memha.sglang_ext import cpu_compat
+
+        cpu_compat.register()
+    if "sglang.srt.managers.scheduler" in sys.modules:
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",
+                              _log_scheduler_active, HookType.AFTER)

@@ -1,0 +1,208 @@
+"""Start a real SGLang PD deployment (or a single server) on loopback, and stop it by PID.
+
+Usage (tests, demos, benchmarks)::
+
+    with PDCluster(model_path) as c:          # prefill + decode + router, CPU flags by default
+        status, out = c.generate("Hello", max_new_tokens=8)
+
+Readiness is real: each server's ``/health`` answers 200, then the router is started (its
+worker registration backs off if started earlier, and its own ``/health`` answers 200 with no
+worker), then a 1-token ``/generate`` through the router must succeed. Any server that dies on
+the way raises ``ClusterError`` with its log tail; ``close()`` always stops every process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+from sglang_memha.testing.procs import (ClusterError, ManagedProcess, check_port_free, free_port,
+                                        http_json, wait_until)
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = float(os.environ.get("MEMHA_STARTUP_TIMEOUT_S", "240"))
+
+
+def cpu_server_flags(max_total_tokens: int = 4096) -> list[str]:
+    """Flags every SGLang server needs on this CPU-only machine kind.
+
+    torch_native attention and pytorch sampling are what SGLang resolves to on a non-AMX CPU;
+    ``--sleep-on-idle`` keeps an idle scheduler from spinning a core (2 cores in all).
+    """
+    return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+            "--disable-cuda-graph", "--max-total-tokens", str(max_total_tokens),
+            "--mem-fraction-static", "0.2", "--grammar-backend", "none", "--sleep-on-idle"]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"   # SGLang's switch for its CPU engine paths (is_cpu())
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+def _check_model(model_path: str) -> None:
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ClusterError(f"model path {model_path!r} has no config.json: build the tiny model with "
+                           f"`memha-build-tiny-model` or SmolLM2 with `memha-build-smollm2`, "
+                           f"and pass the folder it prints")
+
+
+def _health(url: str):
+    status, _ = http_json(f"{url}/health", timeout=5)
+    return status == 200
+
+
+class _Deployment:
+    """Shared life cycle: a list of processes, a log folder, context-manager teardown."""
+
+    def __init__(self, log_dir: str | None):
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="memha-cluster-")
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.procs: list[ManagedProcess] = []
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
+        p = ManagedProcess(name, [sys.executable, *args], os.path.join(self.log_dir, f"{name}.log"), env)
+        self.procs.append(p.start())
+        return p
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def logs(self) -> dict[str, str]:
+        return {p.name: open(p.log_path, errors="replace").read() for p in self.procs}
+
+    # --- requests -------------------------------------------------------------------------
+    url: str
+
+    def generate(self, text: str | None = None, input_ids: list[int] | None = None,
+                 max_new_tokens: int = 16, timeout: float = 300.0, **sampling) -> tuple[int, dict | str]:
+        payload: dict = {"sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
+                                             **sampling}}
+        if input_ids is not None:
+            payload["input_ids"] = input_ids
+        else:
+            payload["text"] = text
+        return http_json(f"{self.url}/generate", payload, timeout=timeout)
+
+
+class SingleServer(_Deployment):
+    """One non-PD SGLang server: the token-for-token reference for a PD cluster."""
+
+    def __init__(self, model_path: str, extra_args: list[str] = (), port: int = 0,
+                 max_total_tokens: int = 4096, env: dict[str, str] | None = None,
+                 log_dir: str | None = None):
+        super().__init__(log_dir)
+        self.model_path, self.extra_args, self.env = model_path, list(extra_args), env
+        self.port = port or free_port()
+        self.max_total_tokens = max_total_tokens
+        self.url = f"http://{HOST}:{self.port}"
+
+    def start(self) -> "SingleServer":
+        _check_model(self.model_path)
+        check_port_free(self.port, "server")
+        p = self._spawn("server", ["-m", "sglang.launch_server", "--model-path", self.model_path,
+                                   "--host", HOST, "--port", str(self.port),
+                                   *cpu_server_flags(self.max_total_tokens), *self.extra_args],
+                        server_env(self.env))
+        wait_until(lambda: _health(self.url), STARTUP_TIMEOUT_S, [p], f"server {self.url}/health")
+        return self
+
+
+class PDCluster(_Deployment):
+    """Prefill server + decode server (Mooncake over TCP) + ``sglang_router`` in PD mode.
+
+    prefill_url: use an already running prefill server (``(url, bootstrap_port)``) instead of
+    starting one; it must answer ``/health`` before anything is started.
+    """
+
+    def __init__(self, model_path: str, prefill_args: list[str] = (), decode_args: list[str] = (),
+                 max_total_tokens: int = 4096, env: dict[str, str] | None = None,
+                 log_dir: str | None = None, router_port: int = 0,
+                 prefill_url: tuple[str, int] | None = None):
+        super().__init__(log_dir)
+        self.model_path = model_path
+        self.prefill_args, self.decode_args = list(prefill_args), list(decode_args)
+        self.max_total_tokens, self.env = max_total_tokens, env
+        self.router_port = router_port or free_port()
+        self.external_prefill = prefill_url
+        if prefill_url:
+            self.prefill_url, self.bootstrap_port = prefill_url
+        else:
+            self.prefill_url, self.bootstrap_port = f"http://{HOST}:{free_port()}", free_port()
+        self.decode_url = f"http://{HOST}:{free_port()}"
+        self.url = f"http://{HOST}:{self.router_port}"
+
+    def _server_args(self, url: str) -> list[str]:
+        port = url.rsplit(":", 1)[1]
+        return ["-m", "sglang.launch_server", "--model-path", self.model_path, "--host", HOST,
+                "--port", port, *cpu_server_flags(self.max_total_tokens),
+                "--disaggregation-transfer-backend", "mooncake_tcp"]
+
+    def start(self) -> "PDCluster":
+        _check_model(self.model_path)
+        check_port_free(self.router_port, "router")
+        env = server_env(self.env)
+        if self.external_prefill:
+            if not _health(self.prefill_url):
+                raise ClusterError(f"prefill server at {self.prefill_url} is not reachable (/health did "
+                                   f"not answer 200): start the prefill server first, or fix prefill_url")
+            servers = []
+        else:
+            prefill = self._spawn("prefill", [*self._server_args(self.prefill_url),
+                                              "--disaggregation-mode", "prefill",
+                                              "--disaggregation-bootstrap-port", str(self.bootstrap_port),
+                                              *self.prefill_args], env)
+            servers = [prefill]
+        decode = self._spawn("decode", [*self._server_args(self.decode_url),
+                                        "--disaggregation-mode", "decode", *self.decode_args], env)
+        servers.append(decode)
+        for url in ([] if self.external_prefill else [self.prefill_url]) + [self.decode_url]:
+            wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")
+        router = self._spawn("router", ["-m", "sglang_router.launch_router", "--pd-disaggregation",
+                                        "--prefill", self.prefill_url, str(self.bootstrap_port),
+                                        "--decode", self.decode_url,
+                                        "--host", HOST, "--port", str(self.router_port)], env)
+        ping = {"text": "ping", "sampling_params": {"max_new_tokens": 1}}
+        wait_until(lambda: http_json(f"{self.url}/generate", ping, timeout=30)[0] == 200,
+                   STARTUP_TIMEOUT_S, [*servers, router], f"a request through the router {self.url}",
+                   poll_s=1.0)
+        return self
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``memha-cluster MODEL``: start a PD cluster, print its URLs, serve until Ctrl-C."""
+    ap = argparse.ArgumentParser(description="Start prefill + decode + router on loopback (CPU).")
+    ap.add_argument("model_path")
+    ap.add_argument("--prefill-arg", action="append", default=[], help="extra prefill flag (repeat)")
+    ap.add_argument("--decode-arg", action="append", default=[], help="extra decode flag (repeat)")
+    ap.add_argument("--router-port", type=int, default=8000)
+    ap.add_argument("--max-total-tokens", type=int, default=4096)
+    args = ap.parse_args(argv)
+    with PDCluster(args.model_path, args.prefill_arg, args.decode_arg, args.max_total_tokens,
+                   router_port=args.router_port) as c:
+        print(f"router {c.url}  prefill {c.prefill_url} (bootstrap {c.bootstrap_port})  "
+              f"decode {c.decode_url}  logs {c.log_dir}", flush=True)
+        try:
+            while all(p.alive() for p in c.procs):
+                time.sleep(1)
+            for p in c.procs:
+                p.check_alive()
+        except KeyboardInterrupt:
+            pass
