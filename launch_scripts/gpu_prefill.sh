@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Prefill server on the prefill host. Requires: pip install 'sglang-memha[gpu]'; source gpu_env.sh
+set -euo pipefail
+: "${MODEL:?source gpu_env.sh first}"
+TRANSFER=(--disaggregation-transfer-backend mooncake)
+[ -n "${IB_DEVICE:-}" ] && TRANSFER+=(--disaggregation-ib-device "$IB_DEVICE") || TRANSFER=(--disaggregation-transfer-backend mooncake_tcp)
+exec python -m sglang.launch_server --model-path "$MODEL" --host 0.0.0.0 --port "$PREFILL_PORT" \
+  --disaggregation-mode prefill --disaggregation-bootstrap-port "$BOOTSTRAP_PORT" "${TRANSFER[@]}" "$@"
