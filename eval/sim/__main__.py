@@ -1,0 +1,238 @@
+"""Command line: ``python -m eval.sim <command>`` from the repository root.
+
+    vendor-traces                 rebuild eval/traces/*.csv.gz from shared/traces
+    validate                      fit on the CPU testbed, print predicted vs measured
+    replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
+    search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
+    all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import search as S
+from . import systems, trace, validate
+from .cluster import simulate
+
+RESULTS = Path(__file__).resolve().parents[2] / "eval" / "results"
+MAIN_TRACES = ("azure_conv", "azure_code", "mooncake_conversation")
+MAX_OUTPUT = 4096
+
+
+def _trace(name: str, n: int) -> trace.Trace:
+    ctx = systems.systems_table()["max_context"]
+    return trace.load(name).head(n).clip(ctx, MAX_OUTPUT)
+
+
+def _pct(x: np.ndarray) -> str:
+    x = x[np.isfinite(x)]
+    return " ".join(f"p{q}={np.percentile(x, q):.3f}" for q in (50, 90, 99)) if len(x) else "n/a"
+
+
+def cmd_validate(_: argparse.Namespace) -> dict:
+    v = validate.run()
+    print(f"{'metric':6} {'setup':5} {'prompt':>6} {'batch':>5} {'measured':>9} {'predicted':>9} {'err':>6}  role")
+    for r in v["rows"]:
+        print(f"{r['metric']:6} {r['setup']:5} {r['prompt']:6d} {r['batch']:5d} {r['measured_s']:9.4f} "
+              f"{r['predicted_s']:9.4f} {100 * r['rel_error']:5.1f}%  {r['role']}")
+    print({k: v[k] for k in v if k.startswith("sim_")})
+    return v
+
+
+def cmd_replay(a: argparse.Namespace) -> None:
+    tr = _trace(a.trace, a.n)
+    if a.rate:
+        tr = tr.at_rate(a.rate)
+    spec = systems.build_cluster(a.model, a.system, a.p, a.d)
+    t0 = time.perf_counter()
+    r = S.replay(spec, tr)
+    dt = time.perf_counter() - t0
+    lo, hi = systems.slo(a.trace)
+    print(f"{len(tr)} requests at {tr.rate:.2f} req/s replayed in {dt:.2f} s; cost ${spec.cost_per_hour:.2f}/h")
+    print(f"TTFT {_pct(r.ttft)}\nTPOT {_pct(r.tpot)}\nfailed {int(r.failed.sum())}; "
+          f"SLO attainment {S.attainment(r, lo, hi):.3f} (TTFT<={lo}s, TPOT<={hi}s)")
+
+
+def cmd_search(a: argparse.Namespace) -> list[S.Point]:
+    tr = _trace(a.trace, a.n)
+    names = a.systems.split(",") if a.systems else systems.system_names()
+    pts = []
+    print(f"{'system':22} {'P':>3} {'D':>3} {'$/h':>7} {'goodput r/s':>11} {'req/$':>8}")
+    for s in names:
+        for p in S.search(a.model, tr, s, a.budget, a.price):
+            pts.append(p)
+            print(f"{s:22} {p.n_prefill:3d} {p.n_decode:3d} {p.cost_per_hour:7.2f} {p.goodput_rps:11.2f} "
+                  f"{p.goodput_per_dollar:8.0f}")
+    return pts
+
+
+def _speed(n: int = 10000) -> float:
+    tr = _trace("azure_conv", n)
+    spec = systems.build_cluster("qwen3-8b", "hma-serve", 4, 4)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        simulate(spec, tr.arrival, tr.input_len, tr.output_len)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def cmd_all(a: argparse.Namespace) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    v = cmd_validate(a)
+    out.update({k: v[k] for k in v if k.startswith("sim_")})
+    out["sim_validation_rows"] = v["rows"]
+    out["sim_fit"] = v["fit"]
+    out["sim_seconds_10k"] = _speed()
+    print(f"10k-request replay: {out['sim_seconds_10k']:.2f} s")
+
+    # validation figure
+    rows = [r for r in v["rows"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = np.arange(len(rows))
+    ax.bar(xs - 0.2, [r["measured_s"] for r in rows], 0.4, label="measured (reference runs)")
+    ax.bar(xs + 0.2, [r["predicted_s"] for r in rows], 0.4, label="simulator")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{r['metric']} {r['setup']}\n{r['prompt']}x{r['batch']}\n{r['role'][:3]}" for r in rows],
+                  fontsize=7)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("CPU testbed, SmolLM2-135M: simulator vs measured (cal = fitted, val = predicted)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sim_validation.png", dpi=110)
+    plt.close(fig)
+
+    # goodput search
+    names = systems.system_names()
+    search_out: dict = {}
+    for tname in MAIN_TRACES:
+        tr = _trace(tname, a.n)
+        search_out[tname] = {}
+        for s in names:
+            t0 = time.perf_counter()
+            pts = S.search(a.model, tr, s, a.budget, a.price)
+            best = max(pts, key=lambda p: p.goodput_rps)
+            best_d = max(pts, key=lambda p: p.goodput_per_dollar)
+            search_out[tname][s] = {
+                "points": [[p.n_prefill, p.n_decode, p.cost_per_hour, p.goodput_rps] for p in pts],
+                "best": [best.n_prefill, best.n_decode, best.cost_per_hour, best.goodput_rps],
+                "best_goodput_per_dollar": best_d.goodput_per_dollar,
+                "best_per_dollar_point": [best_d.n_prefill, best_d.n_decode, best_d.cost_per_hour],
+            }
+            print(f"{tname:22} {s:22} best P={best.n_prefill} D={best.n_decode} {best.goodput_rps:8.2f} r/s "
+                  f"{best_d.goodput_per_dollar:8.0f} req/$  ({time.perf_counter() - t0:.1f} s)")
+    out["sim_search"] = search_out
+    out["sim_search_setup"] = {"model": a.model, "budget_per_hour": a.budget, "price": a.price,
+                               "requests_per_trace": a.n, "slo": {t: systems.slo(t) for t in MAIN_TRACES},
+                               "attainment": systems.systems_table()["attainment"]}
+    for tname in MAIN_TRACES:
+        so = search_out[tname]
+        full = so["hma-serve"]
+        for base in ("homo-h100-bf16", "homo-gddr-bf16"):
+            b = so[base]
+            out[f"sim_goodput_ratio_{tname}_vs_{base}"] = full["best"][3] / b["best"][3] if b["best"][3] else None
+            out[f"sim_goodput_per_dollar_ratio_{tname}_vs_{base}"] = (
+                full["best_goodput_per_dollar"] / b["best_goodput_per_dollar"] if b["best_goodput_per_dollar"] else None)
+
+    # goodput figure
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    w = 0.8 / len(MAIN_TRACES)
+    for i, tname in enumerate(MAIN_TRACES):
+        g = [search_out[tname][s]["best"][3] for s in names]
+        gd = [search_out[tname][s]["best_goodput_per_dollar"] for s in names]
+        axes[0].bar(np.arange(len(names)) + i * w, g, w, label=tname)
+        axes[1].bar(np.arange(len(names)) + i * w, gd, w, label=tname)
+    for ax, yl in zip(axes, ("goodput (req/s at 90% SLO)", "goodput per dollar (req/$)")):
+        ax.set_xticks(np.arange(len(names)) + 0.4 - w / 2, names, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{a.model}, budget ${a.budget}/h ({a.price}), best P:D per system")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sim_goodput.png", dpi=110)
+    plt.close(fig)
+
+    # TTFT/TPOT distributions at one common rate (the H100 baseline's goodput) on azure_conv
+    tname = MAIN_TRACES[0]
+    tr = _trace(tname, a.n)
+    rate = search_out[tname]["homo-h100-bf16"]["best"][3]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    dist: dict = {}
+    for s in names:
+        p, d = search_out[tname][s]["best"][:2]
+        r = S.replay(systems.build_cluster(a.model, s, p, d, a.price), tr.at_rate(rate))
+        for ax, x in zip(axes, (r.ttft, r.tpot)):
+            x = np.sort(x[np.isfinite(x)])
+            ax.plot(x, np.arange(1, len(x) + 1) / len(x), label=f"{s} ({p}P:{d}D)")
+        dist[s] = {"ttft_p50": float(np.nanpercentile(r.ttft, 50)), "ttft_p90": float(np.nanpercentile(r.ttft, 90)),
+                   "tpot_p50": float(np.nanpercentile(r.tpot, 50)), "tpot_p90": float(np.nanpercentile(r.tpot, 90))}
+    lo, hi = systems.slo(tname)
+    for ax, lab, sl in zip(axes, ("TTFT (s)", "TPOT (s)"), (lo, hi)):
+        ax.set_xscale("log")
+        ax.axvline(sl, color="k", ls="--", lw=0.8)
+        ax.set_xlabel(lab)
+        ax.set_ylabel("CDF")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{a.model}, {tname} at {rate:.1f} req/s, best P:D under ${a.budget}/h")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sim_cdf.png", dpi=110)
+    plt.close(fig)
+    out["sim_distributions_azure_conv"] = {"rate_rps": rate, **dist}
+
+    with open(RESULTS / "sim.json", "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {RESULTS / 'sim.json'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m eval.sim")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("vendor-traces")
+    sub.add_parser("validate")
+    r = sub.add_parser("replay")
+    for k in ("model", "system"):
+        r.add_argument(k)
+    r.add_argument("p", type=int)
+    r.add_argument("d", type=int)
+    r.add_argument("trace")
+    r.add_argument("--rate", type=float, default=0.0)
+    r.add_argument("--n", type=int, default=10000)
+    s = sub.add_parser("search")
+    s.add_argument("model")
+    s.add_argument("trace")
+    s.add_argument("budget", type=float)
+    s.add_argument("--systems", default="")
+    s.add_argument("--price", default="on_demand")
+    s.add_argument("--n", type=int, default=2000)
+    al = sub.add_parser("all")
+    al.add_argument("--model", default="qwen3-8b")
+    al.add_argument("--budget", type=float, default=24.0)
+    al.add_argument("--price", default="on_demand")
+    al.add_argument("--n", type=int, default=2000)
+    a = ap.parse_args(argv)
+    if a.cmd == "vendor-traces":
+        for p in trace.vendor():
+            print(p)
+    elif a.cmd == "validate":
+        cmd_validate(a)
+    elif a.cmd == "replay":
+        cmd_replay(a)
+    elif a.cmd == "search":
+        cmd_search(a)
+    else:
+        cmd_all(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
