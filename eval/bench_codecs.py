@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""KV codec figures: bytes per token per format for real model geometries, and quantize /
+dequantize throughput next to a plain copy of the same bytes, measured in the same run.
+
+Throughput convention: GB/s of the *bf16 tensor* processed (quantize reads it, dequantize writes
+it), against memcpy of a bf16 tensor of the same size (``dst.copy_(src)``). Best of N runs, codec and memcpy alternated.
+The GPU section (Triton kernels) runs only where CUDA exists.
+
+    python eval/bench_codecs.py [--tokens 32768] [--reps 7] [--out eval/results/codecs.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sglang_memha.kvformat import KVFormat, get_codec, kv_bytes_per_token  # noqa: E402
+
+# (name, num_layers, num_kv_heads, head_dim) from the models' config.json
+MODELS = [
+    ("SmolLM2-135M", 30, 3, 64),
+    ("Qwen3-4B", 36, 8, 128),
+    ("Qwen3-8B", 36, 8, 128),
+    ("Qwen3-14B", 40, 8, 128),
+    ("Qwen3-32B", 64, 8, 128),
+]
+
+
+def timed(fn, reps: int, sync=lambda: None) -> float:
+    """Best of ``reps`` (the machine is shared: the minimum is the least disturbed run)."""
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def paired(fn, ref, reps: int, sync=lambda: None) -> tuple[float, float]:
+    """Alternate ``fn`` and ``ref`` (memcpy) so both see the same machine state; best of each."""
+    a, b = [], []
+    for _ in range(reps):
+        b.append(timed(ref, 1, sync))
+        a.append(timed(fn, 1, sync))
+    return min(a), min(b)
+
+
+def bytes_table() -> dict:
+    out = {}
+    for name, layers, heads, dim in MODELS:
+        base = kv_bytes_per_token("bf16", heads, dim) * layers
+        out[name] = {
+            f.value: {"bytes_per_token_all_layers": kv_bytes_per_token(f, heads, dim) * layers,
+                      "ratio_to_bf16": kv_bytes_per_token(f, heads, dim) * layers / base}
+            for f in KVFormat
+        }
+    return out
+
+
+def cpu_throughput(tokens: int, reps: int) -> dict:
+    x = torch.randn(tokens, 8, 128).to(torch.bfloat16)
+    nbytes = x.numel() * x.element_size()
+    dst = torch.empty_like(x)
+    copy = lambda: dst.copy_(x)  # noqa: E731
+    memcpy_s = timed(copy, reps)
+    res = {"memcpy_GBps": nbytes / memcpy_s / 1e9, "tensor_MB": nbytes / 1e6}
+    for f in KVFormat:
+        codec = get_codec(f)
+        q = codec.quantize(x)
+        tq, mq = paired(lambda: codec.quantize(x), copy, reps)
+        td, md = paired(lambda: codec.dequantize(*q, torch.bfloat16), copy, reps)
+        res[f.value] = {
+            "quant_GBps": nbytes / tq / 1e9,
+            "dequant_GBps": nbytes / td / 1e9,
+            "quant_vs_memcpy": mq / tq,
+            "dequant_vs_memcpy": md / td,
+        }
+    return res
+
+
+def gpu_throughput(tokens: int, reps: int) -> dict | None:
+    if not torch.cuda.is_available():
+        return None
+    from sglang_memha.kvformat import page_geometry
+    from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, dequantize_pages, quantize_to_slots
+
+    dev, page = "cuda", 16
+    x = torch.randn(tokens, 8, 128, device=dev).to(torch.bfloat16)
+    nbytes = x.numel() * 2
+    dst = torch.empty_like(x)
+    sync = torch.cuda.synchronize
+    memcpy_s = timed(lambda: dst.copy_(x), reps, sync)
+    res = {"device": torch.cuda.get_device_name(), "memcpy_GBps": 2 * nbytes / memcpy_s / 1e9}
+    loc = torch.arange(tokens, device=dev)
+    pages = torch.arange(tokens // page, device=dev)
+    for f in TRITON_FORMATS:
+        g = page_geometry(f, page, 8, 128)
+        dp = torch.empty(tokens, 8, g.data_bytes_per_head, dtype=torch.uint8, device=dev)
+        sp = torch.empty(tokens, 8, g.scale_bytes_per_head, dtype=torch.uint8, device=dev)
+        tq = timed(lambda: quantize_to_slots(f, x, loc, dp, sp), reps, sync)
+        td = timed(lambda: dequantize_pages(f, dp, sp, pages, page, 128), reps, sync)
+        moved = nbytes + dp.numel() + sp.numel()  # bytes read + written
+        res[f.value] = {"quant_GBps_moved": moved / tq / 1e9, "dequant_GBps_moved": moved / td / 1e9,
+                        "quant_vs_memcpy_bw": (moved / tq) / (2 * nbytes / memcpy_s),
+                        "dequant_vs_memcpy_bw": (moved / td) / (2 * nbytes / memcpy_s)}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)  # 64 MiB bf16: beyond the caches
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="eval/results/codecs.json")
+    args = ap.parse_args()
+    sizes = bytes_table()
+    cpu = cpu_throughput(args.tokens, args.reps)
+    gpu = gpu_throughput(args.tokens * 2, args.reps)
+    out = {
+        "fp8_bytes_ratio": kv_bytes_per_token("fp8_e4m3", 8, 128) / kv_bytes_per_token("bf16", 8, 128),
+        "quant_vs_memcpy_cpu": cpu["fp8_e4m3"]["quant_vs_memcpy"],
+        "dequant_vs_memcpy_cpu": cpu["fp8_e4m3"]["dequant_vs_memcpy"],
+        "memcpy_GBps_cpu": cpu["memcpy_GBps"],
+        "quant_vs_memcpy_gpu": None if gpu is None else gpu["fp8_e4m3"]["quant_vs_memcpy_bw"],
+        "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                "tokens": args.tokens, "kv_heads": 8, "head_dim": 128, "reps": args.reps},
+        "bytes_per_token": sizes,
+        "cpu": cpu,
+        "gpu": gpu,
+    }
+    for f in KVFormat:
+        out[f"{f.value}_bytes_ratio"] = sizes["Qwen3-8B"][f.value]["ratio_to_bf16"]
+        out[f"{f.value}_quant_vs_memcpy_cpu"] = cpu[f.value]["quant_vs_memcpy"]
+        out[f"{f.value}_dequant_vs_memcpy_cpu"] = cpu[f.value]["dequant_vs_memcpy"]
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"{'format':16s} {'B/tok Qwen3-8B':>14s} {'ratio':>6s} {'quant GB/s':>10s} {'deq GB/s':>9s} {'q/memcpy':>8s} {'dq/memcpy':>9s}")
+    for f in KVFormat:
+        c = cpu[f.value]
+        s = sizes["Qwen3-8B"][f.value]
+        print(f"{f.value:16s} {s['bytes_per_token_all_layers']:14d} {s['ratio_to_bf16']:6.4f} {c['quant_GBps']:10.2f} "
+              f"{c['dequant_GBps']:9.2f} {c['quant_vs_memcpy']:8.3f} {c['dequant_vs_memcpy']:9.3f}")
+    print(f"memcpy {cpu['memcpy_GBps']:.2f} GB/s ({cpu['tensor_MB']:.1f} MB bf16), threads={torch.get_num_threads()}; gpu={gpu is not None}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

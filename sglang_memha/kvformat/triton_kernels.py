@@ -1,0 +1,149 @@
+"""Triton kernels: quantize-on-write into pool slots, and dequantize a gather of pages.
+
+Same bytes as the torch codecs (bit-exact quantize; dequantize equal up to fp32 FMA contraction
+in int4's ``q * scale + min``). Every rounding is written out in integer arithmetic (no reliance
+on a backend's fp8 conversion instructions), so the kernels also run under TRITON_INTERPRET=1.
+
+Launchers check shapes, dtypes and devices first. Triton is imported lazily: this module can be
+imported without it, and the launchers raise ``RuntimeError`` when it is missing.
+
+    x          [num_tokens, num_kv_heads, head_dim]               bf16 | fp16 | fp32
+    loc        [num_tokens]                                       int64 slot indices
+    data_pool  [num_slots, num_kv_heads, data_bytes_per_head]     uint8
+    scale_pool [num_slots, num_kv_heads, scale_bytes_per_head]    uint8 (companion rows)
+    page_ids   [num_pages]                                        int32 | int64
+    out        [num_pages * page_size, num_kv_heads, head_dim]    bf16 | fp16 | fp32
+
+Formats: fp8_e4m3, fp8_e4m3fnuz, int8, int4_g32, int4_g64, bfp8. bf16 and fp8_e4m3_tensor are
+plain casts; ``codec.quantize_into`` / ``codec.gather_dequantize`` cover them on any device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from sglang_memha.kvformat.spec import KVFormat, format_spec
+
+TRITON_FORMATS = (
+    KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ, KVFormat.INT8,
+    KVFormat.INT4_G32, KVFormat.INT4_G64, KVFormat.BFP8,
+)
+# kernel MODE per format: 0 fp8 fn, 1 fp8 fnuz, 2 int8, 3 int4, 4 bfp8
+_MODE = {
+    KVFormat.FP8_E4M3: 0, KVFormat.FP8_E4M3FNUZ: 1, KVFormat.INT8: 2,
+    KVFormat.INT4_G32: 3, KVFormat.INT4_G64: 3, KVFormat.BFP8: 4,
+}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    try:
+        import triton
+
+        from sglang_memha.kvformat import _triton_jit as j
+    except ImportError as e:
+        raise RuntimeError("sglang_memha.kvformat.triton_kernels needs the `triton` package") from e
+    return triton, j._quant_row_kernel, j._quant_int4_kernel, j._quant_bfp8_kernel, j._dequant_kernel
+
+
+def _scale_view(fmt: KVFormat, scale_pool: torch.Tensor) -> torch.Tensor:
+    dtype = {"fp32": torch.float32, "bf16x2": torch.bfloat16, "e8m0": torch.uint8}[format_spec(fmt).scale_dtype]
+    return scale_pool.view(dtype)
+
+
+def _check_pools(fmt: KVFormat, head_dim: int, data_pool: torch.Tensor, scale_pool: torch.Tensor) -> None:
+    spec = format_spec(fmt)
+    for name, pool, per_head in (
+        ("data_pool", data_pool, spec.data_bytes_per_head(head_dim)),
+        ("scale_pool", scale_pool, spec.scale_bytes_per_head(head_dim)),
+    ):
+        if pool.dtype != torch.uint8 or pool.dim() != 3 or pool.shape[2] != per_head or not pool.is_contiguous():
+            raise ValueError(
+                f"{name}={tuple(pool.shape)} {pool.dtype}: expected contiguous uint8 "
+                f"[num_slots, num_kv_heads, {per_head}] for {fmt.value} head_dim={head_dim}"
+            )
+    if data_pool.shape[:2] != scale_pool.shape[:2]:
+        raise ValueError(f"data_pool {tuple(data_pool.shape)} and scale_pool {tuple(scale_pool.shape)} differ in slots/heads")
+
+
+def quantize_to_slots(
+    fmt: str | KVFormat, x: torch.Tensor, loc: torch.Tensor, data_pool: torch.Tensor, scale_pool: torch.Tensor
+) -> None:
+    """Triton quantize-on-write; same result as ``get_codec(fmt).quantize_into`` (no finiteness
+    check on GPU: callers validate upstream or accept saturation of +-inf; NaN is undefined)."""
+    fmt = KVFormat.parse(fmt)
+    if fmt not in TRITON_FORMATS:
+        raise ValueError(f"fmt={fmt.value}: Triton kernels cover {[f.value for f in TRITON_FORMATS]}")
+    triton, k_row, k_int4, k_bfp8, _ = _kernels()
+    if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.stride(-1) != 1:
+        raise ValueError(f"x={tuple(x.shape)} {x.dtype}: expected [T, H, D] bf16/fp16/fp32, last dim contiguous")
+    t, h, d = x.shape
+    format_spec(fmt).check_head_dim(d)
+    _check_pools(fmt, d, data_pool, scale_pool)
+    if loc.shape != (t,) or loc.dtype != torch.int64:
+        raise ValueError(f"loc={tuple(loc.shape)} {loc.dtype}: expected [{t}] int64")
+    if data_pool.shape[1] != h:
+        raise ValueError(f"data_pool has {data_pool.shape[1]} kv heads, x has {h}")
+    devs = {x.device, loc.device, data_pool.device, scale_pool.device}
+    if len(devs) != 1:
+        raise ValueError(f"x, loc, data_pool, scale_pool must share one device, got {devs}")
+    if t == 0:
+        return
+    sv = _scale_view(fmt, scale_pool)
+    args = (x, loc, data_pool, sv, x.stride(0), x.stride(1), data_pool.stride(0), data_pool.stride(1),
+            sv.stride(0), sv.stride(1))
+    mode = _MODE[fmt]
+    if mode in (0, 1, 2):
+        qmax = {0: 448.0, 1: 224.0, 2: 127.0}[mode]
+        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax)
+    elif mode == 3:
+        gs = format_spec(fmt).group_size
+        k_int4[(t, h)](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs)
+    else:
+        k_bfp8[(t, h)](*args, NB=d // 16, NB_P2=triton.next_power_of_2(d // 16))
+
+
+def dequantize_pages(
+    fmt: str | KVFormat,
+    data_pool: torch.Tensor,
+    scale_pool: torch.Tensor,
+    page_ids: torch.Tensor,
+    page_size: int,
+    head_dim: int,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Triton gather + dequantize of whole pages -> [len(page_ids) * page_size, H, head_dim]."""
+    fmt = KVFormat.parse(fmt)
+    if fmt not in TRITON_FORMATS:
+        raise ValueError(f"fmt={fmt.value}: Triton kernels cover {[f.value for f in TRITON_FORMATS]}")
+    triton, _, _, _, k_deq = _kernels()
+    _check_pools(fmt, head_dim, data_pool, scale_pool)
+    if page_ids.dim() != 1 or page_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"page_ids={tuple(page_ids.shape)} {page_ids.dtype}: expected 1-D int32/int64")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype={out_dtype}: expected bf16, fp16 or fp32")
+    if not isinstance(page_size, int) or page_size <= 0:
+        raise ValueError(f"page_size={page_size!r}: expected a positive int")
+    n = page_ids.numel() * page_size
+    h = data_pool.shape[1]
+    out = torch.empty((n, h, head_dim), dtype=out_dtype, device=data_pool.device)
+    if n == 0:
+        return out
+    sv = _scale_view(fmt, scale_pool)
+    gs = format_spec(fmt).group_size or 1
+    k_deq[(n, h)](
+        data_pool, sv, page_ids, out,
+        data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1), out.stride(0), out.stride(1),
+        PAGE=page_size, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODE[fmt], GS=gs,
+    )
+    return out

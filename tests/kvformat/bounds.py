@@ -1,0 +1,63 @@
+"""Analytic round-trip error bounds per format (the same statements as docs/kv_format.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from sglang_memha.kvformat import KVFormat, get_codec
+
+
+def max_excess(fmt: KVFormat, x: torch.Tensor, layer_scale: float = 1.0) -> float:
+    """max over elements of |x - x_hat| - bound; <= 0 means every element is within its bound.
+
+    x [T, H, D] (any input dtype); x_hat is dequantized to fp32. ``slack`` absorbs fp32
+    rounding of the scale arithmetic (2^-20 of the row/group magnitude).
+    """
+    codec = get_codec(fmt)
+    if fmt == KVFormat.FP8_E4M3_TENSOR:
+        data, scales = codec.quantize(x, layer_scale)
+    else:
+        data, scales = codec.quantize(x)
+    x32 = x.float()
+    err = (codec.dequantize(data, scales, torch.float32) - x32).abs()
+    amax = x32.abs().amax(-1, keepdim=True)
+    slack = 2.0**-20 * amax
+    if fmt == KVFormat.BF16:
+        # 8 significant bits: relative 2^-8; below bf16's smallest normal, half its 2^-133 step
+        bound = torch.clamp_min(x32.abs() * 2.0**-8, 2.0**-134)
+        slack = torch.zeros_like(slack)
+    elif fmt in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ):
+        # 3 mantissa bits: relative 2^-4 for normals; half the subnormal step below
+        s = scales
+        sub_half = 2.0**-10 if fmt == KVFormat.FP8_E4M3 else 2.0**-11
+        bound = torch.maximum(x32.abs() * 2.0**-4, s * sub_half)
+    elif fmt == KVFormat.FP8_E4M3_TENSOR:
+        # as fp8_e4m3 with the layer scale; a bf16/fp16 input is divided in its own dtype first
+        rel = 2.0**-4 if x.dtype == torch.float32 else 2.0**-4 + 2.0**-7
+        bound = torch.maximum(x32.abs() * rel, torch.full_like(x32, layer_scale * 2.0**-10))
+    elif fmt == KVFormat.INT8:
+        bound = scales / 2
+    elif fmt in (KVFormat.INT4_G32, KVFormat.INT4_G64):
+        t, h, d = x.shape
+        gs = codec.spec.group_size
+        s_b = scales[..., 0].float()
+        g = x32.reshape(t, h, d // gs, gs)
+        lo, hi = g.amin(-1), g.amax(-1)
+        # the stored scale itself is bounded analytically (directed bf16 rounding, 8 bits)
+        s_max = ((hi - lo) + lo.abs() * 2.0**-7) / 15 * (1 + 2.0**-7)
+        assert bool((s_b <= s_max * (1 + 2.0**-20) + 1e-30).all()), "int4 stored scale exceeds its analytic bound"
+        bound = (s_b / 2)[..., None].expand(t, h, d // gs, gs).reshape(t, h, d)
+        slack = 2.0**-20 * g.abs().amax(-1, keepdim=True).expand_as(g).reshape(t, h, d)
+    elif fmt == KVFormat.BFP8:
+        t, h, d = x.shape
+        step = torch.pow(2.0, scales.double() - 133).float()  # one mantissa step per block
+        mag = (data & 0x7F).reshape(t, h, d // 16, 16)
+        half = torch.where(mag < 127, 0.5, 1.0)  # saturated elements may be off by one step
+        bound = (half * step[..., None]).reshape(t, h, d)
+        slack = torch.zeros_like(slack)
+        # and the step itself: <= amax_block / 64
+        amax_b = x32.reshape(t, h, d // 16, 16).abs().amax(-1)
+        assert bool((step <= torch.maximum(amax_b / 64, torch.full_like(amax_b, 2.0**-133))).all())
+    else:
+        raise AssertionError(fmt)
+    return float((err - bound - slack).max())

@@ -1,0 +1,87 @@
+"""Handshake descriptor: serialization round trip, bridges, and errors naming both sides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sglang_memha.kvformat import Bridge, FormatDescriptor, FormatMismatchError
+
+BASE = FormatDescriptor(fmt="fp8_e4m3", page_size=16, num_kv_heads=8, head_dim=128, num_layers=36,
+                        model_id="Qwen/Qwen3-8B@cfg:1a2b")
+
+
+def test_bytes_round_trip_and_canonical():
+    raw = BASE.to_bytes()
+    assert FormatDescriptor.from_bytes(raw) == BASE
+    assert raw.startswith(b'{"fmt":"fp8_e4m3","head_dim":128')
+    assert FormatDescriptor.from_dict(BASE.to_dict()) == BASE
+
+
+def test_identical_needs_no_bridge():
+    assert BASE.check_compatible(dataclasses.replace(BASE)) == []
+
+
+@pytest.mark.parametrize(
+    "local_fmt, peer_fmt, bridge",
+    [
+        ("fp8_e4m3", "fp8_e4m3fnuz", Bridge.FNUZ_TO_FN),
+        ("fp8_e4m3fnuz", "fp8_e4m3", Bridge.FN_TO_FNUZ),
+        ("fp8_e4m3", "fp8_e4m3_tensor", Bridge.LAYER_TO_TOKEN_SCALE),
+    ],
+)
+def test_exact_format_bridges(local_fmt, peer_fmt, bridge):
+    local = dataclasses.replace(BASE, fmt=local_fmt)
+    assert local.check_compatible(dataclasses.replace(BASE, fmt=peer_fmt)) == [bridge]
+
+
+def test_page_size_is_bridgeable():
+    assert BASE.check_compatible(dataclasses.replace(BASE, page_size=64)) == [Bridge.REPAGE]
+
+
+def test_mismatch_names_every_field_with_both_values():
+    peer = dataclasses.replace(BASE, fmt="int4_g64", head_dim=64, model_id="other", k_transform="hadamard")
+    with pytest.raises(FormatMismatchError) as ei:
+        BASE.check_compatible(peer)
+    msg = str(ei.value)
+    for part in ("fmt: local='fp8_e4m3' peer='int4_g64'", "head_dim: local=128 peer=64",
+                 "model_id: local='Qwen/Qwen3-8B@cfg:1a2b' peer='other'",
+                 "k_transform: local='none' peer='hadamard'"):
+        assert part in msg
+    assert [m[0] for m in ei.value.mismatches] == ["fmt", "head_dim", "model_id", "k_transform"]
+
+
+def test_lossy_direction_is_not_bridged():
+    local = dataclasses.replace(BASE, fmt="fp8_e4m3_tensor")
+    with pytest.raises(FormatMismatchError, match="fmt: local='fp8_e4m3_tensor' peer='fp8_e4m3'"):
+        local.check_compatible(BASE)
+
+
+def test_unsupported_version_named():
+    peer = dataclasses.replace(BASE, version=7)
+    with pytest.raises(FormatMismatchError, match="version: local=1 peer=7"):
+        BASE.check_compatible(peer)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(page_size=0), r"FormatDescriptor.page_size=0: expected a positive int"),
+        (dict(fmt="fp5"), r"kv format 'fp5' is not supported"),
+        (dict(fmt="int4_g64", head_dim=96), r"head_dim=96 is not valid for int4_g64"),
+        (dict(layout="HND"), r"FormatDescriptor.layout='HND'"),
+        (dict(k_transform="rot"), r"FormatDescriptor.k_transform='rot'"),
+        (dict(model_id=""), r"FormatDescriptor.model_id=''"),
+    ],
+)
+def test_invalid_descriptor_fields(change, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(BASE, **change)
+
+
+def test_from_bytes_errors():
+    with pytest.raises(ValueError, match="not UTF-8 JSON"):
+        FormatDescriptor.from_bytes(b"\xff")
+    with pytest.raises(ValueError, match=r"fields \['colour'\] are unknown"):
+        FormatDescriptor.from_dict({**BASE.to_dict(), "colour": 1})

@@ -1,0 +1,79 @@
+"""Triton kernels produce the torch codecs' bytes: on a GPU when there is one, and on CPU under
+Triton's interpreter (TRITON_INTERPRET=1, in a subprocess so the flag is set before jit)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_memha.kvformat import get_codec, page_geometry
+from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, dequantize_pages, quantize_to_slots, triton_available
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def compare(fmt, head_dim: int, device: str, tokens: int = 6, heads: int = 2, page: int = 4) -> None:
+    codec = get_codec(fmt)
+    geo = page_geometry(fmt, page, heads, head_dim)
+    g = torch.Generator().manual_seed(head_dim)
+    x = (torch.randn(tokens, heads, head_dim, generator=g) * torch.logspace(-3, 2, head_dim)).to(torch.bfloat16)
+    x[0] = 0
+    slots = 4 * page
+    pools = [torch.zeros(slots, heads, n, dtype=torch.uint8) for n in (geo.data_bytes_per_head, geo.scale_bytes_per_head)]
+    loc = torch.randperm(slots, generator=g)[:tokens]
+    codec.quantize_into(x, loc, *pools)
+    dev_pools = [torch.zeros_like(p, device=device) for p in pools]
+    quantize_to_slots(fmt, x.to(device), loc.to(device), *dev_pools)
+    assert torch.equal(dev_pools[0].cpu(), pools[0]), f"{fmt} data bytes differ"
+    assert torch.equal(dev_pools[1].cpu(), pools[1]), f"{fmt} scale bytes differ"
+    pages = torch.tensor([2, 0, 3])
+    ref = codec.gather_dequantize(*pools, pages, page, torch.float32)
+    got = dequantize_pages(fmt, *dev_pools, pages.to(device), page, head_dim, torch.float32).cpu()
+    # int4's q * scale + min may be FMA-contracted on GPU: 1 ulp of fp32
+    assert torch.allclose(got, ref, rtol=2.0**-22, atol=0), f"{fmt} dequant differs"
+
+
+_SCRIPT = """
+import torch
+from tests.kvformat.test_triton import compare
+from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS
+for fmt in TRITON_FORMATS:
+    for d in (64, 96, 128):
+        if d % get_codec(fmt).spec.head_dim_multiple == 0:
+            compare(fmt, d, "cpu")
+print("interpreter ok")
+""".replace("import torch", "import torch\nfrom sglang_memha.kvformat import get_codec")
+
+
+@needs_triton
+def test_kernels_under_interpreter_match_torch_bytes():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_launchers_check_arguments():
+    if not triton_available():
+        pytest.skip("triton not installed")
+    geo = page_geometry("int8", 4, 2, 64)
+    pool = torch.zeros(8, 2, geo.data_bytes_per_head, dtype=torch.uint8)
+    bad_scales = torch.zeros(8, 2, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"scale_pool=\(8, 2, 3\) torch.uint8: expected contiguous uint8 \[num_slots, num_kv_heads, 4\]"):
+        quantize_to_slots("int8", torch.zeros(2, 2, 64), torch.zeros(2, dtype=torch.int64), pool, bad_scales)
+    with pytest.raises(ValueError, match="fmt=bf16: Triton kernels cover"):
+        dequantize_pages("bf16", pool, bad_scales, torch.zeros(1, dtype=torch.int64), 4, 64)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("fmt", TRITON_FORMATS, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_on_gpu_match_torch_bytes(fmt, head_dim):
+    compare(fmt, head_dim, "cuda", tokens=64, heads=8, page=16)
