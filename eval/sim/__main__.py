@@ -1,7 +1,10 @@
 """Command line: ``python -m eval.sim <command>`` from the repository root.
 
     vendor-traces                 rebuild eval/traces/*.csv.gz from shared/traces
-    validate                      fit on the CPU testbed, print predicted vs measured
+    validate [--source S] [--write]   fit on the CPU testbed, print predicted vs measured;
+                                  S = auto (harness runs when eval/results/cpu_pd_measured.json
+                                  exists) | harness | reference (older copied medians);
+                                  --write updates the validation keys of eval/results/sim.json
     replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
     search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
     all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
@@ -36,13 +39,60 @@ def _pct(x: np.ndarray) -> str:
     return " ".join(f"p{q}={np.percentile(x, q):.3f}" for q in (50, 90, 99)) if len(x) else "n/a"
 
 
-def cmd_validate(_: argparse.Namespace) -> dict:
-    v = validate.run()
+def _print_validation(v: dict) -> None:
+    print(f"source: {v['source']}")
     print(f"{'metric':6} {'setup':5} {'prompt':>6} {'batch':>5} {'measured':>9} {'predicted':>9} {'err':>6}  role")
     for r in v["rows"]:
         print(f"{r['metric']:6} {r['setup']:5} {r['prompt']:6d} {r['batch']:5d} {r['measured_s']:9.4f} "
               f"{r['predicted_s']:9.4f} {100 * r['rel_error']:5.1f}%  {r['role']}")
     print({k: v[k] for k in v if k.startswith("sim_")})
+    print({k: v["fit"][k] for k in v["fit"]})
+
+
+def _validation_keys(v: dict) -> dict:
+    """The sim.json keys of one validation; the reference validation is kept beside a harness one."""
+    out = {k: v[k] for k in v if k.startswith("sim_")}
+    out["sim_validation_rows"] = v["rows"]
+    out["sim_fit"] = v["fit"]
+    if v["source"] == "harness":
+        ref = validate.run("reference")
+        out.update({f"sim_reference_{k[4:]}": ref[k] for k in ref if k.startswith("sim_")})
+        out["sim_reference_validation_rows"] = ref["rows"]
+    return out
+
+
+def _plot_validation(v: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = v["rows"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    xs = np.arange(len(rows))
+    what = "harness runs, eval/measure_cpu_pd.py" if v["source"] == "harness" else "reference runs"
+    ax.bar(xs - 0.2, [r["measured_s"] for r in rows], 0.4, label=f"measured ({what})")
+    ax.bar(xs + 0.2, [r["predicted_s"] for r in rows], 0.4, label="simulator")
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [f"{r['metric']} {r['setup']}\n{r['prompt']}x{r['batch']}\n{r['role'][:3]}" for r in rows],
+                  fontsize=7)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("CPU testbed, SmolLM2-135M: simulator vs measured (cal = fitted, val = predicted)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sim_validation.png", dpi=110)
+    plt.close(fig)
+
+
+def cmd_validate(a: argparse.Namespace) -> dict:
+    v = validate.run(a.source, getattr(a, "harness_file", None))
+    _print_validation(v)
+    if getattr(a, "write", False):
+        path = RESULTS / "sim.json"
+        out = json.loads(path.read_text()) if path.exists() else {}
+        out.update(_validation_keys(v))
+        path.write_text(json.dumps(out, indent=1))
+        _plot_validation(v)
+        print(f"updated the validation keys of {path} and {RESULTS / 'sim_validation.png'}")
     return v
 
 
@@ -92,27 +142,10 @@ def cmd_all(a: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out: dict = {}
     v = cmd_validate(a)
-    out.update({k: v[k] for k in v if k.startswith("sim_")})
-    out["sim_validation_rows"] = v["rows"]
-    out["sim_fit"] = v["fit"]
+    out.update(_validation_keys(v))
     out["sim_seconds_10k"] = _speed()
     print(f"10k-request replay: {out['sim_seconds_10k']:.2f} s")
-
-    # validation figure
-    rows = [r for r in v["rows"]]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    xs = np.arange(len(rows))
-    ax.bar(xs - 0.2, [r["measured_s"] for r in rows], 0.4, label="measured (reference runs)")
-    ax.bar(xs + 0.2, [r["predicted_s"] for r in rows], 0.4, label="simulator")
-    ax.set_yscale("log")
-    ax.set_xticks(xs, [f"{r['metric']} {r['setup']}\n{r['prompt']}x{r['batch']}\n{r['role'][:3]}" for r in rows],
-                  fontsize=7)
-    ax.set_ylabel("seconds (median)")
-    ax.set_title("CPU testbed, SmolLM2-135M: simulator vs measured (cal = fitted, val = predicted)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sim_validation.png", dpi=110)
-    plt.close(fig)
+    _plot_validation(v)
 
     # goodput search
     names = systems.system_names()
@@ -199,7 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m eval.sim")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("vendor-traces")
-    sub.add_parser("validate")
+    v = sub.add_parser("validate")
+    v.add_argument("--source", default="auto", choices=("auto", "harness", "reference"))
+    v.add_argument("--write", action="store_true", help="update the validation keys of eval/results/sim.json")
+    v.add_argument("--harness-file", default=None, help="measure_cpu_pd.py output (default eval/results/cpu_pd_measured.json)")
     r = sub.add_parser("replay")
     for k in ("model", "system"):
         r.add_argument(k)
@@ -220,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--budget", type=float, default=24.0)
     al.add_argument("--price", default="on_demand")
     al.add_argument("--n", type=int, default=2000)
+    al.add_argument("--source", default="auto", choices=("auto", "harness", "reference"))
     a = ap.parse_args(argv)
     if a.cmd == "vendor-traces":
         for p in trace.vendor():

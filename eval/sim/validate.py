@@ -1,6 +1,21 @@
 """Calibrate the simulator on the CPU testbed and predict held-out measurements.
 
-Calibration (``role: calibration`` rows of data/cpu_testbed.json):
+Two sources of measurements (``run(source=...)``):
+
+* ``harness`` (the default when ``eval/results/cpu_pd_measured.json`` exists): the project's own
+  per-request runs, made in one session by ``eval/measure_cpu_pd.py`` with
+  ``sglang_memha.testing.SingleServer`` / ``PDCluster`` (setup a: single server; b: PD on
+  loopback through the router). ``harness_table()`` turns that file into a testbed table; which
+  points are fitted is fixed by ``HARNESS_CALIBRATION``, every other point is held out:
+    - prefill: a@256/1024/2048 fit overhead, 1/F_gemm, 1/F_attn (exact solve);
+    - decode (batch 1 only): a@256 and a@2048 fit step overhead + per-token attention cost
+      (the per-request overhead is not separable at batch 1 and is set to 0);
+    - PD: b@256 and b@2048 fit the hand-off seconds and the PD prefill slowdown factor
+      (a one-dimensional root find; the measured CPU shares are reported beside it, not used).
+* ``reference`` (the older validation, ``data/cpu_testbed.json``): medians copied from the
+  reference sessions in ``shared/reference/``, described below.
+
+Reference calibration (``role: calibration`` rows of data/cpu_testbed.json):
   * prefill: t(n) = overhead + gemm_flops(n) / F_gemm + attn_flops(n) / F_attn, three unknowns
     solved exactly from single-server prefill at 256/1024/4096 tokens;
   * decode: step(B, S) = o_step + B * o_req + roofline(B; F_gemm, mem_bw) + S * D, three unknowns
@@ -17,6 +32,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -27,9 +43,69 @@ from .roofline import (decode_cost, elementwise_per_token, kv_bytes_per_token_mo
 from .transfer import Link
 
 
+HARNESS_FILE = Path(__file__).resolve().parents[2] / "eval" / "results" / "cpu_pd_measured.json"
+# (metric, setup, prompt) of the harness points that are fitted; every other point is held out
+HARNESS_CALIBRATION = {("ttft", "a", 256), ("ttft", "a", 1024), ("ttft", "a", 2048),
+                       ("tpot", "a", 256), ("tpot", "a", 2048),
+                       ("ttft", "b", 256), ("ttft", "b", 2048)}
+
+
 def testbed_table() -> dict:
     with open(DATA_DIR / "cpu_testbed.json") as f:
         return json.load(f)
+
+
+def harness_table(path: Path = HARNESS_FILE) -> dict:
+    """Testbed table (same shape as data/cpu_testbed.json) from ``eval/measure_cpu_pd.py`` output.
+
+    Each point's value is the file's ``median_used_s`` (median of the quiet runs, or of all runs
+    when fewer than 3 were quiet). Device constants, links and the CPU-share fallback come from
+    data/cpu_testbed.json; the pool is the runs' ``--max-total-tokens``.
+    """
+    with open(path) as f:
+        meas = json.load(f)
+    ref = testbed_table()
+    src = f"{path.name} ({meas['date']}, commit {meas['git_commit'][:10]})"
+    dev = dict(ref["device"], chunked_prefill_size=4096)
+    tb = {"model": meas["model"], "device": dev, "pool_tokens": meas["server_flags"]["max_total_tokens"],
+          "cpu_share": ref["cpu_share"], "links": ref["links"], "prefill": [], "decode": [],
+          "measured_cpu_share": {}}
+
+    def role(metric: str, setup: str, prompt: int) -> str:
+        return "calibration" if (metric, setup, prompt) in HARNESS_CALIBRATION else "validation"
+
+    for setup in ("a", "b"):
+        for n, pt in sorted(meas[setup]["ttft"].items(), key=lambda kv: int(kv[0])):
+            tb["prefill"].append({"setup": setup, "prompt": int(n), "ttft_s": pt["median_used_s"],
+                                  "role": role("ttft", setup, int(n)), "source": src,
+                                  "runs": len([r for r in pt["runs"] if not r["warmup"]]),
+                                  "quiet_runs": pt["quiet_runs"]})
+        for n, pt in sorted(meas[setup]["tpot"].items(), key=lambda kv: int(kv[0])):
+            tb["decode"].append({"setup": setup, "batch": 1, "prompt": int(n), "tokens": meas["tpot_tokens"],
+                                 "tpot_s": pt["median_used_s"], "role": role("tpot", setup, int(n)),
+                                 "source": src, "runs": len([r for r in pt["runs"] if not r["warmup"]]),
+                                 "quiet_runs": pt["quiet_runs"]})
+        # cores used by the server doing prefill during the longest TTFT runs (reported only)
+        longest = max(meas[setup]["ttft"], key=int)
+        key = "server" if setup == "a" else "prefill"
+        runs = [r for r in meas[setup]["ttft"][longest]["runs"] if not r["warmup"]]
+        tb["measured_cpu_share"][setup] = float(np.median([r["cpu_cores"][key] for r in runs]))
+    return tb
+
+
+def load_table(source: str = "auto", harness_file: Path | None = None) -> dict:
+    """``harness`` | ``reference`` | ``auto`` (harness when its file exists)."""
+    harness_file = Path(harness_file or HARNESS_FILE)
+    if source == "auto":
+        source = "harness" if harness_file.exists() else "reference"
+    if source == "harness":
+        tb = harness_table(harness_file)
+    elif source == "reference":
+        tb = testbed_table()
+    else:
+        raise ValueError(f"source={source!r}: expected 'harness', 'reference' or 'auto'")
+    tb["source_kind"] = source
+    return tb
 
 
 def _base_device(tb: dict) -> Device:
@@ -46,26 +122,35 @@ def _prefill_features(m: ModelConfig, n: int) -> tuple[float, float]:
     return lin, attn
 
 
-def fit_testbed() -> tuple[ModelConfig, Device, float]:
-    """Return (model, calibrated device, PD hand-off seconds)."""
-    tb = testbed_table()
+def fit_testbed(tb: dict | None = None) -> tuple[ModelConfig, Device, float, float | None]:
+    """Return (model, calibrated device, PD hand-off seconds, fitted PD slowdown or None).
+
+    The PD prefill slowdown is fitted when the table has two PD loopback (b) calibration
+    prefills; otherwise (reference table) it comes from the measured CPU shares.
+    """
+    tb = tb or testbed_table()
     m = load_model(tb["model"])
     dev = _base_device(tb)
     cal = [r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "a"]
     A = np.array([[1.0, *_prefill_features(m, r["prompt"])] for r in cal])
     y = np.array([r["ttft_s"] for r in cal])
-    o_p, inv_gemm, inv_attn = np.linalg.solve(A, y)
+    o_p, inv_gemm, inv_attn = np.linalg.lstsq(A, y, rcond=None)[0]
     if min(o_p, inv_gemm, inv_attn) < 0:
         raise ValueError(f"prefill fit is unphysical: overhead={o_p}, 1/F_gemm={inv_gemm}, 1/F_attn={inv_attn}")
     dev = replace(dev, bf16_tflops=1e-12 / inv_gemm, prefill_step_overhead_s=float(o_p),
                   attn_tflops=1e-12 / inv_attn)
     # decode: step = o_step + B*o_req + C0[B] + S*D, C0 from the roofline with zero overheads
-    dcal = [r for r in tb["decode"] if r["role"] == "calibration"]
+    dcal = [r for r in tb["decode"] if r["role"] == "calibration" and r["setup"] == "a"]
     zero = replace(dev, decode_step_overhead_s=0.0, decode_per_request_overhead_s=0.0)
     C0 = decode_cost(m, zero, "bf16").C
-    A = np.array([[1.0, r["batch"], r["batch"] * (r["prompt"] + 1 + (r["tokens"] - 1) / 2)] for r in dcal])
+    ctx = [r["batch"] * (r["prompt"] + 1 + (r["tokens"] - 1) / 2) for r in dcal]
     y = np.array([r["tpot_s"] - C0[r["batch"]] for r in dcal])
-    o_d, o_r, D = np.linalg.solve(A, y)
+    if len({r["batch"] for r in dcal}) > 1:
+        A = np.array([[1.0, r["batch"], c] for r, c in zip(dcal, ctx)])
+        o_d, o_r, D = np.linalg.lstsq(A, y, rcond=None)[0]
+    else:  # batch 1 only: per-request overhead is not separable from the step overhead
+        A = np.array([[1.0, c] for c in ctx])
+        (o_d, D), o_r = np.linalg.lstsq(A, y, rcond=None)[0], 0.0
     if min(o_d, o_r, D) < 0:
         raise ValueError(f"decode fit is unphysical: o_step={o_d}, o_req={o_r}, D={D}")
     f_attn_dec = m.num_hidden_layers * 4.0 * m.num_attention_heads * m.head_dim / D
@@ -73,24 +158,43 @@ def fit_testbed() -> tuple[ModelConfig, Device, float]:
     dev = replace(dev, decode_step_overhead_s=float(o_d), decode_per_request_overhead_s=float(o_r),
                   attn_tflops=top / 1e12, attn_prefill_eff=dev.attn_tflops * 1e12 / top,
                   attn_decode_eff=f_attn_dec / top)
-    # PD hand-off overhead from (b) at its calibration prompt length
-    bcal = [r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "b"]
-    handoff = 0.0
-    if bcal:
+    # PD hand-off overhead (and slowdown, with two points) from (b) calibration prefills
+    bcal = sorted((r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "b"),
+                  key=lambda r: r["prompt"])
+    handoff, slowdown = 0.0, None
+    if len(bcal) == 1:
         r = bcal[0]
-        pred = _replay_ttft(m, dev, "b", r["prompt"], 0.0, tb)
-        handoff = r["ttft_s"] - pred
-        if handoff < 0:
-            raise ValueError(f"PD hand-off fit is negative ({handoff:.3f} s)")
-    return m, dev, float(handoff)
+        handoff = r["ttft_s"] - _replay_ttft(m, dev, "b", r["prompt"], 0.0, tb)
+    elif len(bcal) == 2:
+        lo, hi = bcal
+
+        def resid(f: float) -> tuple[float, float]:
+            h = lo["ttft_s"] - _replay_ttft(m, dev, "b", lo["prompt"], 0.0, tb, f)
+            return _replay_ttft(m, dev, "b", hi["prompt"], h, tb, f) - hi["ttft_s"], h
+
+        a, b = 0.25, 8.0
+        if resid(a)[0] > 0 or resid(b)[0] < 0:
+            raise ValueError(f"PD slowdown fit has no root in [{a}, {b}]")
+        for _ in range(60):  # bisection: predicted TTFT grows with the slowdown
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if resid(mid)[0] < 0 else (a, mid)
+        slowdown = 0.5 * (a + b)
+        handoff = resid(slowdown)[1]
+    elif bcal:
+        raise ValueError(f"{len(bcal)} PD calibration prefills: expected 1 or 2")
+    if handoff < 0:
+        raise ValueError(f"PD hand-off fit is negative ({handoff:.3f} s)")
+    return m, dev, float(handoff), slowdown
 
 
-def _cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict) -> ClusterSpec:
+def _cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict,
+             slowdown: float | None = None) -> ClusterSpec:
     share = tb["cpu_share"]
     if setup == "a":
         factor, gbps, hand = 1.0, 1e6, 0.0  # single server: no transfer, no hand-off
     else:
-        factor = share["prefill_alone"] / share["prefill_pd_loopback" if setup == "b" else "prefill_pd_shaped"]
+        factor = slowdown if slowdown is not None else (
+            share["prefill_alone"] / share["prefill_pd_loopback" if setup == "b" else "prefill_pd_shaped"])
         gbps = tb["links"]["loopback_gbps" if setup == "b" else "shaped_gbps"]
         hand = handoff
     pdev = replace(dev, bf16_tflops=dev.bf16_tflops / factor, attn_tflops=dev.attn_tflops / factor)
@@ -100,49 +204,60 @@ def _cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict) 
 
     pool = tb["pool_tokens"]
     p = PrefillSpec(step_time=step, n_layers=m.num_hidden_layers, capacity_tokens=pool,
-                    chunk_tokens=dev.chunked_prefill_size, link=Link(gbps=gbps),
+                    chunk_tokens=min(dev.chunked_prefill_size, pool), link=Link(gbps=gbps),
                     wire_bytes_per_token=kv_bytes_per_token_model(m, "bf16"))
     d = DecodeSpec(cost=decode_cost(m, dev, "bf16"), capacity_tokens=pool, max_batch=dev.max_running_requests)
     return ClusterSpec(prefill=(p,), decode=(d,), pipelined=False, handoff_s=hand)
 
 
-def _replay_ttft(m: ModelConfig, dev: Device, setup: str, prompt: int, handoff: float, tb: dict) -> float:
-    r = simulate(_cluster(m, dev, setup, handoff, tb), np.zeros(1), np.array([prompt]), np.array([1]))
+def _replay_ttft(m: ModelConfig, dev: Device, setup: str, prompt: int, handoff: float, tb: dict,
+                 slowdown: float | None = None) -> float:
+    r = simulate(_cluster(m, dev, setup, handoff, tb, slowdown), np.zeros(1), np.array([prompt]), np.array([1]))
     return float(r.ttft[0])
 
 
 def _replay_tpot(m: ModelConfig, dev: Device, setup: str, batch: int, prompt: int, tokens: int,
-                 handoff: float, tb: dict) -> float:
+                 handoff: float, tb: dict, slowdown: float | None = None) -> float:
     # batch requests arriving together; they prefill in one batch and decode together
-    r = simulate(_cluster(m, dev, setup, handoff, tb), np.zeros(batch), np.full(batch, prompt),
+    r = simulate(_cluster(m, dev, setup, handoff, tb, slowdown), np.zeros(batch), np.full(batch, prompt),
                  np.full(batch, tokens))
     return float(np.nanmedian(r.tpot))
 
 
-def run() -> dict:
-    """Fit, predict every row, and return a flat dict of results (also per-row errors)."""
-    tb = testbed_table()
-    m, dev, handoff = fit_testbed()
+def run(source: str = "auto", harness_file: Path | None = None) -> dict:
+    """Fit, predict every row, and return a flat dict of results (also per-row errors).
+
+    source: ``harness`` (eval/results/cpu_pd_measured.json), ``reference``
+    (data/cpu_testbed.json, the older validation) or ``auto`` (harness when its file exists).
+    """
+    tb = load_table(source, harness_file)
+    m, dev, handoff, slowdown = fit_testbed(tb)
     rows = []
     for r in tb["prefill"]:
-        pred = _replay_ttft(m, dev, r["setup"], r["prompt"], handoff, tb)
+        pred = _replay_ttft(m, dev, r["setup"], r["prompt"], handoff, tb, slowdown)
         rows.append({"metric": "ttft", "setup": r["setup"], "prompt": r["prompt"], "batch": 1,
                      "measured_s": r["ttft_s"], "predicted_s": pred, "role": r["role"], "source": r["source"]})
     for r in tb["decode"]:
-        pred = _replay_tpot(m, dev, r["setup"], r["batch"], r["prompt"], r["tokens"], handoff, tb)
+        pred = _replay_tpot(m, dev, r["setup"], r["batch"], r["prompt"], r["tokens"], handoff, tb, slowdown)
         rows.append({"metric": "tpot", "setup": r["setup"], "prompt": r["prompt"], "batch": r["batch"],
                      "measured_s": r["tpot_s"], "predicted_s": pred, "role": r["role"], "source": r["source"]})
     for row in rows:
         row["rel_error"] = abs(row["predicted_s"] - row["measured_s"]) / row["measured_s"]
     held = [x for x in rows if x["role"] == "validation"]
     pd_held = [x for x in held if x["setup"] in ("b", "c")]
+    shares = tb.get("measured_cpu_share")
     return {
+        "source": tb["source_kind"],
         "rows": rows,
         "fit": {"gemm_gflops": dev.bf16_tflops * 1e3, "attn_prefill_gflops": dev.attn_prefill_flops / 1e9,
                 "attn_decode_gflops": dev.attn_decode_flops / 1e9, "prefill_overhead_s": dev.prefill_step_overhead_s,
                 "decode_step_overhead_s": dev.decode_step_overhead_s,
-                "decode_per_request_overhead_s": dev.decode_per_request_overhead_s, "pd_handoff_s": handoff},
+                "decode_per_request_overhead_s": dev.decode_per_request_overhead_s, "pd_handoff_s": handoff,
+                "pd_prefill_slowdown": slowdown,
+                "pd_prefill_slowdown_from_cpu_share": (shares["a"] / shares["b"]) if shares else None,
+                "measured_cpu_share": shares},
         "sim_max_rel_error": max(x["rel_error"] for x in held),
+        "sim_validation_source": tb["source_kind"],
         "sim_max_rel_error_pd": max(x["rel_error"] for x in pd_held),
         "sim_max_rel_error_ttft": max(x["rel_error"] for x in held if x["metric"] == "ttft"),
         "sim_max_rel_error_tpot": max(x["rel_error"] for x in held if x["metric"] == "tpot"),
