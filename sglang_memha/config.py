@@ -4,6 +4,7 @@
 |---------------------|--------------------------|------------------------------------------------------|
 | ``MEMHA_CACHE_DIR`` | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
 | ``MEMHA_CPU_COMPAT``| ``auto``                 | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
+| ``MEMHA_CPU_KERNELS``| ``1``                   | ``0``: never build/use the fused C codec kernels (torch reference only) |
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ _CPU_COMPAT_VALUES = ("auto", "0", "1")
 class MemhaConfig:
     cache_dir: str
     cpu_compat: str  # one of _CPU_COMPAT_VALUES
+    cpu_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
@@ -34,7 +36,17 @@ def load_config() -> MemhaConfig:
     return MemhaConfig(
         cache_dir=os.environ.get("MEMHA_CACHE_DIR") or os.path.expanduser("~/.cache/sglang-memha"),
         cpu_compat=os.environ.get("MEMHA_CPU_COMPAT", "auto"),
+        cpu_kernels=_flag("MEMHA_CPU_KERNELS", True),
     )
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def cache_dir() -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from sglang_memha.kvformat.base import KVCodec, check_input, check_out_dtype
+from sglang_memha.kvformat.cpu_kernels import fp8_quantize_rows
 from sglang_memha.kvformat.spec import KVFormat
 
 E4M3FN_MAX = 448.0
@@ -74,7 +75,19 @@ class _Fp8TokenHead(KVCodec):
         return (num_tokens, num_kv_heads, 1)
 
     def quantize(self, x):
-        """scale = amax_row / clamp (fp32); data = fp8_rne(clamp(x / scale)); zero -> 0x00."""
+        """scale = amax_row / clamp (fp32); data = fp8_rne(clamp(x / scale)); zero -> 0x00.
+
+        On CPU a fused C kernel (``cpu_kernels``) produces the same bytes in one pass; the torch
+        code below is the reference and the fallback.
+        """
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
+            fused = fp8_quantize_rows(x, self.clamp, 8 if self.fnuz else 7)
+            if fused is not None and fused[2] == 0:
+                return fused[0], fused[1]
+            # bad inputs (or no kernel): the reference path validates and raises the precise error
+        return self.quantize_reference(x)
+
+    def quantize_reference(self, x):
         x32 = check_input(x, self.spec)
         scale = _per_head_scale(x32, self.clamp)
         data = _scaled(x32, scale, self.clamp).to(self.torch_dtype).view(torch.uint8)

@@ -1,0 +1,98 @@
+"""Fused CPU kernels for the codecs' hot paths, compiled on first use with the system C compiler.
+
+Why C and not torch: the eager reference makes ~10 passes over fp32 temporaries; one fused pass
+per row is what gets quantize near memory speed. Why not a torch C++ extension: compiling against
+torch's headers takes about a minute; this plain C file builds in about a second and is called
+through ctypes with raw pointers. Built per source and CPU (``-march=native``) into
+``$MEMHA_CACHE_DIR/kernels``; where no compiler works, or ``MEMHA_CPU_KERNELS=0``, the codecs use
+the torch reference (same bytes, slower).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger(__name__)
+_SRC = os.path.join(os.path.dirname(__file__), "csrc", "fp8_quant.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l for l in f if l.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    src = open(_SRC, "rb").read()
+    return hashlib.sha256(src + flags.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+
+
+def _build() -> ctypes.CDLL | None:
+    from sglang_memha.config import cache_dir, load_config
+
+    if not load_config().cpu_kernels:
+        return None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        logger.warning("no C compiler found: KV codecs use the (slower) torch reference on CPU")
+        return None
+    out_dir = os.path.join(cache_dir(), "kernels")
+    os.makedirs(out_dir, exist_ok=True)
+    so = os.path.join(out_dir, f"memha_fp8_quant_{_cpu_key()}.so")
+    if not os.path.exists(so):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        r = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True)
+        if r.returncode != 0:
+            os.unlink(tmp)
+            logger.warning("building %s failed, using the torch reference: %s", _SRC, r.stderr[-2000:])
+            return None
+        os.replace(tmp, so)  # atomic: concurrent builders never load a partial file
+    lib = ctypes.CDLL(so)
+    for name in ("memha_fp8_quant_bf16", "memha_fp8_quant_f32"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def get_lib() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is False:
+        with _lock:
+            if _lib is False:
+                _lib = _build()
+    return _lib
+
+
+def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Fused fp8 per-(token, kv-head) quantize on CPU.
+
+    x: [T, H, D] bf16 or fp32, CPU. Returns (data uint8 [T, H, D], scale fp32 [T, H, 1],
+    number of bad inputs), or None when this input or machine is not served (caller falls back).
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    lib = get_lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    t, h, d = x.shape
+    data = torch.empty((t, h, d), dtype=torch.uint8)
+    scale = torch.empty((t, h, 1), dtype=torch.float32)
+    fn = lib.memha_fp8_quant_bf16 if x.dtype == torch.bfloat16 else lib.memha_fp8_quant_f32
+    bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, bias,
+             torch.get_num_threads())
+    return data, scale, int(bad)

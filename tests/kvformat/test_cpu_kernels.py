@@ -1,0 +1,56 @@
+"""The fused C quantize kernel writes exactly the bytes of the torch reference codec."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang_memha.kvformat import get_codec
+from sglang_memha.kvformat.cpu_kernels import get_lib
+
+needs_kernel = pytest.mark.skipif(get_lib() is None, reason="no C compiler: torch reference only")
+
+
+def _inputs(kind: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash(kind) % 2**31)
+    x = torch.randn(512, 3, 64, generator=g)
+    if kind == "heavy":
+        x = x / torch.rand(512, 3, 64, generator=g).clamp_min(1e-3) ** 1.5
+    elif kind == "wide_range":
+        x = x * torch.logspace(-30, 15, 512)[:, None, None]
+    elif kind == "edges":
+        x[::5] = 0.0
+        x[1::7] = -0.0
+        x[2::9, :, 7] = 3e5          # one outlier per row: most values go subnormal
+        x[3::11] = 448.0              # exact max, ties at the top
+    return x.to(dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["randn", "heavy", "wide_range", "edges"])
+def test_fused_equals_reference(fmt, dtype, kind):
+    codec = get_codec(fmt)
+    x = _inputs(kind, dtype)
+    d_ref, s_ref = codec.quantize_reference(x)
+    d, s = codec.quantize(x)
+    assert torch.equal(d, d_ref) and torch.equal(s, s_ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2.0**65])
+def test_fused_path_still_rejects_bad_input(bad):
+    x = torch.randn(4, 2, 64)
+    x[2, 1, 5] = bad
+    with pytest.raises(ValueError, match=r"first at index \(2, 1, 5\)"):
+        get_codec("fp8_e4m3").quantize(x)
+
+
+def test_kernels_can_be_switched_off():
+    code = ("import torch; from sglang_memha.kvformat.cpu_kernels import fp8_quantize_rows; "
+            "assert fp8_quantize_rows(torch.zeros(1, 1, 64), 448.0, 7) is None")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MEMHA_CPU_KERNELS": "0"})
