@@ -77,11 +77,14 @@ def get_lib() -> ctypes.CDLL | None:
     return _lib
 
 
-def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """Fused fp8 per-(token, kv-head) quantize on CPU.
 
-    x: [T, H, D] bf16 or fp32, CPU. Returns (data uint8 [T, H, D], scale fp32 [T, H, 1],
-    number of bad inputs), or None when this input or machine is not served (caller falls back).
+    x: [T, H, D] bf16 or fp32, CPU. out: optional preallocated (data uint8 [T, H, D],
+    scale fp32 [T, H, 1]), both contiguous (a pool's slot range). Returns (data, scale, number of
+    bad inputs), or None when this input or machine is not served (caller falls back).
     """
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -90,8 +93,16 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int) -> tuple[torch.T
         return None
     x = x.contiguous()
     t, h, d = x.shape
-    data = torch.empty((t, h, d), dtype=torch.uint8)
-    scale = torch.empty((t, h, 1), dtype=torch.float32)
+    if out is None:
+        data = torch.empty((t, h, d), dtype=torch.uint8)
+        scale = torch.empty((t, h, 1), dtype=torch.float32)
+    else:
+        data, scale = out
+        if (tuple(data.shape) != (t, h, d) or data.dtype != torch.uint8 or not data.is_contiguous()
+                or tuple(scale.shape) != (t, h, 1) or scale.dtype != torch.float32
+                or not scale.is_contiguous()):
+            raise ValueError(f"out=({tuple(data.shape)} {data.dtype}, {tuple(scale.shape)} {scale.dtype}): "
+                             f"expected contiguous uint8 {(t, h, d)} and fp32 {(t, h, 1)}")
     fn = lib.memha_fp8_quant_bf16 if x.dtype == torch.bfloat16 else lib.memha_fp8_quant_f32
     bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, bias,
              torch.get_num_threads())

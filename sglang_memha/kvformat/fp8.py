@@ -74,18 +74,25 @@ class _Fp8TokenHead(KVCodec):
     def scale_shape(self, num_tokens, num_kv_heads, head_dim):
         return (num_tokens, num_kv_heads, 1)
 
-    def quantize(self, x):
+    def quantize(self, x, out=None):
         """scale = amax_row / clamp (fp32); data = fp8_rne(clamp(x / scale)); zero -> 0x00.
 
+        out: optional preallocated (data uint8 [T, H, D], scale fp32 [T, H, 1]) to write into
+        (quantize-on-write into a pool's slot range); returned as the result.
         On CPU a fused C kernel (``cpu_kernels``) produces the same bytes in one pass; the torch
         code below is the reference and the fallback.
         """
         if isinstance(x, torch.Tensor) and x.dim() == 3:
-            fused = fp8_quantize_rows(x, self.clamp, 8 if self.fnuz else 7)
+            fused = fp8_quantize_rows(x, self.clamp, 8 if self.fnuz else 7, out)
             if fused is not None and fused[2] == 0:
                 return fused[0], fused[1]
             # bad inputs (or no kernel): the reference path validates and raises the precise error
-        return self.quantize_reference(x)
+        data, scale = self.quantize_reference(x)
+        if out is None:
+            return data, scale
+        out[0].copy_(data)
+        out[1].copy_(scale)
+        return out
 
     def quantize_reference(self, x):
         x32 = check_input(x, self.spec)

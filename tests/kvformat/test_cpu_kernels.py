@@ -54,3 +54,22 @@ def test_kernels_can_be_switched_off():
     code = ("import torch; from sglang_memha.kvformat.cpu_kernels import fp8_quantize_rows; "
             "assert fp8_quantize_rows(torch.zeros(1, 1, 64), 448.0, 7) is None")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MEMHA_CPU_KERNELS": "0"})
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
+def test_quantize_into_preallocated_buffers(fmt):
+    codec = get_codec(fmt)
+    x = _inputs("heavy", torch.bfloat16)
+    data = torch.full((512, 3, 64), 0xAB, dtype=torch.uint8)
+    scale = torch.full((512, 3, 1), -1.0)
+    got = codec.quantize(x, out=(data, scale))
+    d_ref, s_ref = codec.quantize_reference(x)
+    assert got[0] is data and got[1] is scale
+    assert torch.equal(data, d_ref) and torch.equal(scale, s_ref)
+
+
+@needs_kernel
+def test_quantize_into_rejects_wrong_buffers():
+    x = torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match=r"out=\(\(4, 2, 32\) torch.uint8"):
+        get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 32, dtype=torch.uint8), torch.empty(4, 2, 1)))
