@@ -26,6 +26,7 @@ def _log_scheduler_active(result, scheduler, *args, **kwargs):
     """AFTER ``Scheduler.__init__``: the line tests and operators grep to see the plugin is live
     in a scheduler (``sglang-memha active in scheduler``)."""
     mode = getattr(scheduler.server_args, "disaggregation_mode", "null")
+    # WARNING level so the line is in the log whatever --log-level the operator chose.
     logger.warning("sglang-memha active in scheduler pid=%d disaggregation_mode=%s cpu_compat=%s",
                    os.getpid(), mode, load_config().cpu_compat_enabled)
     return result
