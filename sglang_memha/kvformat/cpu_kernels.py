@@ -65,6 +65,9 @@ def _build() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.memha_fp8_dequant_bf16.restype = None
+    lib.memha_fp8_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -107,3 +110,22 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
     bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, bias,
              torch.get_num_threads())
     return data, scale, int(bad)
+
+
+def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor | None:
+    """Fused fp8 per-(token, kv-head) dequantize to bf16 on CPU.
+
+    data: uint8 [T, H, D] codes, scale: fp32 [T, H, 1], both CPU. Returns bf16 [T, H, D], or None
+    when this input or machine is not served (caller falls back to the torch reference).
+    """
+    if data.device.type != "cpu" or scale.device.type != "cpu" or scale.dtype != torch.float32:
+        return None
+    lib = get_lib()
+    if lib is None:
+        return None
+    data, scale = data.contiguous(), scale.contiguous()
+    t, h, d = data.shape
+    out = torch.empty((t, h, d), dtype=torch.bfloat16)
+    lib.memha_fp8_dequant_bf16(data.data_ptr(), scale.data_ptr(), out.data_ptr(), t * h, d, bias,
+                               torch.get_num_threads())
+    return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from sglang_memha.kvformat.base import KVCodec, check_input, check_out_dtype
-from sglang_memha.kvformat.cpu_kernels import fp8_quantize_rows
+from sglang_memha.kvformat.cpu_kernels import fp8_dequantize_rows_bf16, fp8_quantize_rows
 from sglang_memha.kvformat.spec import KVFormat
 
 E4M3FN_MAX = 448.0
@@ -103,9 +103,19 @@ class _Fp8TokenHead(KVCodec):
         return data, scale
 
     def dequantize(self, data, scales, out_dtype=torch.bfloat16):
-        """x = fp8(data) * scale, computed in fp32, then rounded to out_dtype."""
+        """x = fp8(data) * scale, computed in fp32, then rounded to out_dtype.
+
+        On CPU, bf16 output comes from a fused C kernel with the same bytes as the torch code below.
+        """
         self.check_data(data, scales)
         check_out_dtype(out_dtype)
+        if out_dtype == torch.bfloat16:
+            fused = fp8_dequantize_rows_bf16(data, scales, 8 if self.fnuz else 7)
+            if fused is not None:
+                return fused
+        return self.dequantize_reference(data, scales, out_dtype)
+
+    def dequantize_reference(self, data, scales, out_dtype=torch.bfloat16):
         vals = data.view(self.torch_dtype).float()
         return (vals * scales).to(out_dtype)
 

@@ -91,3 +91,37 @@ int64_t memha_fp8_quant_f32(const float *x, uint8_t *data, float *scale, int64_t
                             int64_t dim, float clamp, int bias, int nthreads) {
     QUANT_BODY(LOAD_F32)
 }
+
+/* Fused CPU dequantize for the same formats, to bf16: out = bf16_rne(fp8(data) * scale).
+ * Bit-exact with the torch reference (``(data.view(fp8).float() * scale).to(bf16)``): codes decode
+ * exactly to fp32 through a 256-entry table, the product is one fp32 multiply, and the bf16
+ * rounding is RNE. NaN codes (never written by our encoders) give a NaN (payload unspecified).
+ *
+ * data   [rows, head_dim] uint8 codes
+ * scale  [rows]           fp32
+ * out    [rows, head_dim] bf16 (as uint16)
+ */
+static float decode_code(int code, int bias) {
+    int s = code >> 7, e = (code >> 3) & 0xF, m = code & 7;
+    if (bias == 8 ? code == 0x80 : (e == 15 && m == 7)) return NAN;
+    float mag = e == 0 ? ldexpf((float)m / 8.0f, 1 - bias) : ldexpf(1.0f + (float)m / 8.0f, e - bias);
+    return s ? -mag : mag;
+}
+
+void memha_fp8_dequant_bf16(const uint8_t *data, const float *scale, uint16_t *out, int64_t rows,
+                            int64_t dim, int bias, int nthreads) {
+    float lut[256];
+    for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float s = scale[r];
+        const uint8_t *d = data + r * dim;
+        uint16_t *o = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) {
+            float v = lut[d[i]] * s;
+            uint32_t b = f32_bits(v);
+            uint16_t rne = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+            o[i] = v != v ? (uint16_t)0x7FC0 : rne;
+        }
+    }
+}
