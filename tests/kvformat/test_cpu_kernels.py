@@ -14,8 +14,11 @@ from sglang_memha.kvformat.cpu_kernels import get_lib
 needs_kernel = pytest.mark.skipif(get_lib() is None, reason="no C compiler: torch reference only")
 
 
+_SEEDS = {"randn": 1, "heavy": 2, "wide_range": 3, "edges": 4}
+
+
 def _inputs(kind: str, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(hash(kind) % 2**31)
+    g = torch.Generator().manual_seed(_SEEDS[kind])
     x = torch.randn(512, 3, 64, generator=g)
     if kind == "heavy":
         x = x / torch.rand(512, 3, 64, generator=g).clamp_min(1e-3) ** 1.5
