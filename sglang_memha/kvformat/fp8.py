@@ -67,6 +67,7 @@ def _scaled(x32: torch.Tensor, scale: torch.Tensor, fmax: float) -> torch.Tensor
 
 class _Fp8TokenHead(KVCodec):
     fnuz: bool
+    bias: int  # exponent bias of the encoding: 7 for e4m3fn, 8 for e4m3fnuz (the C kernels take it)
     clamp: float
     torch_dtype: torch.dtype
     scale_dtype = torch.float32
@@ -83,7 +84,7 @@ class _Fp8TokenHead(KVCodec):
         code below is the reference and the fallback.
         """
         if isinstance(x, torch.Tensor) and x.dim() == 3:
-            fused = fp8_quantize_rows(x, self.clamp, 8 if self.fnuz else 7, out)
+            fused = fp8_quantize_rows(x, self.clamp, self.bias, out)
             if fused is not None and fused[2] == 0:
                 return fused[0], fused[1]
             # bad inputs (or no kernel): the reference path validates and raises the precise error
@@ -110,7 +111,7 @@ class _Fp8TokenHead(KVCodec):
         self.check_data(data, scales)
         check_out_dtype(out_dtype)
         if out_dtype == torch.bfloat16:
-            fused = fp8_dequantize_rows_bf16(data, scales, 8 if self.fnuz else 7)
+            fused = fp8_dequantize_rows_bf16(data, scales, self.bias)
             if fused is not None:
                 return fused
         return self.dequantize_reference(data, scales, out_dtype)
@@ -125,6 +126,7 @@ class Fp8TokenHeadCodec(_Fp8TokenHead):
 
     fmt = KVFormat.FP8_E4M3
     fnuz = False
+    bias = 7
     clamp = E4M3FN_MAX
     torch_dtype = torch.float8_e4m3fn
 
@@ -134,6 +136,7 @@ class Fp8FnuzCodec(_Fp8TokenHead):
 
     fmt = KVFormat.FP8_E4M3FNUZ
     fnuz = True
+    bias = 8
     clamp = FNUZ_CLAMP
     torch_dtype = torch.float8_e4m3fnuz
 
