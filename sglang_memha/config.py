@@ -1,10 +1,16 @@
 """The one place that reads ``MEMHA_*`` environment variables.
 
-| variable            | default                  | meaning                                              |
-|---------------------|--------------------------|------------------------------------------------------|
-| ``MEMHA_CACHE_DIR`` | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
-| ``MEMHA_CPU_COMPAT``| ``auto``                 | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
-| ``MEMHA_CPU_KERNELS``| ``1``                   | ``0``: never build/use the fused C codec kernels (torch reference only) |
+| variable              | default                   | meaning                                             |
+|-----------------------|---------------------------|-----------------------------------------------------|
+| ``MEMHA_CACHE_DIR``   | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
+| ``MEMHA_CPU_COMPAT``  | ``auto``                  | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
+| ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
+| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ...). Set it on BOTH prefill and decode |
+| ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
+| ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
+
+Servers take the same settings as launch flags (``--memha-kv-format`` etc., see
+``sglang_ext.cli``), which export these variables before SGLang spawns its schedulers.
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import os
 from dataclasses import dataclass
 
 _CPU_COMPAT_VALUES = ("auto", "0", "1")
+K_TRANSFORM_VALUES = ("none", "hadamard")
+DECODE_DEQUANT_VALUES = ("deferred", "eager")
 
 
 @dataclass(frozen=True)
@@ -19,10 +27,25 @@ class MemhaConfig:
     cache_dir: str
     cpu_compat: str  # one of _CPU_COMPAT_VALUES
     cpu_kernels: bool = True
+    kv_format: str | None = None  # None: the quantized-KV path is off (stock SGLang pools)
+    k_transform: str = "none"
+    decode_dequant: str = "deferred"
 
     def __post_init__(self) -> None:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
             raise ValueError(f"MEMHA_CPU_COMPAT={self.cpu_compat!r}: expected one of {_CPU_COMPAT_VALUES}")
+        if self.kv_format is not None:
+            from sglang_memha.kvformat.spec import KVFormat
+
+            try:
+                KVFormat.parse(self.kv_format)
+            except ValueError as e:
+                raise ValueError(f"MEMHA_KV_FORMAT: {e}") from None
+        if self.k_transform not in K_TRANSFORM_VALUES:
+            raise ValueError(f"MEMHA_K_TRANSFORM={self.k_transform!r}: expected one of {K_TRANSFORM_VALUES}")
+        if self.decode_dequant not in DECODE_DEQUANT_VALUES:
+            raise ValueError(
+                f"MEMHA_DECODE_DEQUANT={self.decode_dequant!r}: expected one of {DECODE_DEQUANT_VALUES}")
 
     @property
     def cpu_compat_enabled(self) -> bool:
@@ -31,12 +54,19 @@ class MemhaConfig:
             return os.environ.get("SGLANG_USE_CPU_ENGINE", "0") == "1"
         return self.cpu_compat == "1"
 
+    @property
+    def kv_enabled(self) -> bool:
+        return self.kv_format is not None
+
 
 def load_config() -> MemhaConfig:
     return MemhaConfig(
         cache_dir=os.environ.get("MEMHA_CACHE_DIR") or os.path.expanduser("~/.cache/sglang-memha"),
         cpu_compat=os.environ.get("MEMHA_CPU_COMPAT", "auto"),
         cpu_kernels=_flag("MEMHA_CPU_KERNELS", True),
+        kv_format=os.environ.get("MEMHA_KV_FORMAT") or None,
+        k_transform=os.environ.get("MEMHA_K_TRANSFORM") or "none",
+        decode_dequant=os.environ.get("MEMHA_DECODE_DEQUANT") or "deferred",
     )
 
 

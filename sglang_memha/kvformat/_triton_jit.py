@@ -53,33 +53,47 @@ def _e4m3_decode(code, BIAS: tl.constexpr):
     return tl.where(code >= 128, -mag, mag)
 
 @triton.jit
+def _e8m0_scale(e):
+    # E8M0 byte (int32 0..255) -> fp32 2^(e - 127) exactly (e = 0: the subnormal 2^-127); 255 -> NaN
+    bits = tl.where(e == 0, 0x400000, tl.where(e == 255, 0x7FC00000, e << 23))
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
 def _quant_row_kernel(
     x_ptr, loc_ptr, data_ptr, scale_ptr,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
     D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr,
+    E_ADD: tl.constexpr, E_SUB: tl.constexpr, E_MIN: tl.constexpr,
 ):
-    # fp8 fn / fnuz / int8: one scale per (token, head)
+    # fp8 fn / fnuz (E8M0 exponent byte) and int8 (fp32 scale): one scale per (token, head)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
     x = tl.load(x_ptr + t * sx_t + h * sx_h + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.math.div_rn(amax, QMAX)
-    safe = tl.where(scale > 0, scale, 1.0)
-    y = tl.math.div_rn(x, tl.zeros_like(x) + safe)
-    y = tl.where(scale > 0, y, 0.0)
-    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    slot = tl.load(loc_ptr + t)
     if MODE == 2:
+        scale = tl.math.div_rn(amax, QMAX)
+        safe = tl.where(scale > 0, scale, 1.0)
+        y = tl.math.div_rn(x, tl.zeros_like(x) + safe)
+        y = tl.where(scale > 0, y, 0.0)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         q = tl.minimum(_rne(tl.abs(y)), 127)
         code = tl.where(y < 0, -q, q) & 0xFF
-    elif MODE == 1:
-        code = _e4m3_encode(y, 8)
+        tl.store(scale_ptr + slot * ss_t + h * ss_h, scale)
     else:
-        code = _e4m3_encode(y, 7)
-    slot = tl.load(loc_ptr + t)
+        # e = clamp(k + 127, E_MIN, 254), k the smallest with amax <= QMAX 2^k (fp8.e8m0_exponent);
+        # e <= 248 for finite amax, so 2^(127 - e) is a normal fp32 and |x 2^-k| <= QMAX
+        e = ((amax.to(tl.int32, bitcast=True) + E_ADD) >> 23) - E_SUB
+        e = tl.minimum(tl.maximum(e, E_MIN), 254)
+        y = x * _pow2(127 - e)
+        if MODE == 1:
+            code = _e4m3_encode(y, 8)
+        else:
+            code = _e4m3_encode(y, 7)
+        tl.store(scale_ptr + slot * ss_t + h * ss_h, e.to(tl.uint8))
     tl.store(data_ptr + slot * sd_t + h * sd_h + offs, code.to(tl.uint8), mask=mask)
-    tl.store(scale_ptr + slot * ss_t + h * ss_h, scale)
 
 @triton.jit
 def _quant_int4_kernel(
@@ -167,11 +181,13 @@ def _dequant_kernel(
         val = tl.where(byte >= 128, -mag, mag)
     else:
         byte = tl.load(drow + offs, mask=mask, other=0).to(tl.int32)
-        s = tl.load(srow)
         if MODE == 2:
+            s = tl.load(srow)
             val = tl.where(byte >= 128, byte - 256, byte).to(tl.float32) * s
-        elif MODE == 1:
-            val = _e4m3_decode(byte, 8) * s
         else:
-            val = _e4m3_decode(byte, 7) * s
+            s = _e8m0_scale(tl.load(srow).to(tl.int32))
+            if MODE == 1:
+                val = _e4m3_decode(byte, 8) * s
+            else:
+                val = _e4m3_decode(byte, 7) * s
     tl.store(out_ptr + r * so_t + h * so_h + offs, val.to(out_ptr.dtype.element_ty), mask=mask)

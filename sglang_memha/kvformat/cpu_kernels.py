@@ -86,8 +86,8 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
     """Fused fp8 per-(token, kv-head) quantize on CPU.
 
     x: [T, H, D] bf16 or fp32, CPU. out: optional preallocated (data uint8 [T, H, D],
-    scale fp32 [T, H, 1]), both contiguous (a pool's slot range). Returns (data, scale, number of
-    bad inputs), or None when this input or machine is not served (caller falls back).
+    scale uint8 E8M0 [T, H, 1]), both contiguous (a pool's slot range). Returns (data, scale,
+    number of bad inputs), or None when this input or machine is not served (caller falls back).
     """
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -98,14 +98,14 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
     t, h, d = x.shape
     if out is None:
         data = torch.empty((t, h, d), dtype=torch.uint8)
-        scale = torch.empty((t, h, 1), dtype=torch.float32)
+        scale = torch.empty((t, h, 1), dtype=torch.uint8)
     else:
         data, scale = out
         if (tuple(data.shape) != (t, h, d) or data.dtype != torch.uint8 or not data.is_contiguous()
-                or tuple(scale.shape) != (t, h, 1) or scale.dtype != torch.float32
+                or tuple(scale.shape) != (t, h, 1) or scale.dtype != torch.uint8
                 or not scale.is_contiguous()):
             raise ValueError(f"out=({tuple(data.shape)} {data.dtype}, {tuple(scale.shape)} {scale.dtype}): "
-                             f"expected contiguous uint8 {(t, h, d)} and fp32 {(t, h, 1)}")
+                             f"expected contiguous uint8 {(t, h, d)} and uint8 (E8M0) {(t, h, 1)}")
     fn = lib.memha_fp8_quant_bf16 if x.dtype == torch.bfloat16 else lib.memha_fp8_quant_f32
     bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, bias,
              torch.get_num_threads())
@@ -115,10 +115,10 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
 def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor | None:
     """Fused fp8 per-(token, kv-head) dequantize to bf16 on CPU.
 
-    data: uint8 [T, H, D] codes, scale: fp32 [T, H, 1], both CPU. Returns bf16 [T, H, D], or None
-    when this input or machine is not served (caller falls back to the torch reference).
+    data: uint8 [T, H, D] codes, scale: uint8 E8M0 [T, H, 1], both CPU. Returns bf16 [T, H, D], or
+    None when this input or machine is not served (caller falls back to the torch reference).
     """
-    if data.device.type != "cpu" or scale.device.type != "cpu" or scale.dtype != torch.float32:
+    if data.device.type != "cpu" or scale.device.type != "cpu" or scale.dtype != torch.uint8:
         return None
     lib = get_lib()
     if lib is None:

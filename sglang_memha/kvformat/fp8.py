@@ -1,4 +1,5 @@
-"""FP8 E4M3 codecs (OCP e4m3fn and AMD e4m3fnuz) and the exact fn <-> fnuz bridge.
+"""FP8 E4M3 codecs (OCP e4m3fn and AMD e4m3fnuz) with E8M0 per-row scales, and the exact
+fn <-> fnuz bridge.
 
 Encodings of one byte ``s eeee mmm``:
 
@@ -7,16 +8,25 @@ Encodings of one byte ``s eeee mmm``:
     e4m3fnuz bias 8: e>0: (-1)^s (1 + m/8) 2^(e-8); e=0: (-1)^s (m/8) 2^-7;
              0x80 is the only NaN, no -0, no inf, max 240.
 
-So for every code ``c`` outside {0x7F, 0xFF, 0x80}: ``fnuz(c) == fn(c) / 2`` exactly. A page
-converts between the two by keeping its bytes and scaling its fp32 scales by 2 (exact), see
-``fn_to_fnuz`` / ``fnuz_to_fn``. Our fnuz encoder clamps at +-224 (code 0x7E) instead of 240, so
-it never emits 0x7F/0xFF and its pages always convert with bytes unchanged.
+So for every code ``c`` outside {0x7F, 0xFF, 0x80}: ``fnuz(c) == fn(c) / 2`` exactly.
 
-Encoders round to nearest, ties to even (torch's float8 casts), after clamping to the format's
-range (saturation). Zero is always written as 0x00 (never 0x80) by the per-token-head codecs.
+Scale (FORMAT_VERSION 2): one E8M0 byte ``e`` per (token, kv-head), scale = 2^(e - 127) (OCP MX
+E8M0: e = 0 is 2^-127, 255 is NaN and never written). For a row with amax = max|x| (fp32),
+k = e - 127 is the smallest integer with amax <= C * 2^k, C = 448 (fn) or 224 (fnuz), and e is
+clamped to [E_MIN, 254] with E_MIN = 0 (fn) / 1 (fnuz); codes = RNE(x * 2^-k), an exact multiply.
+Because 224 = 448 / 2 and fnuz's grid is fn's grid halved, the fnuz encoder writes exactly the fn
+encoder's codes with the exponent byte + 1 (for every input, the lower clamps included), and a page
+converts between the two by keeping its bytes and moving its exponent bytes by one, see
+``fn_to_fnuz`` / ``fnuz_to_fn``. Clamping fnuz at 224 instead of 240 keeps 0x7F/0xFF unused.
+
+Zero is always written as 0x00 (never 0x80) by the per-token-head codecs; an all-zero row gets
+e = E_MIN and all-zero codes (what the formula gives; no special case).
 """
 
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 
@@ -27,6 +37,8 @@ from sglang_memha.kvformat.spec import KVFormat
 E4M3FN_MAX = 448.0
 E4M3FNUZ_MAX = 240.0
 FNUZ_CLAMP = 224.0  # our fnuz encoder's range: keeps 0x7F/0xFF unused (exact bridge to fn)
+E8M0_MAX = 254  # largest exponent byte written; 255 is E8M0's NaN
+E8M0_NAN = 255
 
 
 def e4m3_value(code: int, fnuz: bool) -> float:
@@ -44,7 +56,7 @@ def e4m3_value(code: int, fnuz: bool) -> float:
     return -mag if s else mag
 
 
-_LUTS: dict[tuple[bool, torch.device], torch.Tensor] = {}
+_LUTS: dict[tuple[object, torch.device], torch.Tensor] = {}
 
 
 def decode_lut(fnuz: bool, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -55,30 +67,64 @@ def decode_lut(fnuz: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     return _LUTS[key]
 
 
-def _per_head_scale(x32: torch.Tensor, fmax: float) -> torch.Tensor:
-    """[T, H, 1] fp32: amax over head_dim / fmax (0 for an all-zero row)."""
-    return x32.abs().amax(-1, keepdim=True) / fmax
+def e8m0_to_f32(e: torch.Tensor) -> torch.Tensor:
+    """E8M0 bytes (uint8, any shape) -> fp32 2^(e - 127), exact (e = 0 is the subnormal 2^-127);
+    255 -> NaN."""
+    key = ("e8m0", e.device)
+    if key not in _LUTS:
+        vals = [2.0 ** (c - 127) for c in range(255)] + [float("nan")]
+        _LUTS[key] = torch.tensor(vals, dtype=torch.float32, device=e.device)
+    return _LUTS[key][e.long()]
 
 
-def _scaled(x32: torch.Tensor, scale: torch.Tensor, fmax: float) -> torch.Tensor:
-    y = torch.where(scale > 0, x32 / torch.where(scale > 0, scale, 1.0), 0.0)
-    return y.clamp_(-fmax, fmax)
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+def e8m0_exponent(amax: torch.Tensor, clamp: float, e_min: int) -> torch.Tensor:
+    """amax fp32 (finite, >= 0, any shape) -> int32 e = clamp(k + 127, e_min, 254), k the smallest
+    integer with amax <= clamp * 2^k. Exact: integer arithmetic on the fp32 bits, no log2.
+
+    With amax = (1 + fa) 2^Ea and clamp = (1 + fc) 2^Ec (normal; fa, fc the 23-bit mantissa
+    fields / 2^23): amax <= clamp 2^k  <=>  (1 + fa) 2^(Ea - Ec - k) <= 1 + fc, so the smallest k
+    is Ea - Ec + [fa > fc]. Adding 0x7FFFFF - mantissa(clamp) to amax's bits carries into the
+    exponent field exactly when fa > fc, hence e = ((bits + 0x7FFFFF - mantissa(clamp)) >> 23) - Ec.
+    A zero or subnormal fp32 amax gives e <= 1 - Ec < e_min (clamped). The upper clamp never
+    binds: a finite fp32 amax gives e <= 248, and |x| <= 2^64 gives e <= 184.
+    """
+    add, ec = e8m0_constants(clamp)
+    bits = amax.contiguous().view(torch.int32)
+    return ((bits + add) >> 23).sub_(ec).clamp_(e_min, E8M0_MAX)
+
+
+def e8m0_constants(clamp: float) -> tuple[int, int]:
+    """(0x7FFFFF - mantissa field of clamp, unbiased exponent Ec of clamp): the two integers of
+    ``e8m0_exponent``'s bit formula (the Triton kernel takes them as constants)."""
+    cb = _f32_bits(clamp)
+    return 0x7FFFFF - (cb & 0x7FFFFF), (cb >> 23) - 127
+
+
+def _inv_pow2(e: torch.Tensor) -> torch.Tensor:
+    """fp32 2^(127 - e) = 2^-k for int32 e in [0, 253] (a normal fp32; e <= 248 always, see
+    ``e8m0_exponent``)."""
+    return ((254 - e) << 23).view(torch.float32)
 
 
 class _Fp8TokenHead(KVCodec):
     fnuz: bool
     bias: int  # exponent bias of the encoding: 7 for e4m3fn, 8 for e4m3fnuz (the C kernels take it)
-    clamp: float
+    clamp: float  # C: amax is scaled into (C / 2, C]
+    e_min: int  # smallest exponent byte written: 0 (fn), 1 (fnuz) -- the fnuz byte is the fn byte + 1
     torch_dtype: torch.dtype
-    scale_dtype = torch.float32
+    scale_dtype = torch.uint8  # E8M0
 
     def scale_shape(self, num_tokens, num_kv_heads, head_dim):
         return (num_tokens, num_kv_heads, 1)
 
     def quantize(self, x, out=None):
-        """scale = amax_row / clamp (fp32); data = fp8_rne(clamp(x / scale)); zero -> 0x00.
+        """e = E8M0 exponent of the row (see ``e8m0_exponent``); data = fp8_rne(x * 2^(127 - e)).
 
-        out: optional preallocated (data uint8 [T, H, D], scale fp32 [T, H, 1]) to write into
+        out: optional preallocated (data uint8 [T, H, D], scale uint8 [T, H, 1]) to write into
         (quantize-on-write into a pool's slot range); returned as the result.
         On CPU a fused C kernel (``cpu_kernels``) produces the same bytes in one pass; the torch
         code below is the reference and the fallback.
@@ -96,15 +142,18 @@ class _Fp8TokenHead(KVCodec):
         return out
 
     def quantize_reference(self, x):
+        """|x * 2^-k| <= C by the choice of k, and RNE keeps it there (C is a code), so no clamp is
+        needed. The multiply is exact except where it underflows below 2^-126, which is far below
+        half the smallest fp8 subnormal, so the code (0) is the same as from the exact product."""
         x32 = check_input(x, self.spec)
-        scale = _per_head_scale(x32, self.clamp)
-        data = _scaled(x32, scale, self.clamp).to(self.torch_dtype).view(torch.uint8)
+        e = e8m0_exponent(x32.abs().amax(-1, keepdim=True), self.clamp, self.e_min)
+        data = (x32 * _inv_pow2(e)).to(self.torch_dtype).view(torch.uint8)
         if not self.fnuz:
             data = torch.where(data == 0x80, 0, data).to(torch.uint8)
-        return data, scale
+        return data, e.to(torch.uint8)
 
     def dequantize(self, data, scales, out_dtype=torch.bfloat16):
-        """x = fp8(data) * scale, computed in fp32, then rounded to out_dtype.
+        """x = fp8(data) * 2^(e - 127), computed in fp32 (exact), then rounded to out_dtype.
 
         On CPU, bf16 output comes from a fused C kernel with the same bytes as the torch code below.
         """
@@ -118,26 +167,28 @@ class _Fp8TokenHead(KVCodec):
 
     def dequantize_reference(self, data, scales, out_dtype=torch.bfloat16):
         vals = data.view(self.torch_dtype).float()
-        return (vals * scales).to(out_dtype)
+        return (vals * e8m0_to_f32(scales)).to(out_dtype)
 
 
 class Fp8TokenHeadCodec(_Fp8TokenHead):
-    """fp8_e4m3: e4m3fn codes, one fp32 scale per (token, kv-head) = amax / 448."""
+    """fp8_e4m3: e4m3fn codes, one E8M0 scale byte per (token, kv-head), amax scaled into (224, 448]."""
 
     fmt = KVFormat.FP8_E4M3
     fnuz = False
     bias = 7
     clamp = E4M3FN_MAX
+    e_min = 0
     torch_dtype = torch.float8_e4m3fn
 
 
 class Fp8FnuzCodec(_Fp8TokenHead):
-    """fp8_e4m3fnuz: e4m3fnuz codes, one fp32 scale per (token, kv-head) = amax / 224."""
+    """fp8_e4m3fnuz: e4m3fnuz codes, one E8M0 scale byte per (token, kv-head), amax into (112, 224]."""
 
     fmt = KVFormat.FP8_E4M3FNUZ
     fnuz = True
     bias = 8
     clamp = FNUZ_CLAMP
+    e_min = 1
     torch_dtype = torch.float8_e4m3fnuz
 
 
@@ -189,41 +240,70 @@ class Fp8TensorCodec(KVCodec):
 def _check_bridge_args(data: torch.Tensor, scales: torch.Tensor) -> None:
     if data.dtype != torch.uint8:
         raise ValueError(f"data.dtype={data.dtype}: expected uint8 fp8 codes")
-    if scales.dtype != torch.float32:
-        raise ValueError(f"scales.dtype={scales.dtype}: expected fp32")
+    if scales.dtype != torch.uint8:
+        raise ValueError(f"scales.dtype={scales.dtype}: expected uint8 E8M0 exponent bytes")
+    nan = scales == E8M0_NAN
+    if bool(nan.any()):
+        raise ValueError(f"scales hold {int(nan.sum())} E8M0 NaN byte(s) (0xFF); refusing to convert")
 
 
 def fn_to_fnuz(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3fn page -> e4m3fnuz page, value-exact for every finite code.
 
-    Bytes are kept except 0x80 (-0) -> 0x00; scales are doubled (exact in fp32).
-    NaN codes (0x7F, 0xFF) cannot come from our encoders and raise ValueError.
+    data [..., head_dim] uint8, scales uint8 E8M0 bytes broadcastable per row ([..., 1]).
+    Bytes are kept except 0x80 (-0) -> 0x00; exponent bytes + 1 (scale x 2). The result is what
+    our fnuz encoder writes for the same input. NaN codes (0x7F, 0xFF) and exponent byte 254
+    (no fnuz counterpart; our fn encoder writes at most 248) raise ValueError.
     """
     _check_bridge_args(data, scales)
     nan = (data & 0x7F) == 0x7F
     if bool(nan.any()):
         raise ValueError(f"data holds {int(nan.sum())} e4m3fn NaN code(s) (0x7F/0xFF); refusing to convert")
-    return torch.where(data == 0x80, 0, data).to(torch.uint8), scales * 2
+    top = scales == E8M0_MAX
+    if bool(top.any()):
+        raise ValueError(f"scales hold {int(top.sum())} exponent byte(s) 254: 2^128 is not an E8M0 scale")
+    return torch.where(data == 0x80, 0, data).to(torch.uint8), scales + 1
 
 
 def fnuz_to_fn(data: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3fnuz page -> e4m3fn page. data [..., head_dim], scales broadcastable per row [..., 1].
+    """e4m3fnuz page -> e4m3fn page. data [..., head_dim] uint8, scales uint8 E8M0 bytes
+    broadcastable per row ([..., 1]).
 
-    Rows without +-240 (0x7F/0xFF; never written by our fnuz encoder): bytes kept, scale halved
-    (exact). Rows with +-240 (a foreign encoder that saturates at 240): scale kept and each value
-    re-encoded as e4m3fn; exact unless the row also holds an odd subnormal m*2^-10 (m = 1, 3, 5, 7),
-    which e4m3fn lacks -- those round to nearest even (|error| <= 2^-10 * scale).
-    NaN (0x80) raises ValueError.
+    Rows without +-240 (0x7F/0xFF) and with e >= 1 -- every row our fnuz encoder writes: bytes
+    kept, exponent byte - 1 (exact). Other rows (a foreign encoder: +-240, or scale 2^-127, for which
+    fn would need 2^-128): exponent kept and each value re-encoded as e4m3fn; exact unless the row
+    also holds a value m*2^-10 with m odd (codes 0x01-0x0F odd, either sign: fnuz's odd subnormals
+    and lowest normal binade), which e4m3fn lacks -- those round to nearest even
+    (|error| <= 2^-10 * scale). NaN (0x80) raises ValueError.
     """
     _check_bridge_args(data, scales)
     nan = data == 0x80
     if bool(nan.any()):
         raise ValueError(f"data holds {int(nan.sum())} e4m3fnuz NaN code(s) (0x80); refusing to convert")
     is_max = (data & 0x7F) == 0x7F
-    # per-row scales re-encode only the rows holding +-240; one shared scale decides for all rows
-    wide = is_max.any(-1, keepdim=True) if scales.dim() == data.dim() else is_max.any()
+    # per-row scales re-encode only the rows concerned; one shared scale decides for all rows
+    wide = (is_max.any(-1, keepdim=True) if scales.dim() == data.dim() else is_max.any()) | (scales == 0)
     if not bool(wide.any()):
-        return data.clone(), scales / 2
+        return data.clone(), scales - 1
     reenc = decode_lut(True, data.device)[data.long()].to(torch.float8_e4m3fn).view(torch.uint8)
     reenc = torch.where(reenc == 0x80, 0, reenc).to(torch.uint8)
-    return torch.where(wide, reenc, data), torch.where(wide, scales, scales / 2)
+    return torch.where(wide, reenc, data), torch.where(wide, scales, scales - 1)
+
+
+def layer_to_token_scale(data: torch.Tensor, layer_scale: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_e4m3_tensor page (stock SGLang fp8 pool) -> fp8_e4m3 page: bytes kept, every row's
+    exponent byte = log2(layer_scale) + 127. data [T, H, head_dim] uint8 -> (data, scales [T, H, 1]).
+
+    Exact, but only for a power-of-two layer scale in [2^-127, 2^127] (SGLang's default 1.0 when the
+    checkpoint has no k_scale/v_scale); any other layer scale raises ValueError (an E8M0 scale cannot
+    hold it; re-quantizing would round twice).
+    """
+    s = float(layer_scale)
+    m, ex = math.frexp(s) if 0 < s < math.inf else (0.0, 0)
+    e = ex - 1 + 127  # s = 0.5 * 2^ex = 2^(e - 127)
+    if m != 0.5 or not 0 <= e <= E8M0_MAX:
+        raise ValueError(f"layer_scale={layer_scale!r}: fp8_e4m3 pages take only a power-of-two layer scale "
+                         f"in [2^-127, 2^127] without re-quantizing")
+    if data.dtype != torch.uint8 or data.dim() != 3:
+        raise ValueError(f"data={tuple(data.shape)} {data.dtype}: expected uint8 [T, H, head_dim]")
+    return data, torch.full((*data.shape[:2], 1), e, dtype=torch.uint8, device=data.device)

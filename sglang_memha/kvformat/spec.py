@@ -26,13 +26,18 @@ import enum
 from dataclasses import dataclass
 
 # Version of the byte format as a whole. Bump when any byte of any format changes meaning.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
     (1, "initial: bf16, fp8_e4m3 (fp32 scale per token-head), fp8_e4m3_tensor, "
         "fp8_e4m3fnuz (clamp 224), int8, int4_g32/int4_g64 (asymmetric, bf16 scale+min), bfp8"),
+    (2, "fp8_e4m3 and fp8_e4m3fnuz: the per-token-head scale is one E8M0 byte e, scale = 2^(e - 127), "
+        "k = e - 127 the smallest integer with amax <= C * 2^k (C = 448 fn, 224 fnuz), e clamped to "
+        "[0, 254] (fn) / [1, 254] (fnuz; = the fn byte + 1), codes = RNE(x * 2^-k); replaces the fp32 "
+        "amax / C (4 bytes). Other formats unchanged"),
 )
-# Versions this build reads (handshake accepts a peer whose version is in this set).
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
+# Versions this build reads (handshake accepts a peer whose version is in this set). v1 is refused:
+# its fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32, v2's are 1-byte exponents.
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({2})
 
 # Every packed-page segment starts at a multiple of this many bytes.
 PACK_ALIGN = 16
@@ -108,9 +113,9 @@ FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
     s.fmt: s
     for s in (
         FormatSpec(KVFormat.BF16, 16, "none", None, "none", 0, 1, "x = bf16(data)"),
-        FormatSpec(KVFormat.FP8_E4M3, 8, "token_head", None, "fp32", 4, 1, "x = e4m3fn(data) * scale"),
+        FormatSpec(KVFormat.FP8_E4M3, 8, "token_head", None, "e8m0", 1, 1, "x = e4m3fn(data) * 2^(e - 127)"),
         FormatSpec(KVFormat.FP8_E4M3_TENSOR, 8, "layer", None, "fp32", 4, 1, "x = e4m3fn(data) * layer_scale"),
-        FormatSpec(KVFormat.FP8_E4M3FNUZ, 8, "token_head", None, "fp32", 4, 1, "x = e4m3fnuz(data) * scale"),
+        FormatSpec(KVFormat.FP8_E4M3FNUZ, 8, "token_head", None, "e8m0", 1, 1, "x = e4m3fnuz(data) * 2^(e - 127)"),
         FormatSpec(KVFormat.INT8, 8, "token_head", None, "fp32", 4, 1, "x = int8(data) * scale"),
         FormatSpec(KVFormat.INT4_G32, 4, "group", 32, "bf16x2", 4, 32, "x = uint4(data) * scale + min"),
         FormatSpec(KVFormat.INT4_G64, 4, "group", 64, "bf16x2", 4, 64, "x = uint4(data) * scale + min"),

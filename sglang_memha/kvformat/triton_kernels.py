@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from sglang_memha.kvformat.base import get_codec
+from sglang_memha.kvformat.fp8 import e8m0_constants
 from sglang_memha.kvformat.spec import KVFormat, format_spec
 
 TRITON_FORMATS = (
@@ -104,8 +106,11 @@ def quantize_to_slots(
             sv.stride(0), sv.stride(1))
     mode = _MODE[fmt]
     if mode in (0, 1, 2):
-        qmax = {0: 448.0, 1: 224.0, 2: 127.0}[mode]
-        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax)
+        # fp8: E8M0 exponent rule of the codec (fp8.e8m0_exponent); int8: fp32 amax / 127
+        qmax, e_min = (127.0, 0) if mode == 2 else (get_codec(fmt).clamp, get_codec(fmt).e_min)
+        e_add, e_sub = e8m0_constants(qmax)
+        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax,
+                      E_ADD=e_add, E_SUB=e_sub, E_MIN=e_min)
     elif mode == 3:
         gs = format_spec(fmt).group_size
         k_int4[(t, h)](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs)

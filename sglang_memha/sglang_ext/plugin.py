@@ -27,9 +27,21 @@ def _log_scheduler_active(result, scheduler, *args, **kwargs):
     in a scheduler (``sglang-memha active in scheduler``)."""
     mode = getattr(scheduler.server_args, "disaggregation_mode", "null")
     # WARNING level so the line is in the log whatever --log-level the operator chose.
-    logger.warning("sglang-memha active in scheduler pid=%d disaggregation_mode=%s cpu_compat=%s",
-                   os.getpid(), mode, load_config().cpu_compat_enabled)
+    cfg = load_config()
+    logger.warning("sglang-memha active in scheduler pid=%d disaggregation_mode=%s cpu_compat=%s "
+                   "kv_format=%s", os.getpid(), mode, cfg.cpu_compat_enabled, cfg.kv_format or "stock")
     return result
+
+
+def _refuse_bad_config(error: ValueError):
+    """SGLang's plugin loader logs and swallows exceptions raised by ``register()``; a bad
+    ``MEMHA_*`` value must stop the server instead, so it is raised from a hook on the first
+    SGLang call of the process (argument parsing in the launcher, ``Scheduler.__init__``)."""
+
+    def refuse(*args, **kwargs):
+        raise SystemExit(f"sglang-memha: bad configuration: {error}")
+
+    return refuse
 
 
 def register() -> None:
@@ -39,11 +51,24 @@ def register() -> None:
     _registered = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    cfg = load_config()
+    in_scheduler = "sglang.srt.managers.scheduler" in sys.modules
+    try:
+        cfg = load_config()
+    except ValueError as e:
+        target = ("sglang.srt.managers.scheduler.Scheduler.__init__" if in_scheduler
+                  else "sglang.srt.server_args.prepare_server_args")
+        logger.error("sglang-memha: bad configuration: %s", e)
+        HookRegistry.register(target, _refuse_bad_config(e), HookType.BEFORE)
+        return
     if cfg.cpu_compat_enabled:
         from sglang_memha.sglang_ext import cpu_compat
 
         cpu_compat.register()
-    if "sglang.srt.managers.scheduler" in sys.modules:
+    if in_scheduler:
+        from sglang_memha.sglang_ext import kv_hooks
+
+        kv_hooks.register_metrics()
+        if cfg.kv_enabled:
+            kv_hooks.register_kv_format()
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",
                               _log_scheduler_active, HookType.AFTER)

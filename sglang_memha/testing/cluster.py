@@ -130,13 +130,17 @@ class PDCluster(_Deployment):
 
     prefill_url: use an already running prefill server (``(url, bootstrap_port)``) instead of
     starting one; it must answer ``/health`` before anything is started.
+    env: extra environment of every process; prefill_env / decode_env: of that server only
+    (e.g. a different ``MEMHA_KV_FORMAT`` per side).
     """
 
     def __init__(self, model_path: str, prefill_args: list[str] = (), decode_args: list[str] = (),
                  max_total_tokens: int = 4096, env: dict[str, str] | None = None,
                  log_dir: str | None = None, router_port: int = 0,
-                 prefill_url: tuple[str, int] | None = None):
+                 prefill_url: tuple[str, int] | None = None,
+                 prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None):
         super().__init__(log_dir)
+        self.prefill_env, self.decode_env = prefill_env or {}, decode_env or {}
         self.model_path = model_path
         self.prefill_args, self.decode_args = list(prefill_args), list(decode_args)
         self.max_total_tokens, self.env = max_total_tokens, env
@@ -168,10 +172,11 @@ class PDCluster(_Deployment):
             prefill = self._spawn("prefill", [*self._server_args(self.prefill_url),
                                               "--disaggregation-mode", "prefill",
                                               "--disaggregation-bootstrap-port", str(self.bootstrap_port),
-                                              *self.prefill_args], env)
+                                              *self.prefill_args], {**env, **self.prefill_env})
             servers = [prefill]
         decode = self._spawn("decode", [*self._server_args(self.decode_url),
-                                        "--disaggregation-mode", "decode", *self.decode_args], env)
+                                        "--disaggregation-mode", "decode", *self.decode_args],
+                             {**env, **self.decode_env})
         servers.append(decode)
         for url in ([] if self.external_prefill else [self.prefill_url]) + [self.decode_url]:
             wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")

@@ -1,12 +1,13 @@
-/* Fused CPU quantize for the fp8 per-(token, kv-head) formats (e4m3fn and e4m3fnuz).
+/* Fused CPU quantize for the fp8 per-(token, kv-head) formats (e4m3fn and e4m3fnuz), E8M0 scales.
  *
  * Bit-exact with the torch reference in fp8.py (tests compare both on random, heavy-tailed and
  * edge inputs, and on the golden vectors): one pass reads a row, finds its amax, writes the
- * scale and the codes. Plain C that gcc vectorizes (-O3 -march=native); OpenMP over rows.
+ * exponent byte and the codes. Plain C that gcc vectorizes (-O3 -march=native); OpenMP over rows.
  *
  * x      [rows, head_dim]  bf16 (as uint16) or fp32, contiguous (rows = tokens * kv_heads)
  * data   [rows, head_dim]  uint8 codes (out)
- * scale  [rows]            fp32 amax / clamp (out)
+ * scale  [rows]            uint8 E8M0 exponent e (out): scale 2^(e - 127), k = e - 127 the smallest
+ *                          integer with amax <= clamp * 2^k, e clamped to [bias - 7, 254]
  * Returns the number of non-finite or |x| > 2^64 inputs (the caller raises; outputs undefined).
  */
 #include <stdint.h>
@@ -51,22 +52,23 @@ static inline uint8_t encode(float y, int bias, float sub_mul, float min_normal)
             amax_bits = b > amax_bits ? b : amax_bits;                                     \
         }                                                                                  \
         bad += rb;                                                                         \
-        float amax = bits_f32(amax_bits);                                                  \
-        float s = amax / clamp;                                                            \
-        scale[r] = s;                                                                      \
-        float div = s > 0.0f ? s : 1.0f;                                                   \
+        /* e = ((bits + e_add) >> 23) - e_sub, exact (see fp8.e8m0_exponent); <= 248 here */ \
+        int32_t e = (int32_t)((amax_bits + e_add) >> 23) - e_sub;                          \
+        e = e < e_min ? e_min : (e > 254 ? 254 : e);                                       \
+        scale[r] = (uint8_t)e;                                                             \
+        /* 2^-k = 2^(127 - e), a normal fp32; |x * 2^-k| <= clamp (no saturation needed) */   \
+        const float mul = bits_f32((uint32_t)(254 - e) << 23);                             \
         uint8_t *out = data + r * (DIM);                                                   \
-        for (int64_t i = 0; i < (DIM); i++) {                                              \
-            float y = s > 0.0f ? LOAD(r * (DIM) + i) / div : 0.0f;                         \
-            y = y < -clamp ? -clamp : (y > clamp ? clamp : y);                             \
-            out[i] = encode(y, bias, sub_mul, min_normal);                                 \
-        }                                                                                  \
+        for (int64_t i = 0; i < (DIM); i++)                                                \
+            out[i] = encode(LOAD(r * (DIM) + i) * mul, bias, sub_mul, min_normal);         \
     }
 
 #define QUANT_BODY(LOAD)                                                                   \
     int64_t bad = 0;                                                                       \
     const float sub_mul = bias == 7 ? 512.0f : 1024.0f;                                    \
     const float min_normal = bias == 7 ? 0.015625f : 0.0078125f;                           \
+    const uint32_t e_add = 0x7FFFFFu - (f32_bits(clamp) & 0x7FFFFFu);                       \
+    const int32_t e_sub = (int32_t)(f32_bits(clamp) >> 23) - 127, e_min = bias - 7;         \
     if (dim == 128) {                                                                      \
         _Pragma("omp parallel for reduction(+:bad) num_threads(nthreads) schedule(static)") \
         for (int64_t r = 0; r < rows; r++) ROW_BODY(LOAD, 128)                             \
@@ -82,23 +84,24 @@ static inline uint8_t encode(float y, int bias, float sub_mul, float min_normal)
 #define LOAD_BF16(k) bf16_to_f32(x[k])
 #define LOAD_F32(k) (x[k])
 
-int64_t memha_fp8_quant_bf16(const uint16_t *x, uint8_t *data, float *scale, int64_t rows,
+int64_t memha_fp8_quant_bf16(const uint16_t *x, uint8_t *data, uint8_t *scale, int64_t rows,
                              int64_t dim, float clamp, int bias, int nthreads) {
     QUANT_BODY(LOAD_BF16)
 }
 
-int64_t memha_fp8_quant_f32(const float *x, uint8_t *data, float *scale, int64_t rows,
+int64_t memha_fp8_quant_f32(const float *x, uint8_t *data, uint8_t *scale, int64_t rows,
                             int64_t dim, float clamp, int bias, int nthreads) {
     QUANT_BODY(LOAD_F32)
 }
 
-/* Fused CPU dequantize for the same formats, to bf16: out = bf16_rne(fp8(data) * scale).
- * Bit-exact with the torch reference (``(data.view(fp8).float() * scale).to(bf16)``): codes decode
- * exactly to fp32 through a 256-entry table, the product is one fp32 multiply, and the bf16
- * rounding is RNE. NaN codes (never written by our encoders) give a NaN (payload unspecified).
+/* Fused CPU dequantize for the same formats, to bf16: out = bf16_rne(fp8(data) * 2^(e - 127)).
+ * Bit-exact with the torch reference (``(data.view(fp8).float() * e8m0_to_f32(e)).to(bf16)``):
+ * codes decode exactly to fp32 through a 256-entry table, the product with the power of two is
+ * exact, and the bf16 rounding is RNE. NaN codes and e = 255 (never written by our encoders) give
+ * a NaN (payload unspecified).
  *
  * data   [rows, head_dim] uint8 codes
- * scale  [rows]           fp32
+ * scale  [rows]           uint8 E8M0 exponents
  * out    [rows, head_dim] bf16 (as uint16)
  */
 static float decode_code(int code, int bias) {
@@ -108,13 +111,17 @@ static float decode_code(int code, int bias) {
     return s ? -mag : mag;
 }
 
-void memha_fp8_dequant_bf16(const uint8_t *data, const float *scale, uint16_t *out, int64_t rows,
+static float e8m0_value(int e) {
+    return e == 255 ? NAN : (e == 0 ? bits_f32(0x00400000u) : bits_f32((uint32_t)e << 23));
+}
+
+void memha_fp8_dequant_bf16(const uint8_t *data, const uint8_t *scale, uint16_t *out, int64_t rows,
                             int64_t dim, int bias, int nthreads) {
     float lut[256];
     for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float s = scale[r];
+        const float s = e8m0_value(scale[r]);
         const uint8_t *d = data + r * dim;
         uint16_t *o = out + r * dim;
         for (int64_t i = 0; i < dim; i++) {

@@ -1,0 +1,90 @@
+"""The sglang-memha PD handshake: how a ``FormatDescriptor`` rides on SGLang's bootstrap.
+
+Pure functions (no SGLang import), so every verdict is unit-tested without servers.
+
+* prefill -> decode: ``KVArgs.kv_layout = encode_layout(desc)`` = ``"memha/1:" + descriptor
+  JSON``. SGLang's bootstrap server stores it at prefill registration and hands it to decode in
+  ``PrefillServerInfo.kv_layout``; ``check_prefill_peer`` judges it on decode.
+* decode -> prefill: one extra ZMQ frame ``b"MEMHA1" + descriptor JSON`` appended to decode's
+  KV-args registration (``encode_frame``); ``check_decode_peer`` judges it on prefill.
+
+``memha/1`` / ``MEMHA1`` version the *framing* and the pool row layout (a page row of one
+(token, head) is ``[data | scale]`` bytes, see ``quant_pool``); the byte format itself is
+versioned by ``kvformat.FORMAT_VERSION`` inside the descriptor. Both checks return ``None``
+(compatible) or a message naming the peer and both sides' values; the caller fails the
+request with it.
+"""
+from __future__ import annotations
+
+from sglang_memha.kvformat import Bridge, FormatDescriptor, FormatMismatchError
+
+LAYOUT_PREFIX = "memha/1:"
+FRAME_PREFIX = b"MEMHA1"
+
+
+def encode_layout(desc: FormatDescriptor) -> str:
+    return LAYOUT_PREFIX + desc.to_bytes().decode()
+
+
+def encode_frame(desc: FormatDescriptor) -> bytes:
+    return FRAME_PREFIX + desc.to_bytes()
+
+
+def find_frame(msg: list[bytes]) -> bytes | None:
+    """The ``MEMHA1`` frame of a registration message, or None (stock decode)."""
+    for frame in msg[20:]:  # SGLang 0.5.23 registration frames are indices 0..19
+        if isinstance(frame, (bytes, bytearray)) and frame.startswith(FRAME_PREFIX):
+            return bytes(frame)
+    return None
+
+
+def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> str:
+    return (f"{side} at {peer} sent no sglang-memha KV format descriptor (sglang-memha not "
+            f"installed there, or MEMHA_KV_FORMAT unset); this {local_role} uses "
+            f"fmt={local.fmt.value}. Start both servers with the same MEMHA_KV_FORMAT")
+
+
+def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
+    try:
+        bridges = receiver.check_compatible(sender)
+    except FormatMismatchError as e:
+        return f"{where}: {e} (local = decode, peer = prefill)"
+    # Only bridges that keep the row size can land in place; none is applied on arrival yet.
+    unsupported = [b.value for b in bridges]
+    if unsupported:
+        return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
+                f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "
+                f"bridge(s) {unsupported} are not supported on the transfer path yet; use the "
+                f"same MEMHA_KV_FORMAT and --page-size on both servers")
+    return None
+
+
+def _parse(raw: bytes, what: str) -> FormatDescriptor | str:
+    try:
+        return FormatDescriptor.from_bytes(raw)
+    except (ValueError, TypeError) as e:
+        return f"malformed sglang-memha descriptor from {what}: {e}"
+
+
+def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str) -> str | None:
+    """Decode side: judge the prefill's published ``kv_layout``."""
+    if not kv_layout or not kv_layout.startswith(LAYOUT_PREFIX):
+        return _missing("prefill", peer, local, "decode")
+    parsed = _parse(kv_layout[len(LAYOUT_PREFIX):].encode(), f"prefill at {peer}")
+    if isinstance(parsed, str):
+        return parsed
+    return _verdict(local, parsed, f"prefill at {peer} is incompatible")
+
+
+def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str) -> str | None:
+    """Prefill side: judge a decode's registration frame (None: the decode sent none)."""
+    if frame is None:
+        return _missing("decode", peer, local, "prefill")
+    parsed = _parse(frame[len(FRAME_PREFIX):], f"decode at {peer}")
+    if isinstance(parsed, str):
+        return parsed
+    return _verdict(parsed, local, f"decode at {peer} is incompatible")
+
+
+__all__ = ["Bridge", "check_decode_peer", "check_prefill_peer", "encode_frame", "encode_layout",
+           "find_frame"]

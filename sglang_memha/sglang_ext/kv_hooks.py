@@ -1,0 +1,117 @@
+"""HookRegistry hooks of the quantized-KV path (scheduler processes, ``MEMHA_KV_FORMAT`` set).
+
+| target (``sglang.srt.`` ...)                                      | type    | why |
+|-------------------------------------------------------------------|---------|-----|
+| ``mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class`` | AROUND | the MHA pool becomes ``MemhaQuantKVPool`` (refuses setups it cannot serve, at start-up) |
+| ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` | AROUND | bytes per token from the format, so the same memory holds ~2x (fp8) to ~3.5x (int4) tokens |
+| ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
+| ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
+
+The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
+a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sglang_memha.config import load_config
+from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
+
+logger = logging.getLogger("sglang_memha")
+
+_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_POOL_CONFIGURATOR = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator"
+_MC = "sglang.srt.disaggregation.mooncake.conn"
+
+
+class UnsupportedSetup(RuntimeError):
+    """Raised at start-up when the server cannot serve MEMHA_KV_FORMAT; the text names the fix."""
+
+
+def model_id(model_config) -> str:
+    """Model identity both PD sides must share: path basename + hash of the shape-defining
+    config fields (paths differ between machines; shapes and vocab must not)."""
+    hf = model_config.hf_config
+    keys = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "max_position_embeddings")
+    shape = {k: getattr(hf, k, None) for k in keys}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{os.path.basename(os.path.normpath(model_config.model_path))}#{digest}"
+
+
+def _refusals(kvc) -> list[str]:
+    """Setups the quantized pool cannot serve (each reads the KV buffer some other way)."""
+    sa = kvc.server_args
+    out = []
+    backends = {getattr(sa, n, None) for n in ("attention_backend", "prefill_attention_backend",
+                                                "decode_attention_backend")} - {None}
+    if backends != {"torch_native"}:
+        out.append(f"attention backend {sorted(backends)} (use --attention-backend torch_native)")
+    if getattr(kvc, "use_mla_backend", False):
+        out.append("MLA models")
+    if getattr(kvc, "is_hybrid_swa", False) or getattr(kvc, "mambaish_config", None) is not None:
+        out.append("hybrid sliding-window / linear-attention models")
+    if getattr(sa, "kv_cache_dtype", "auto") not in ("auto", None):
+        out.append(f"--kv-cache-dtype {sa.kv_cache_dtype} (MEMHA_KV_FORMAT replaces it; drop the flag)")
+    if getattr(sa, "speculative_algorithm", None):
+        out.append("speculative decoding")
+    if getattr(sa, "enable_hierarchical_cache", False):
+        out.append("--enable-hierarchical-cache")
+    return out
+
+
+def resolve_pool_class(original, kvc, *, kind, default):
+    """AROUND ``KVCacheConfigurator._resolve_kv_pool_class``; called once per pool kind while
+    the scheduler builds its KV pool."""
+    cls = original(kvc, kind=kind, default=default)
+    if kind != "mha" or getattr(kvc, "is_draft_worker", False):
+        return cls
+    cfg = load_config()
+    bad = _refusals(kvc)
+    if bad:
+        raise UnsupportedSetup(f"MEMHA_KV_FORMAT={cfg.kv_format} cannot serve: {'; '.join(bad)}. "
+                               f"Fix these or unset MEMHA_KV_FORMAT")
+    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+
+    return MemhaQuantKVPool.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config))
+
+
+def cell_size(original, self, kvc, num_layers):
+    """AROUND ``DefaultPoolConfigurator._compute_cell_size``: KV bytes per token of the format.
+
+    SGLang's MHA formula is ``heads * (head_dim + v_head_dim) * layers * elem_size``; we keep its
+    layer count and replace the per-(token, head) bytes with the format's row bytes."""
+    stock = original(self, kvc, num_layers)
+    if kvc.use_mla_backend:
+        return stock
+    mc = kvc.model_config
+    from sglang.srt.runtime_context import get_parallel
+
+    heads = mc.get_num_kv_heads(get_parallel().attn_tp_size, get_parallel().attn_dcp_size)
+    elem = kvc.kv_cache_dtype.itemsize
+    per_layer = heads * (mc.head_dim + mc.v_head_dim) * elem
+    if stock % per_layer:
+        raise UnsupportedSetup(f"MEMHA_KV_FORMAT: SGLang's cell size {stock} is not a whole number of "
+                               f"MHA layers ({per_layer} B each); this model has extra KV state")
+    layers = stock // per_layer
+    return layers * kv_bytes_per_token(KVFormat.parse(load_config().kv_format), heads, mc.head_dim)
+
+
+def register_metrics() -> None:
+    """Measured-bytes Mooncake manager (and the handshake, which is inert without a format)."""
+    from sglang_memha.sglang_ext import mooncake_conn
+
+    HookRegistry.register(f"{_MC}.MooncakeKVManager", mooncake_conn.MemhaKVManager, HookType.REPLACE)
+    HookRegistry.register(f"{_MC}.MooncakeKVReceiver", mooncake_conn.MemhaKVReceiver, HookType.REPLACE)
+    HookRegistry.register(f"{_MC}.KVArgsRegisterInfo.from_zmq", mooncake_conn.attach_memha_frame,
+                          HookType.AROUND)
+
+
+def register_kv_format() -> None:
+    HookRegistry.register(f"{_CONFIGURATOR}._resolve_kv_pool_class", resolve_pool_class, HookType.AROUND)
+    HookRegistry.register(f"{_POOL_CONFIGURATOR}._compute_cell_size", cell_size, HookType.AROUND)

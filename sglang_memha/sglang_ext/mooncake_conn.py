@@ -1,0 +1,177 @@
+"""SGLang's Mooncake KV manager / sender / receiver with the sglang-memha additions.
+
+Installed by ``hooks.register_scheduler_hooks`` as HookRegistry REPLACEs of
+``sglang.srt.disaggregation.mooncake.conn.Mooncake{KVManager,KVReceiver}``. The
+bootstrap protocol (router ``bootstrap_host/port/room``, the bootstrap server's ``/route``, the
+ZMQ registration and metadata messages) is SGLang's; we only add to it:
+
+* **Handshake** (only when ``MEMHA_KV_FORMAT`` is set). Prefill publishes its
+  ``FormatDescriptor`` in ``KVArgs.kv_layout`` (``handshake.encode_layout``), which SGLang's
+  bootstrap server carries to decode in ``PrefillServerInfo.kv_layout``. Decode appends one
+  frame ``MEMHA1<descriptor>`` to its registration message. Each side checks the other's
+  descriptor and fails *the request* (``KVPoll.Failed`` with the reason) on a mismatch; SGLang's
+  own Failed paths free the pages on both sides. Nothing here raises inside SGLang's
+  ``try_ensure_parallel_info`` (a raise there kills the decode scheduler).
+* **Measured bytes** (always). ``_transfer_data`` is where Mooncake's ``batch_transfer_sync``
+  runs; the bytes of every call that returned 0 are added to the room the transfer worker is
+  serving, split into KV pages vs everything else (aux metadata, state). When the room
+  concludes, one log line ``sglang-memha transfer room=... fmt=... pages=... kv_bytes=...
+  total_bytes=... transfer_ms=... status=...`` is written (WARNING, so it survives any
+  ``--log-level``).
+The sender is not replaced here: ``cpu_compat`` owns that REPLACE (one owner per target).
+
+All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
+beyond what the overridden SGLang method already does.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.mooncake import conn as mc
+from sglang.srt.disaggregation.utils import DisaggregationMode
+
+from sglang_memha.sglang_ext import handshake, state
+
+logger = logging.getLogger("sglang_memha")
+
+
+@dataclass
+class _RoomStats:
+    started: float = field(default_factory=time.perf_counter)
+    ended: float = 0.0
+    kv_bytes: int = 0
+    other_bytes: int = 0
+    pages: int = 0
+    failed_calls: int = 0
+
+
+class _RoomTrackingQueue:
+    """Wraps a transfer worker's queue so the worker thread knows which room it serves."""
+
+    def __init__(self, queue, tls: threading.local):
+        self._queue, self._tls = queue, tls
+
+    def get(self, *args, **kwargs):
+        chunk = self._queue.get(*args, **kwargs)
+        self._tls.room = getattr(chunk, "room", None)
+        return chunk
+
+    def __getattr__(self, name):
+        return getattr(self._queue, name)
+
+
+class MemhaKVManager(mc.MooncakeKVManager):
+    def __init__(self, args, disaggregation_mode, server_args, is_mla_backend=False):
+        self._memha_tls = threading.local()
+        self._memha_lock = threading.Lock()
+        self._memha_rooms: dict[int, _RoomStats] = {}
+        self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
+        if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
+            args.kv_layout = handshake.encode_layout(self.memha_desc)
+        super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+
+    # ---- handshake -------------------------------------------------------------------------
+    def build_receiver_registration_message(self):
+        """Decode side: SGLang's registration frames plus ``MEMHA1<descriptor>`` (ignored by a
+        stock prefill, whose parser reads fixed indices)."""
+        msg = super().build_receiver_registration_message()
+        if self.memha_desc is not None:
+            msg.append(handshake.encode_frame(self.memha_desc))
+        return msg
+
+    def _validate_peer_state_layout(self, registration_info):
+        """Prefill side, bootstrap thread, once per decode registration. A reason rejects the
+        peer: SGLang's transfer worker then fails each of its rooms with that reason."""
+        fully_checked, mismatch = super()._validate_peer_state_layout(registration_info)
+        if mismatch is None and self.memha_desc is not None:
+            mismatch = handshake.check_decode_peer(
+                self.memha_desc, getattr(registration_info, "memha_frame", None),
+                peer=f"{registration_info.endpoint}:{registration_info.dst_port}")
+            if mismatch is not None:
+                logger.error("sglang-memha: %s", mismatch)
+        return fully_checked, mismatch
+
+    # ---- measured bytes --------------------------------------------------------------------
+    def transfer_worker(self, queue, executor, *args, **kwargs):
+        return super().transfer_worker(_RoomTrackingQueue(queue, self._memha_tls), executor, *args, **kwargs)
+
+    def _room_stats(self) -> _RoomStats | None:
+        room = getattr(self._memha_tls, "room", None)
+        if room is None:
+            return None
+        with self._memha_lock:
+            return self._memha_rooms.setdefault(room, _RoomStats())
+
+    def send_kvcache(self, mooncake_session_id, prefill_kv_indices, *args, **kwargs):
+        stats = self._room_stats()
+        if stats is not None:
+            stats.pages += len(prefill_kv_indices)
+        self._memha_tls.phase = "kv"
+        try:
+            return super().send_kvcache(mooncake_session_id, prefill_kv_indices, *args, **kwargs)
+        finally:
+            self._memha_tls.phase = None
+
+    def _transfer_data(self, mooncake_session_id, transfer_blocks):
+        ret = super()._transfer_data(mooncake_session_id, transfer_blocks)
+        stats = self._room_stats()
+        if stats is not None and transfer_blocks:
+            if ret == 0:
+                moved = sum(int(b[2]) for b in transfer_blocks)
+                if getattr(self._memha_tls, "phase", None) == "kv":
+                    stats.kv_bytes += moved
+                else:
+                    stats.other_bytes += moved
+            else:
+                stats.failed_calls += 1
+            stats.ended = time.perf_counter()
+        return ret
+
+    def conclude_transfer(self, *, bootstrap_room, status, targets=None, failure_reason=None):
+        emitted = super().conclude_transfer(bootstrap_room=bootstrap_room, status=status,
+                                            targets=targets, failure_reason=failure_reason)
+        if emitted in (KVPoll.Success, KVPoll.Failed):
+            with self._memha_lock:
+                stats = self._memha_rooms.pop(bootstrap_room, None)
+            if stats is not None:
+                fmt = self.memha_desc.fmt.value if self.memha_desc is not None else "stock"
+                ms = max(stats.ended - stats.started, 0.0) * 1e3
+                logger.warning(
+                    "sglang-memha transfer room=%s fmt=%s pages=%d kv_bytes=%d total_bytes=%d "
+                    "transfer_ms=%.2f status=%s", bootstrap_room, fmt, stats.pages, stats.kv_bytes,
+                    stats.kv_bytes + stats.other_bytes, ms, "ok" if emitted == KVPoll.Success else "failed")
+        return emitted
+
+
+class MemhaKVReceiver(mc.MooncakeKVReceiver):
+    def init(self, prefill_dp_rank: int):
+        """Decode scheduler, once per request before allocation: SGLang's init, then the
+        descriptor check against the prefill's published layout."""
+        super().init(prefill_dp_rank)
+        local = self.kv_mgr.memha_desc if isinstance(self.kv_mgr, MemhaKVManager) else None
+        if local is None or self.conclude_state == KVPoll.Failed:
+            return
+        info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
+        reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
+                                              peer=self.bootstrap_addr)
+        if reason is None:
+            return
+        logger.error("sglang-memha: room %s: %s", self.bootstrap_room, reason)
+        self.kv_mgr.record_failure(self.bootstrap_room, reason)
+        self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+        self.conclude_state = KVPoll.Failed
+        # Tell the prefill ranks, which would otherwise wait for this request's metadata.
+        self.ensure_abort_notified()
+
+
+def attach_memha_frame(original, cls, msg):
+    """AROUND ``KVArgsRegisterInfo.from_zmq``: SGLang's parse, plus the raw ``MEMHA1`` frame
+    (or None) as ``.memha_frame`` for ``MemhaKVManager._validate_peer_state_layout``."""
+    info = original(cls, msg)
+    info.memha_frame = handshake.find_frame(msg)
+    return info

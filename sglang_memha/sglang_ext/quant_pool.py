@@ -1,0 +1,199 @@
+"""``MemhaQuantKVPool``: an SGLang MHA KV pool that stores K and V in a ``kvformat`` format.
+
+Pool rows (one per token slot, per layer, for K and for V separately)::
+
+    k_buffer[l], v_buffer[l]   uint8 [size + page_size, num_kv_heads, row_bytes_per_head]
+    row of one (slot, head)    [ data bytes (data_bytes_per_head) | scale bytes (scale_bytes_per_head) ]
+
+The scale bytes of a (token, head) sit right after its data bytes, so a page of a layer is
+one contiguous byte range that carries its own scales. Consequences, all on purpose:
+
+* SGLang's PD transfer (``get_contiguous_buf_infos``) ships the quantized rows with no change:
+  item lengths come from the buffer shapes, so Mooncake moves ``row_bytes`` per token, not bf16.
+* Slot moves, CPU retraction copies (``get_cpu_copy``/``load_cpu_copy``) and ``get_kv_size_bytes``
+  are inherited unchanged and carry the scales with the data.
+* Per-layer sends (issue 5) need no companion-buffer bookkeeping.
+
+Writes quantize (``set_kv_buffer`` -> ``codec.quantize_into``). Reads go through
+``QuantKVView``: ``get_key_buffer(l)[slots]`` dequantizes only the rows an attention backend
+gathers (the torch-native backend indexes ``k_cache[per_req_tokens]``), never the whole layer.
+Anything else on the view raises ``TypeError`` instead of handing uint8 codes to a kernel that
+would read them as bf16.
+
+Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``hooks.resolve_pool_class``
+picks this class); attention backends call ``set_kv_buffer`` once per layer per forward and
+``get_key_buffer``/``get_value_buffer`` right after; the PD managers read
+``get_contiguous_buf_infos`` once at start-up. Nothing here blocks.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
+
+from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec
+from sglang_memha.sglang_ext import state
+from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
+
+logger = logging.getLogger("sglang_memha")
+
+
+class RowLayout:
+    """Byte layout of one pool row: ``[data | scale]`` per (token, head). Pure arithmetic."""
+
+    def __init__(self, fmt: KVFormat | str, head_dim: int):
+        self.fmt = KVFormat.parse(fmt)
+        spec = format_spec(self.fmt)
+        self.head_dim = head_dim
+        self.data_bytes = spec.data_bytes_per_head(head_dim)
+        self.scale_bytes = spec.scale_bytes_per_head(head_dim)
+        self.row_bytes = self.data_bytes + self.scale_bytes
+        self.has_layer_scale = spec.scale_scope == "layer"
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """rows [..., H, row_bytes] uint8 -> (data view [..., H, data_bytes], scale view or None)."""
+        data = rows[..., : self.data_bytes]
+        return data, (rows[..., self.data_bytes:] if self.scale_bytes else None)
+
+
+class QuantKVView:
+    """What ``MemhaQuantKVPool.get_key_buffer`` returns: ``view[slots]`` -> dequantized rows.
+
+    ``slots``: int64/int32 tensor [n] of slot ids (or anything torch indexing accepts on dim 0).
+    Returns ``[n, num_kv_heads, head_dim]`` in the pool's compute dtype (bf16 for bf16 models).
+    """
+
+    def __init__(self, pool: MemhaQuantKVPool, buf: torch.Tensor, is_key: bool):
+        self._pool = pool
+        self._buf = buf
+        self._is_key = is_key
+        self.dtype = pool.dtype
+        self.device = buf.device
+        self.shape = torch.Size((buf.shape[0], buf.shape[1], pool.head_dim))
+
+    def __getitem__(self, slots) -> torch.Tensor:
+        return self._pool.read_rows(self._buf[slots], self._is_key)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getattr__(self, name):
+        raise TypeError(
+            f"QuantKVView.{name}: the sglang-memha quantized KV pool only supports "
+            f"view[slots] (gather + dequantize); this attention backend reads the KV buffer "
+            f"some other way. Use --attention-backend torch_native with MEMHA_KV_FORMAT")
+
+
+class MemhaQuantKVPool(MHATokenToKVPool):
+    """``MHATokenToKVPool`` whose rows hold ``kvformat`` bytes (see module docstring).
+
+    Extra class attributes are bound by ``hooks.resolve_pool_class`` through ``configured()``
+    (SGLang constructs the pool with its stock kwargs, so the format rides on the class).
+    """
+
+    memha_format: KVFormat = KVFormat.BF16
+    memha_k_transform: str = "none"
+    memha_model_id: str = "unknown"
+
+    @classmethod
+    def configured(cls, fmt: KVFormat | str, k_transform: str = "none",
+                   model_id: str = "unknown") -> type[MemhaQuantKVPool]:
+        fmt = KVFormat.parse(fmt)
+        return type(f"MemhaQuantKVPool_{fmt.value}", (cls,),
+                    {"memha_format": fmt, "memha_k_transform": k_transform, "memha_model_id": model_id})
+
+    # ---- buffers ---------------------------------------------------------------------------
+    def _create_buffers(self):
+        if self.head_dim != self.v_head_dim:
+            raise ValueError(f"sglang-memha KV formats need head_dim == v_head_dim, got "
+                             f"{self.head_dim} and {self.v_head_dim}")
+        if self.use_hnd or self.kv_cache_layout != "nhd" or self.post_capture_active:
+            raise ValueError("sglang-memha KV formats support only the plain NHD pool layout "
+                             "(unset SGLANG_USE_HND_KVCACHE / page-major / post-capture backing)")
+        self.codec = get_codec(self.memha_format)
+        self.layout = RowLayout(self.memha_format, self.head_dim)
+        self.store_dtype = torch.uint8
+        for name in ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer",
+                     "native_v_scale_buffer", "dq_k_buffer", "dq_v_buffer"):
+            setattr(self, name, None)
+        rows = self.size + self.page_size
+        shape = (rows, self.head_num, self.layout.row_bytes)
+        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
+            self.k_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device)
+                             for _ in range(self.layer_num)]
+            self.v_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device)
+                             for _ in range(self.layer_num)]
+        # fp8_e4m3_tensor: one scale per layer for K and V; 1.0 as SGLang defaults without a
+        # calibrated checkpoint scale (so the data bytes equal a stock fp8 pool's).
+        self.layer_scale = torch.ones(1, dtype=torch.float32, device=self.device)
+        self._kv_buffer_descs = self._build_kv_buffer_descs()
+        self._init_data_ptrs_and_strides()
+        self.memha_descriptor = FormatDescriptor(
+            fmt=self.memha_format, page_size=self.page_size, num_kv_heads=self.head_num,
+            head_dim=self.head_dim, num_layers=self.layer_num, model_id=self.memha_model_id,
+            k_transform=self.memha_k_transform)
+        state.set_local_descriptor(self.memha_descriptor)
+        logger.warning(
+            "sglang-memha KV pool: format=%s k_transform=%s tokens=%d page_size=%d layers=%d "
+            "kv_heads=%d head_dim=%d bytes_per_token=%d (bf16 would be %d)",
+            self.memha_format.value, self.memha_k_transform, self.size, self.page_size,
+            self.layer_num, self.head_num, self.head_dim, self.bytes_per_token(),
+            2 * self.layer_num * self.head_num * self.head_dim * 2)
+
+    def bytes_per_token(self) -> int:
+        """KV bytes one token occupies across all layers of this pool (K and V, scales included)."""
+        return 2 * self.layer_num * self.head_num * self.layout.row_bytes
+
+    # ---- write -----------------------------------------------------------------------------
+    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
+                      layer_id_override=None, dcp_kv_mask=None):
+        """Called by the attention backend once per layer per forward (prefill and decode).
+
+        cache_k, cache_v: [num_tokens, num_kv_heads * head_dim] or [num_tokens, num_kv_heads,
+        head_dim], bf16/fp16/fp32. ``loc``: [num_tokens] int64 slots. Quantizes synchronously.
+        """
+        if dcp_kv_mask is not None:
+            raise NotImplementedError("sglang-memha KV formats do not support decode context parallelism")
+        if (k_scale not in (None, 1.0)) or (v_scale not in (None, 1.0)):
+            raise NotImplementedError("sglang-memha KV formats compute their own scales; a checkpoint "
+                                      "k_scale/v_scale is only meaningful with --kv-cache-dtype fp8_e4m3")
+        loc, _, _ = unwrap_write_loc(loc_info)
+        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
+        idx = layer_id - self.start_layer
+        k = cache_k.reshape(-1, self.head_num, self.head_dim)
+        v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
+        if self.memha_k_transform != "none":
+            k = apply_k_transform(self.memha_k_transform, k)
+        self._write(k, loc, self.k_buffer[idx])
+        self._write(v, loc, self.v_buffer[idx])
+
+    def _write(self, x: torch.Tensor, loc: torch.Tensor, buf: torch.Tensor) -> None:
+        data_view, scale_view = self.layout.split(buf)
+        if self.layout.has_layer_scale:
+            self.codec.quantize_into(x, loc, data_view, None, scale=float(self.layer_scale))
+        else:
+            self.codec.quantize_into(x, loc, data_view, scale_view)
+
+    # ---- read ------------------------------------------------------------------------------
+    def read_rows(self, rows: torch.Tensor, is_key: bool) -> torch.Tensor:
+        """rows [n, H, row_bytes] uint8 (gathered) -> [n, H, head_dim] in ``self.dtype``."""
+        data, raw_scales = self.layout.split(rows)
+        if self.layout.has_layer_scale:
+            scales = self.layer_scale
+        else:
+            scales = None if raw_scales is None else self.codec.scales_from_bytes(raw_scales.contiguous())
+        if is_key and self.memha_k_transform != "none":
+            x = self.codec.dequantize(data.contiguous(), scales, torch.float32)
+            return unrotate(x).to(self.dtype)
+        return self.codec.dequantize(data.contiguous(), scales, self.dtype)
+
+    def _get_key_buffer(self, layer_id: int):
+        return QuantKVView(self, self.k_buffer[layer_id - self.start_layer], True)
+
+    def _get_value_buffer(self, layer_id: int):
+        return QuantKVView(self, self.v_buffer[layer_id - self.start_layer], False)
+
+    def set_kv_buffer_prefix_valid(self, *args, **kwargs):
+        raise NotImplementedError("prefix-valid commit is not supported by sglang-memha KV formats")
