@@ -13,7 +13,9 @@ the way raises ``ClusterError`` with its log tail; ``close()`` always stops ever
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
+import random
 import sys
 import tempfile
 import time
@@ -138,19 +140,26 @@ class PDCluster(_Deployment):
                  max_total_tokens: int = 4096, env: dict[str, str] | None = None,
                  log_dir: str | None = None, router_port: int = 0,
                  prefill_url: tuple[str, int] | None = None,
-                 prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None):
+                 prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None,
+                 extra_decode_envs: list[dict[str, str]] = (), router_args: list[str] = (),
+                 ready: str = "generate"):
         super().__init__(log_dir)
-        self.prefill_env, self.decode_env = prefill_env or {}, decode_env or {}
+        if ready not in ("generate", "health"):
+            raise ValueError(f"ready={ready!r}: expected 'generate' or 'health'")
         self.model_path = model_path
         self.prefill_args, self.decode_args = list(prefill_args), list(decode_args)
         self.max_total_tokens, self.env = max_total_tokens, env
+        self.prefill_env = prefill_env or {}
+        self.decode_envs = [decode_env or {}, *extra_decode_envs]
+        self.router_args, self.ready = list(router_args), ready
         self.router_port = router_port or free_port()
         self.external_prefill = prefill_url
         if prefill_url:
             self.prefill_url, self.bootstrap_port = prefill_url
         else:
             self.prefill_url, self.bootstrap_port = f"http://{HOST}:{free_port()}", free_port()
-        self.decode_url = f"http://{HOST}:{free_port()}"
+        self.decode_urls = [f"http://{HOST}:{free_port()}" for _ in self.decode_envs]
+        self.decode_url = self.decode_urls[0]
         self.url = f"http://{HOST}:{self.router_port}"
 
     def _server_args(self, url: str) -> list[str]:
@@ -174,21 +183,40 @@ class PDCluster(_Deployment):
                                               "--disaggregation-bootstrap-port", str(self.bootstrap_port),
                                               *self.prefill_args], {**env, **self.prefill_env})
             servers = [prefill]
-        decode = self._spawn("decode", [*self._server_args(self.decode_url),
-                                        "--disaggregation-mode", "decode", *self.decode_args],
-                             {**env, **self.decode_env})
-        servers.append(decode)
-        for url in ([] if self.external_prefill else [self.prefill_url]) + [self.decode_url]:
+        for i, (url, denv) in enumerate(zip(self.decode_urls, self.decode_envs)):
+            servers.append(self._spawn("decode" if i == 0 else f"decode{i}",
+                                       [*self._server_args(url), "--disaggregation-mode", "decode",
+                                        *self.decode_args], {**env, **denv}))
+        for url in ([] if self.external_prefill else [self.prefill_url]) + self.decode_urls:
             wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")
+        decodes = [a for u in self.decode_urls for a in ("--decode", u)]
+        # A free metrics port: the router's default (29000) collides between concurrent clusters.
         router = self._spawn("router", ["-m", "sglang_router.launch_router", "--pd-disaggregation",
                                         "--prefill", self.prefill_url, str(self.bootstrap_port),
-                                        "--decode", self.decode_url,
-                                        "--host", HOST, "--port", str(self.router_port)], env)
+                                        *decodes, "--host", HOST, "--port", str(self.router_port),
+                                        "--prometheus-port", str(free_port()), *self.router_args], env)
+        if self.ready == "health":
+            wait_until(lambda: http_json(f"{self.url}/health", timeout=5)[0] == 200,
+                       STARTUP_TIMEOUT_S, [*servers, router], f"router {self.url}/health")
+            return self
         ping = {"text": "ping", "sampling_params": {"max_new_tokens": 1}}
         wait_until(lambda: http_json(f"{self.url}/generate", ping, timeout=30)[0] == 200,
                    STARTUP_TIMEOUT_S, [*servers, router], f"a request through the router {self.url}",
                    poll_s=1.0)
         return self
+
+    def direct_generate(self, payload: dict, decode_index: int = 0,
+                        timeout: float = 300.0) -> tuple[int, dict | str]:
+        """What the router does for one request, aimed at a chosen decode server: POST the
+        payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
+        decode's answer (for tests that must pick the decode server)."""
+        body = {**payload, "bootstrap_host": HOST, "bootstrap_port": self.bootstrap_port,
+                "bootstrap_room": random.getrandbits(63)}
+        with concurrent.futures.ThreadPoolExecutor(2) as ex:
+            pf = ex.submit(http_json, f"{self.prefill_url}/generate", body, timeout)
+            df = ex.submit(http_json, f"{self.decode_urls[decode_index]}/generate", body, timeout)
+            pf.result()
+            return df.result()
 
 
 def main(argv: list[str] | None = None) -> None:

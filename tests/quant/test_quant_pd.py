@@ -1,0 +1,75 @@
+"""Quantized KV over Mooncake on a real CPU PD deployment (tiny model, page size 16).
+
+For every format: requests through the unmodified router complete; the bytes Mooncake moved
+for a request (logged by the prefill) equal, exactly, its pages x the format's page bytes; the
+decode pool holds the format (its log line). ``bf16`` must give the single stock server's
+greedy tokens exactly. Quality thresholds of the low-bit formats are measured on SmolLM2
+(``test_quant_quality.py``); a random-weight tiny model says little about quality.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import re
+
+import pytest
+
+from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
+from sglang_memha.testing import PDCluster, SingleServer
+from tests.conftest import descendants
+
+pytestmark = pytest.mark.cluster
+
+PAGE = ["--page-size", "16"]
+MAX_NEW = 16
+H, D, L = 2, 64, 2  # tiny_qwen3 geometry
+TRANSFER = re.compile(r"sglang-memha transfer room=(\d+) fmt=(\S+) pages=(\d+) kv_bytes=(\d+) "
+                      r"total_bytes=(\d+) transfer_ms=\S+ status=(\w+)")
+
+
+def _prompts() -> dict[str, list[int]]:
+    rng = random.Random(1)
+    return {"short": [rng.randrange(10, 2000) for _ in range(5)],
+            "multi_page": [rng.randrange(10, 2000) for _ in range(150)],
+            "long": [rng.randrange(10, 2000) for _ in range(600)]}
+
+
+def _ids(status_body) -> list[int]:
+    status, body = status_body
+    assert status == 200, body
+    return body["output_ids"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    with SingleServer(tiny_model, PAGE, log_dir=str(tmp_path_factory.mktemp("single"))) as s:
+        return {k: _ids(s.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
+                for k, v in _prompts().items()}
+
+
+@pytest.mark.parametrize("fmt", [f.value for f in KVFormat])
+def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
+    env = {"MEMHA_KV_FORMAT": fmt}
+    with PDCluster(tiny_model, PAGE, PAGE, env=env, log_dir=str(tmp_path)) as c:
+        got = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
+               for k, v in _prompts().items()}
+        with cf.ThreadPoolExecutor(8) as ex:  # a few concurrent ones too (batched decode reads)
+            lens = list(ex.map(lambda i: len(_ids(c.generate(f"req {i} " * 20, max_new_tokens=8,
+                                                             ignore_eos=True))), range(8)))
+        logs = c.logs()
+    assert lens == [8] * 8
+    assert all(len(v) == MAX_NEW for v in got.values())
+    if fmt == "bf16":
+        assert got == reference
+    for side in ("prefill", "decode"):
+        assert f"sglang-memha KV pool: format={fmt} " in logs[side]
+    rows = TRANSFER.findall(logs["prefill"])
+    assert len(rows) >= 3 + 8
+    per_page = 16 * L * kv_bytes_per_token(fmt, H, D)
+    for room, f, pages, kv_bytes, total, status in rows:
+        assert (f, status) == (fmt, "ok")
+        assert int(kv_bytes) == int(pages) * per_page, (room, pages, kv_bytes)
+        assert int(total) > int(kv_bytes)  # + the aux metadata row
+    # The 600-token prompt moved 38 pages (600 / 16 rounded up).
+    assert any(int(p) == 38 for _, _, p, *_ in rows)
+    assert descendants() == []

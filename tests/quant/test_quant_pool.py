@@ -1,0 +1,99 @@
+"""MemhaQuantKVPool in-process (SGLang's real MHATokenToKVPool base, CPU, no server).
+
+Reference: the codec itself. What the pool returns for a slot must equal, bit for bit,
+``codec.dequantize(codec.quantize(x))`` of what was written there (through the Hadamard K
+rotation when it is on): the pool adds layout, not arithmetic.
+"""
+import pytest
+import torch
+
+from sglang_memha.kvformat import KVFormat, get_codec, kv_bytes_per_token, page_geometry
+from sglang_memha.kvformat.transforms import rotate, unrotate
+
+pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool, QuantKVView  # noqa: E402
+
+H, D, L, PAGE = 2, 64, 3, 16
+
+
+class _Layer:
+    def __init__(self, layer_id):
+        self.layer_id = layer_id
+
+
+def make_pool(fmt, k_transform="none", size=128):
+    cls = MemhaQuantKVPool.configured(fmt, k_transform, "test#0")
+    return cls(size, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+               device="cpu", enable_memory_saver=False)
+
+
+def reference(fmt, x, is_key, k_transform):
+    codec = get_codec(fmt)
+    if is_key and k_transform != "none":
+        x = rotate(x)
+    if fmt == KVFormat.FP8_E4M3_TENSOR:
+        data, scales = codec.quantize(x, 1.0)
+    else:
+        data, scales = codec.quantize(x)
+    if is_key and k_transform != "none":
+        return unrotate(codec.dequantize(data, scales, torch.float32)).to(torch.bfloat16)
+    return codec.dequantize(data, scales, torch.bfloat16)
+
+
+@pytest.mark.parametrize("k_transform", ["none", "hadamard"])
+@pytest.mark.parametrize("fmt", list(KVFormat))
+def test_write_then_gather_equals_codec_round_trip(fmt, k_transform):
+    pool = make_pool(fmt, k_transform)
+    g = torch.Generator().manual_seed(7)
+    loc = torch.tensor([16, 17, 18, 40, 41, 100], dtype=torch.int64)
+    k = (torch.randn(len(loc), H * D, generator=g) * 3).to(torch.bfloat16)
+    v = (torch.randn(len(loc), H * D, generator=g) * 3).to(torch.bfloat16)
+    pool.set_kv_buffer(_Layer(1), loc, k, v)
+    order = torch.tensor([5, 0, 3, 1, 4, 2])  # gathered in another order, as attention does
+    got_k = pool.get_key_buffer(1)[loc[order]]
+    got_v = pool.get_value_buffer(1)[loc[order]]
+    want_k = reference(fmt, k.view(-1, H, D), True, k_transform)[order]
+    want_v = reference(fmt, v.view(-1, H, D), False, "none")[order]
+    assert got_k.dtype == torch.bfloat16 and got_k.shape == (len(loc), H, D)
+    assert torch.equal(got_k.view(torch.int16), want_k.view(torch.int16))
+    assert torch.equal(got_v.view(torch.int16), want_v.view(torch.int16))
+    # Other layers untouched (all-zero rows decode to zeros).
+    assert not pool.k_buffer[0].any() and not pool.k_buffer[2].any()
+
+
+@pytest.mark.parametrize("fmt", list(KVFormat))
+def test_transfer_geometry_is_the_formats(fmt):
+    pool = make_pool(fmt)
+    geo = page_geometry(fmt, PAGE, H, D)
+    ptrs, lens, item_lens = pool.get_contiguous_buf_infos()
+    assert len(ptrs) == 2 * L
+    assert item_lens == [geo.data_bytes + geo.scale_bytes] * (2 * L)  # page + its scales, one item
+    assert pool.bytes_per_token() == L * kv_bytes_per_token(fmt, H, D)
+    k_bytes, v_bytes = pool.get_kv_size_bytes()
+    assert k_bytes + v_bytes == (pool.size + PAGE) * pool.bytes_per_token()
+
+
+def test_cpu_copy_round_trip_carries_scales():
+    """Decode retraction on CPU (``cpu_tensor`` backup) copies rows out and back."""
+    a, b = make_pool("int4_g64"), make_pool("int4_g64")
+    loc = torch.arange(32, 48)
+    for layer in range(L):
+        a.set_kv_buffer(_Layer(layer), loc, torch.randn(16, H * D).bfloat16(), torch.randn(16, H * D).bfloat16())
+    b.load_cpu_copy(a.get_cpu_copy(loc), loc)
+    for layer in range(L):
+        assert torch.equal(a.get_key_buffer(layer)[loc], b.get_key_buffer(layer)[loc])
+        assert torch.equal(a.get_value_buffer(layer)[loc], b.get_value_buffer(layer)[loc])
+
+
+def test_view_refuses_other_access():
+    view = make_pool("fp8_e4m3").get_key_buffer(0)
+    assert isinstance(view, QuantKVView)
+    with pytest.raises(TypeError, match="torch_native"):
+        view.data_ptr()
+
+
+def test_unsupported_write_args_are_refused():
+    pool = make_pool("int8")
+    x = torch.zeros(1, H * D).bfloat16()
+    with pytest.raises(NotImplementedError, match="k_scale"):
+        pool.set_kv_buffer(_Layer(0), torch.tensor([1]), x, x, k_scale=0.5)
