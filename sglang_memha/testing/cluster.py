@@ -27,14 +27,15 @@ HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = float(os.environ.get("MEMHA_STARTUP_TIMEOUT_S", "240"))
 
 
-def cpu_server_flags(max_total_tokens: int = 4096) -> list[str]:
+def cpu_server_flags(max_total_tokens: int | None = 4096) -> list[str]:
     """Flags every SGLang server needs on this CPU-only machine kind.
 
     torch_native attention and pytorch sampling are what SGLang resolves to on a non-AMX CPU;
     ``--sleep-on-idle`` keeps an idle scheduler from spinning a core (2 cores in all).
     """
+    cap = [] if max_total_tokens is None else ["--max-total-tokens", str(max_total_tokens)]
     return ["--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
-            "--disable-cuda-graph", "--max-total-tokens", str(max_total_tokens),
+            "--disable-cuda-graph", *cap,
             "--mem-fraction-static", "0.2", "--grammar-backend", "none", "--sleep-on-idle"]
 
 

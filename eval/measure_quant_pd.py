@@ -1,0 +1,100 @@
+"""Measure what the quantized KV path saves on a real CPU PD deployment (issue 4).
+
+For each configuration -- stock SGLang PD (no ``MEMHA_KV_FORMAT``, bf16 pool) and each memha
+format on both servers -- one PD cluster of SmolLM2-135M (30 layers, 3 KV heads, head_dim 64)
+behind the unmodified router:
+
+* **Wire bytes**: the same prompts (fresh random token ids, ``--prompt-tokens`` each, so no
+  radix-cache hit) are sent one at a time; the prefill logs, per request, the bytes Mooncake's
+  ``batch_transfer_sync`` reported moved (``sglang-memha transfer ... kv_bytes=... total_bytes=``,
+  logged for stock PD too). Ratio = memha bytes / stock bytes, KV pages only and total
+  (KV + aux metadata).
+* **Decode pool capacity**: the decode server runs without ``--max-total-tokens`` at the same
+  ``--mem-fraction-static``; its ``/v1/loads`` ``max_total_num_tokens`` is read from the running
+  server. Ratio = memha tokens / stock tokens. Also tokens per GiB of KV pool, from the pool's
+  own bytes per token (logged by both pools' allocation lines), which does not depend on how
+  much memory the OS reported free when each server started.
+
+Writes ``eval/results/quant_pd.json``. ``python eval/measure_quant_pd.py`` (~5 min).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import re
+import time
+
+from sglang_memha.kvformat import kv_bytes_per_token
+from sglang_memha.models.smollm2 import ensure_smollm2
+from sglang_memha.testing import PDCluster
+from sglang_memha.testing.procs import http_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "eval", "results", "quant_pd.json")
+TRANSFER = re.compile(r"sglang-memha transfer room=\d+ fmt=(\S+) pages=(\d+) kv_bytes=(\d+) total_bytes=(\d+)")
+H, D, L = 3, 64, 30  # SmolLM2-135M
+
+
+def run_config(model: str, fmt: str | None, prompts: list[list[int]], mem_fraction: float,
+               log_dir: str) -> dict:
+    env = {"MEMHA_KV_FORMAT": fmt} if fmt else {}
+    common = ["--page-size", "16", "--mem-fraction-static", str(mem_fraction)]
+    with PDCluster(model, common, common, env=env, max_total_tokens=None, log_dir=log_dir) as c:
+        before = len(TRANSFER.findall(c.logs()["prefill"]))
+        for ids in prompts:
+            status, body = c.generate(input_ids=ids, max_new_tokens=1)
+            assert status == 200, body
+        time.sleep(0.5)  # the prefill logs the transfer line when the room concludes
+        rows = TRANSFER.findall(c.logs()["prefill"])[before:]
+        status, loads = http_json(f"{c.decode_url}/v1/loads", timeout=30)
+        assert status == 200, loads
+    assert len(rows) == len(prompts), f"expected {len(prompts)} transfer lines, got {len(rows)}"
+    return {"fmt": fmt or "stock", "kv_bytes": sum(int(r[2]) for r in rows),
+            "total_bytes": sum(int(r[3]) for r in rows), "pages": sum(int(r[1]) for r in rows),
+            "decode_max_total_num_tokens": loads["loads"][0]["max_total_num_tokens"],
+            "bytes_per_token": L * kv_bytes_per_token(fmt or "bf16", H, D)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", default="fp8_e4m3,int4_g64,int8")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--mem-fraction-static", type=float, default=0.05)
+    args = ap.parse_args()
+    model = ensure_smollm2()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 49000) for _ in range(args.prompt_tokens)] for _ in range(args.prompts)]
+    log_root = os.path.join(ROOT, "eval", "logs", "quant_pd")
+    runs = {}
+    for fmt in [None, *args.formats.split(",")]:
+        name = fmt or "stock"
+        print(f"[{dt.datetime.now():%H:%M:%S}] {name} ...", flush=True)
+        runs[name] = run_config(model, fmt, prompts, args.mem_fraction_static, os.path.join(log_root, name))
+        print("   ", runs[name], flush=True)
+    stock = runs["stock"]
+    out = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+           "mem_fraction_static": args.mem_fraction_static, "runs": runs,
+           "command": "python eval/measure_quant_pd.py " + " ".join(
+               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+           "date": dt.date.today().isoformat()}
+    for name, r in runs.items():
+        if name == "stock":
+            continue
+        key = {"fp8_e4m3": "fp8", "int4_g64": "int4"}.get(name, name)
+        out[f"wire_bytes_ratio_{key}"] = round(r["total_bytes"] / stock["total_bytes"], 4)
+        out[f"wire_kv_bytes_ratio_{key}"] = round(r["kv_bytes"] / stock["kv_bytes"], 4)
+        out[f"pool_capacity_ratio_{key}"] = round(
+            r["decode_max_total_num_tokens"] / stock["decode_max_total_num_tokens"], 4)
+        out[f"pool_tokens_per_gib_ratio_{key}"] = round(stock["bytes_per_token"] / r["bytes_per_token"], 4)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: v for k, v in out.items() if "ratio" in k}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Bad configurations on the quantized-KV path: a clear error to the client and in both logs,
+no pages kept on either side, and the next request on a healthy pair fine.
+
+One prefill (int8) serves three decode servers: int8 (healthy), int4_g64 (format mismatch)
+and one with no sglang-memha KV format (the plugin's KV path off there). Requests are aimed at
+a chosen decode with ``PDCluster.direct_generate`` (exactly what the router sends), so each
+case is deterministic. Free pages are read from each server (``/v1/loads``) after
+``/flush_cache``, not assumed.
+"""
+from __future__ import annotations
+
+import pytest
+
+from sglang_memha.testing import PDCluster, SingleServer
+from sglang_memha.testing.procs import ClusterError, http_json
+from tests.conftest import descendants
+
+pytestmark = pytest.mark.cluster
+
+PAGE = ["--page-size", "16"]
+PROMPT = {"input_ids": list(range(100, 300)), "sampling_params": {"max_new_tokens": 8, "temperature": 0,
+                                                                   "ignore_eos": True}}
+
+
+def used_tokens(url: str) -> int:
+    assert http_json(f"{url}/flush_cache", {}, timeout=30)[0] == 200
+    status, body = http_json(f"{url}/v1/loads", timeout=30)
+    assert status == 200, body
+    return sum(load["num_used_tokens"] for load in body["loads"])
+
+
+def assert_ok(resp):
+    status, body = resp
+    assert status == 200, body
+    assert body["meta_info"]["completion_tokens"] == 8
+
+
+@pytest.fixture(scope="module")
+def trio(tiny_model, tmp_path_factory):
+    with PDCluster(tiny_model, PAGE, PAGE, env={"MEMHA_KV_FORMAT": "int8"},
+                   extra_decode_envs=[{"MEMHA_KV_FORMAT": "int4_g64"}, {"MEMHA_KV_FORMAT": ""}],
+                   log_dir=str(tmp_path_factory.mktemp("trio")), ready="health") as c:
+        yield c
+    assert descendants() == []
+
+
+def test_mismatch_and_missing_decode_fail_cleanly(trio):
+    assert_ok(trio.direct_generate(PROMPT, decode_index=0))
+    servers = [trio.prefill_url, *trio.decode_urls]
+    idle = [used_tokens(u) for u in servers]
+    assert idle == [0, 0, 0, 0]
+
+    status, body = trio.direct_generate(PROMPT, decode_index=1)
+    assert status >= 400
+    assert "KV format mismatch" in str(body) and "int4_g64" in str(body) and "int8" in str(body)
+
+    status, body = trio.direct_generate(PROMPT, decode_index=2)
+    assert status >= 400, body  # refused by the prefill: no descriptor in the registration
+
+    assert_ok(trio.direct_generate(PROMPT, decode_index=0))  # the next request is fine
+    assert [used_tokens(u) for u in servers] == idle
+    logs = trio.logs()
+    assert "KV format mismatch with peer" in logs["decode1"]
+    assert "KV format mismatch with peer" in logs["prefill"]
+    assert "sent no sglang-memha KV format descriptor" in logs["prefill"]
+
+
+def test_prefill_without_format_is_refused_by_decode(tiny_model, tmp_path):
+    with PDCluster(tiny_model, PAGE, PAGE, decode_env={"MEMHA_KV_FORMAT": "fp8_e4m3"},
+                   log_dir=str(tmp_path), ready="health") as c:
+        status, body = c.direct_generate(PROMPT)
+        assert status >= 400, body
+        assert "sent no sglang-memha KV format descriptor" in str(body)
+        assert "MEMHA_KV_FORMAT" in str(body)
+        assert [used_tokens(u) for u in (c.prefill_url, c.decode_url)] == [0, 0]
+        assert "sent no sglang-memha KV format descriptor" in c.logs()["decode"]
+
+
+def test_unknown_format_name_stops_start_up(tiny_model, tmp_path):
+    with pytest.raises(ClusterError) as err:
+        with SingleServer(tiny_model, env={"MEMHA_KV_FORMAT": "fp7"}, log_dir=str(tmp_path)):
+            pass
+    text = str(err.value) + open(tmp_path / "server.log").read()
+    assert "MEMHA_KV_FORMAT" in text and "fp7" in text and "int4_g64" in text  # lists valid names
