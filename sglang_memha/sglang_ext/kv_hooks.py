@@ -6,6 +6,7 @@
 | ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` | AROUND | bytes per token from the format, so the same memory holds ~2x (fp8) to ~3.5x (int4) tokens |
 | ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
+| ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | eager ablation only: dequantize arrived rows into bf16 |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
@@ -76,9 +77,15 @@ def resolve_pool_class(original, kvc, *, kind, default):
     if bad:
         raise UnsupportedSetup(f"MEMHA_KV_FORMAT={cfg.kv_format} cannot serve: {'; '.join(bad)}. "
                                f"Fix these or unset MEMHA_KV_FORMAT")
-    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
 
-    return MemhaQuantKVPool.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config))
+    base = MemhaEagerKVPool if _eager_decode(kvc.server_args) else MemhaQuantKVPool
+    return base.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config))
+
+
+def _eager_decode(server_args) -> bool:
+    return (load_config().decode_dequant == "eager"
+            and getattr(server_args, "disaggregation_mode", "null") == "decode")
 
 
 def cell_size(original, self, kvc, num_layers):
@@ -99,7 +106,21 @@ def cell_size(original, self, kvc, num_layers):
         raise UnsupportedSetup(f"MEMHA_KV_FORMAT: SGLang's cell size {stock} is not a whole number of "
                                f"MHA layers ({per_layer} B each); this model has extra KV state")
     layers = stock // per_layer
-    return layers * kv_bytes_per_token(KVFormat.parse(load_config().kv_format), heads, mc.head_dim)
+    quantized = layers * kv_bytes_per_token(KVFormat.parse(load_config().kv_format), heads, mc.head_dim)
+    return quantized + (stock if _eager_decode(kvc.server_args) else 0)  # eager: + the bf16 rows
+
+
+def land_on_arrival(result, queue, decode_req, *args, **kwargs):
+    """AFTER ``DecodeTransferQueue._commit_transfer_to_req`` (decode scheduler, once per request
+    whose KV arrived): the eager ablation dequantizes the prompt's rows into its bf16 buffers."""
+    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+
+    pool = queue.scheduler.token_to_kv_pool_allocator.get_kvcache()
+    req = decode_req.req
+    if isinstance(pool, MemhaEagerKVPool) and req.kv.req_pool_idx is not None:
+        slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)]
+        pool.land(slots.long())
+    return result
 
 
 def register_metrics() -> None:
@@ -115,3 +136,6 @@ def register_metrics() -> None:
 def register_kv_format() -> None:
     HookRegistry.register(f"{_CONFIGURATOR}._resolve_kv_pool_class", resolve_pool_class, HookType.AROUND)
     HookRegistry.register(f"{_POOL_CONFIGURATOR}._compute_cell_size", cell_size, HookType.AROUND)
+    if load_config().decode_dequant == "eager":
+        HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
+                              land_on_arrival, HookType.AFTER)

@@ -73,3 +73,24 @@ def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
     # The 600-token prompt moved 38 pages (600 / 16 rounded up).
     assert any(int(p) == 38 for _, _, p, *_ in rows)
     assert descendants() == []
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3"])
+def test_eager_dequant_ablation(fmt, tiny_model, reference, tmp_path):
+    """MEMHA_DECODE_DEQUANT=eager on decode: same wire bytes, dequantized once on arrival.
+    bf16: stock tokens exactly (landing + identity dequant is lossless). fp8: the first steps
+    equal deferred mode's (same dequantized prompt KV; eager keeps generated tokens in bf16,
+    deferred re-quantizes them, so later steps may drift)."""
+    prompts = _prompts()
+    outs = {}
+    for mode in ("deferred", "eager"):
+        with PDCluster(tiny_model, PAGE, PAGE, env={"MEMHA_KV_FORMAT": fmt},
+                       decode_env={"MEMHA_DECODE_DEQUANT": mode}, log_dir=str(tmp_path / mode)) as c:
+            outs[mode] = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
+                          for k, v in prompts.items()}
+    if fmt == "bf16":
+        assert outs["eager"] == reference == outs["deferred"]
+    else:
+        for k in prompts:
+            assert outs["eager"][k][:4] == outs["deferred"][k][:4], k
+    assert descendants() == []

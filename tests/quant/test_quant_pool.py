@@ -97,3 +97,28 @@ def test_unsupported_write_args_are_refused():
     x = torch.zeros(1, H * D).bfloat16()
     with pytest.raises(NotImplementedError, match="k_scale"):
         pool.set_kv_buffer(_Layer(0), torch.tensor([1]), x, x, k_scale=0.5)
+
+
+def test_eager_pool_lands_arrived_rows_as_bf16():
+    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+
+    cls = MemhaEagerKVPool.configured("fp8_e4m3", "none", "test#0")
+    pool = cls(128, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+               device="cpu", enable_memory_saver=False)
+    deferred = make_pool("fp8_e4m3")
+    loc = torch.arange(16, 40)
+    k, v = torch.randn(24, H * D).bfloat16(), torch.randn(24, H * D).bfloat16()
+    deferred.set_kv_buffer(_Layer(2), loc, k, v)
+    # What Mooncake does: the prefill's quantized rows land in the registered buffers.
+    for idx in range(L):
+        pool.k_buffer[idx][loc] = deferred.k_buffer[idx][loc]
+        pool.v_buffer[idx][loc] = deferred.v_buffer[idx][loc]
+    pool.land(loc)
+    assert torch.equal(pool.get_key_buffer(2)[loc], deferred.get_key_buffer(2)[loc])
+    assert torch.equal(pool.get_value_buffer(2)[loc], deferred.get_value_buffer(2)[loc])
+    # Tokens generated on decode are stored in bf16, unquantized.
+    new = torch.randn(1, H * D).bfloat16()
+    pool.set_kv_buffer(_Layer(0), torch.tensor([50]), new, new)
+    assert torch.equal(pool.get_key_buffer(0)[torch.tensor([50])], new.view(1, H, D))
+    # Memory per token: the landing rows plus bf16 rows (more than stock: an ablation only).
+    assert pool.bytes_per_token() == deferred.bytes_per_token() + 2 * L * H * D * 2
