@@ -134,6 +134,9 @@ def main() -> None:
     gpu = gpu_throughput(args.tokens * 2, args.reps)
     out = {
         "fp8_bytes_ratio": kv_bytes_per_token("fp8_e4m3", 8, 128) / kv_bytes_per_token("bf16", 8, 128),
+        # head_dim 64 (SmolLM2, the tiny Qwen3): wire bytes and pool capacity (tokens per byte) vs bf16
+        "fp8_bytes_ratio_d64": kv_bytes_per_token("fp8_e4m3", 3, 64) / kv_bytes_per_token("bf16", 3, 64),
+        "fp8_capacity_vs_bf16_d64": kv_bytes_per_token("bf16", 3, 64) / kv_bytes_per_token("fp8_e4m3", 3, 64),
         # into preallocated buffers, as memcpy writes into a preallocated dst
         "quant_vs_memcpy_cpu": cpu["fp8_e4m3"]["quant_into_vs_memcpy"],
         "quant_alloc_vs_memcpy_cpu": cpu["fp8_e4m3"]["quant_vs_memcpy"],

@@ -1,7 +1,8 @@
 """Fused CPU kernels for the codecs' hot paths, compiled on first use with the system C compiler.
 
 Why C and not torch: the eager reference makes ~10 passes over fp32 temporaries; one fused pass
-per row is what gets quantize near memory speed. Why not a torch C++ extension: compiling against
+per row is what gets quantize near memory speed (bf16 rows of a multiple of 32 take an AVX-512 path
+where the compiler targets it). Why not a torch C++ extension: compiling against
 torch's headers takes about a minute; this plain C file builds in about a second and is called
 through ctypes with raw pointers. Built per source and CPU (``-march=native``) into
 ``$MEMHA_CACHE_DIR/kernels``; where no compiler works, or ``MEMHA_CPU_KERNELS=0``, the codecs use
@@ -23,37 +24,48 @@ import torch
 
 logger = logging.getLogger(__name__)
 _SRC = os.path.join(os.path.dirname(__file__), "csrc", "fp8_quant.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
 
-def _cpu_key() -> str:
+def _cpu_key(flags: tuple[str, ...]) -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((l for l in f if l.startswith("flags")), "")
+            cpu = next((l for l in f if l.startswith("flags")), "")
     except OSError:
-        flags = platform.processor()
+        cpu = platform.processor()
     src = open(_SRC, "rb").read()
-    return hashlib.sha256(src + flags.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(src + cpu.encode() + " ".join(flags).encode()).hexdigest()[:16]
 
 
 def _build() -> ctypes.CDLL | None:
-    from sglang_memha.config import cache_dir, load_config
+    from sglang_memha.config import load_config
 
     if not load_config().cpu_kernels:
         return None
+    return build(FLAGS)
+
+
+def build(flags: tuple[str, ...] | list[str]) -> ctypes.CDLL | None:
+    """Compile (or reuse) the kernels with ``flags`` and load them; None when that fails.
+
+    The codecs use ``FLAGS``; tests also build e.g. ``-mno-avx512f`` to check the portable path.
+    """
+    from sglang_memha.config import cache_dir
+
+    flags = tuple(flags)
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         logger.warning("no C compiler found: KV codecs use the (slower) torch reference on CPU")
         return None
     out_dir = os.path.join(cache_dir(), "kernels")
     os.makedirs(out_dir, exist_ok=True)
-    so = os.path.join(out_dir, f"memha_fp8_quant_{_cpu_key()}.so")
+    so = os.path.join(out_dir, f"memha_fp8_quant_{_cpu_key(flags)}.so")
     if not os.path.exists(so):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
         os.close(fd)
-        r = subprocess.run([cc, *_FLAGS, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, _SRC, "-o", tmp, "-lm"], capture_output=True, text=True)
         if r.returncode != 0:
             os.unlink(tmp)
             logger.warning("building %s failed, using the torch reference: %s", _SRC, r.stderr[-2000:])

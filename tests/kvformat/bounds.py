@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from sglang_memha.kvformat import KVFormat, get_codec
+from sglang_memha.kvformat.fp8 import e8m0_to_f32
 
 
 def max_excess(fmt: KVFormat, x: torch.Tensor, layer_scale: float = 1.0) -> float:
@@ -28,7 +29,11 @@ def max_excess(fmt: KVFormat, x: torch.Tensor, layer_scale: float = 1.0) -> floa
         slack = torch.zeros_like(slack)
     elif fmt in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ):
         # 3 mantissa bits: relative 2^-4 for normals; half the subnormal step below
-        s = scales
+        s = e8m0_to_f32(scales)
+        # the E8M0 scale 2^k is the smallest power of two with amax <= C 2^k (or the clamp floor)
+        c = 448.0 if fmt == KVFormat.FP8_E4M3 else 224.0
+        floor = 2.0**-127 if fmt == KVFormat.FP8_E4M3 else 2.0**-126
+        assert bool((amax <= c * s).all()) and bool(((amax > c * s / 2) | (s == floor)).all())
         sub_half = 2.0**-10 if fmt == KVFormat.FP8_E4M3 else 2.0**-11
         bound = torch.maximum(x32.abs() * 2.0**-4, s * sub_half)
     elif fmt == KVFormat.FP8_E4M3_TENSOR:

@@ -20,9 +20,10 @@ def _hex(t: torch.Tensor | None) -> str:
 def code_tables() -> dict[str, list[list[str]]]:
     formats = [[s.fmt.value, str(s.bits), s.scale_scope, str(s.group_size or "-"), s.scale_dtype,
                 str(s.scale_entry_bytes), str(s.head_dim_multiple), s.dequant] for s in FORMAT_SPECS.values()]
-    bf16_128 = kv_bytes_per_token("bf16", 8, 128)
+    bf16_128, bf16_64 = kv_bytes_per_token("bf16", 8, 128), kv_bytes_per_token("bf16", 3, 64)
     sizes = [[f.value, str(kv_bytes_per_token(f, 3, 64)), str(kv_bytes_per_token(f, 8, 128)),
-              f"{kv_bytes_per_token(f, 8, 128) / bf16_128:.4f}"] for f in KVFormat]
+              f"{kv_bytes_per_token(f, 8, 128) / bf16_128:.4f}", f"{kv_bytes_per_token(f, 3, 64) / bf16_64:.4f}"]
+             for f in KVFormat]
     geometry = []
     for f in KVFormat:
         g = page_geometry(f, 16, 8, 128)

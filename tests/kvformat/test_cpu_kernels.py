@@ -8,13 +8,25 @@ import sys
 import pytest
 import torch
 
-from sglang_memha.kvformat import get_codec
+from sglang_memha.kvformat import cpu_kernels, get_codec
 from sglang_memha.kvformat.cpu_kernels import get_lib
 
 needs_kernel = pytest.mark.skipif(get_lib() is None, reason="no C compiler: torch reference only")
 
 
-_SEEDS = {"randn": 1, "heavy": 2, "wide_range": 3, "edges": 4}
+@pytest.fixture(params=["native", "portable"])
+def kernel_variant(request, monkeypatch):
+    """native: the build the codecs use (-march=native; AVX-512 bf16 path where the CPU has it);
+    portable: the same source without AVX-512, i.e. the plain C path every row falls back to."""
+    if request.param == "portable":
+        lib = cpu_kernels.build(cpu_kernels.FLAGS + ("-mno-avx512f",))
+        if lib is None:
+            pytest.skip("compiler rejects -mno-avx512f")
+        monkeypatch.setattr(cpu_kernels, "_lib", lib)
+    return request.param
+
+
+_SEEDS = {"randn": 1, "heavy": 2, "wide_range": 3, "edges": 4, "scale_boundaries": 5}
 
 
 def _inputs(kind: str, dtype: torch.dtype) -> torch.Tensor:
@@ -29,19 +41,45 @@ def _inputs(kind: str, dtype: torch.dtype) -> torch.Tensor:
         x[1::7] = -0.0
         x[2::9, :, 7] = 3e5          # one outlier per row: most values go subnormal
         x[3::11] = 448.0              # exact max, ties at the top
+    elif kind == "scale_boundaries":  # amax exactly 448 * 2^k / 224 * 2^k, one ulp either side, tiny
+        k = torch.randint(-140, 60, (512, 3, 1), generator=g).float()
+        amax = 448.0 * torch.pow(2.0, k)
+        step = 1 << 16 if dtype == torch.bfloat16 else 1  # one ulp of the input dtype
+        ulp = torch.randint(-1, 2, (512, 3, 1), generator=g).to(torch.int32) * step
+        amax = (amax.view(torch.int32) + ulp).view(torch.float32).clamp(max=2.0**64)
+        x = torch.tanh(x) * amax      # |x| < amax ...
+        x[..., 9] = amax[..., 0]      # ... except one element equal to it
+        x[::13] *= 2.0**-100          # subnormal-fp32 amax rows
+        x[7::13] = 0.0
     return x.to(dtype)
 
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("kind", ["randn", "heavy", "wide_range", "edges"])
-def test_fused_equals_reference(fmt, dtype, kind):
+@pytest.mark.parametrize("kind", ["randn", "heavy", "wide_range", "edges", "scale_boundaries"])
+def test_fused_equals_reference(fmt, dtype, kind, kernel_variant):
     codec = get_codec(fmt)
     x = _inputs(kind, dtype)
     d_ref, s_ref = codec.quantize_reference(x)
     d, s = codec.quantize(x)
     assert torch.equal(d, d_ref) and torch.equal(s, s_ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
+@pytest.mark.parametrize("head_dim", [8, 32, 40, 96, 128, 256])
+def test_fused_equals_reference_other_head_dims(fmt, head_dim, kernel_variant):
+    """Row lengths with and without the AVX-512 path (multiples of 32), over 60 orders of magnitude."""
+    g = torch.Generator().manual_seed(head_dim)
+    x = torch.randn(300, 2, head_dim, generator=g) * torch.logspace(-40, 19, 300)[:, None, None]
+    x = x.clamp(-(2.0**64), 2.0**64)
+    x[::11] = 0.0
+    codec = get_codec(fmt)
+    for dtype in (torch.bfloat16, torch.float32):
+        d_ref, s_ref = codec.quantize_reference(x.to(dtype))
+        d, s = codec.quantize(x.to(dtype))
+        assert torch.equal(d, d_ref) and torch.equal(s, s_ref), dtype
 
 
 @needs_kernel
@@ -64,7 +102,7 @@ def test_quantize_into_preallocated_buffers(fmt):
     codec = get_codec(fmt)
     x = _inputs("heavy", torch.bfloat16)
     data = torch.full((512, 3, 64), 0xAB, dtype=torch.uint8)
-    scale = torch.full((512, 3, 1), -1.0)
+    scale = torch.full((512, 3, 1), 0xCD, dtype=torch.uint8)
     got = codec.quantize(x, out=(data, scale))
     d_ref, s_ref = codec.quantize_reference(x)
     assert got[0] is data and got[1] is scale
@@ -75,19 +113,20 @@ def test_quantize_into_preallocated_buffers(fmt):
 def test_quantize_into_rejects_wrong_buffers():
     x = torch.randn(4, 2, 64)
     with pytest.raises(ValueError, match=r"out=\(\(4, 2, 32\) torch.uint8"):
-        get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 32, dtype=torch.uint8), torch.empty(4, 2, 1)))
+        get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 32, dtype=torch.uint8),
+                                               torch.empty(4, 2, 1, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match=r"\(4, 2, 1\) torch.float32\): expected .* uint8 \(E8M0\)"):
+        get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 64, dtype=torch.uint8), torch.empty(4, 2, 1)))
 
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
 def test_fused_dequant_equals_reference_on_every_code(fmt):
-    """All 256 codes (NaN codes included) times scales from tiny to huge, incl. 0 and bf16 rounding ties."""
+    """All 256 codes (NaN codes included) times all 256 exponent bytes (0: subnormal 2^-127 scale;
+    255: NaN; high bytes overflow bf16 to inf)."""
     codec = get_codec(fmt)
-    codes = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 64).repeat(64, 3, 1)  # [256, 3, 64]
-    g = torch.Generator().manual_seed(1)
-    scale = torch.exp(torch.empty(256, 3, 1).uniform_(-60, 60, generator=g))
-    scale[::17] = 0.0
-    scale[1::19] = 1.0 + 2.0**-8   # products land on bf16 ties
+    codes = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 64).repeat(256, 3, 1)  # [1024, 3, 64]
+    scale = torch.arange(256, dtype=torch.uint8).repeat_interleave(4).reshape(1024, 1, 1).repeat(1, 3, 1)
     got = codec.dequantize(codes, scale, torch.bfloat16)
     ref = codec.dequantize_reference(codes, scale, torch.bfloat16)
     # NaN codes (never written by our encoders) decode to NaN; NaN payload bits are unspecified.

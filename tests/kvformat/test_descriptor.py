@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from sglang_memha.kvformat import Bridge, FormatDescriptor, FormatMismatchError
+from sglang_memha.kvformat import FORMAT_VERSION, Bridge, FormatDescriptor, FormatMismatchError
+from sglang_memha.kvformat.spec import SUPPORTED_VERSIONS
 
 BASE = FormatDescriptor(fmt="fp8_e4m3", page_size=16, num_kv_heads=8, head_dim=128, num_layers=36,
                         model_id="Qwen/Qwen3-8B@cfg:1a2b")
@@ -60,8 +61,24 @@ def test_lossy_direction_is_not_bridged():
 
 def test_unsupported_version_named():
     peer = dataclasses.replace(BASE, version=7)
-    with pytest.raises(FormatMismatchError, match="version: local=1 peer=7"):
+    with pytest.raises(FormatMismatchError, match=f"version: local={FORMAT_VERSION} peer=7"):
         BASE.check_compatible(peer)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz", "bf16", "int4_g64"])
+def test_v1_peer_refused_both_ways(fmt):
+    """v1 fp8_e4m3 scale rows are 4-byte fp32, v2 rows 1-byte E8M0: same name, other bytes. A v1
+    peer is refused for every format (a version names the byte format as a whole)."""
+    assert FORMAT_VERSION == 2 and 1 not in SUPPORTED_VERSIONS
+    local = dataclasses.replace(BASE, fmt=fmt)
+    raw = local.to_bytes()
+    assert b'"version":2' in raw
+    v1 = FormatDescriptor.from_bytes(raw.replace(b'"version":2', b'"version":1'))
+    with pytest.raises(FormatMismatchError, match="version: local=2 peer=1") as ei:
+        local.check_compatible(v1)
+    assert ei.value.mismatches == [("version", 2, 1)]
+    with pytest.raises(FormatMismatchError, match="version: local=1 peer=2"):
+        v1.check_compatible(local)
 
 
 @pytest.mark.parametrize(

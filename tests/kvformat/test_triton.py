@@ -17,12 +17,22 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not ins
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def compare(fmt, head_dim: int, device: str, tokens: int = 6, heads: int = 2, page: int = 4) -> None:
+def compare(fmt, head_dim: int, device: str, tokens: int = 6, heads: int = 2, page: int = 4,
+            dtype: torch.dtype = torch.bfloat16) -> None:
     codec = get_codec(fmt)
     geo = page_geometry(fmt, page, heads, head_dim)
     g = torch.Generator().manual_seed(head_dim)
-    x = (torch.randn(tokens, heads, head_dim, generator=g) * torch.logspace(-3, 2, head_dim)).to(torch.bfloat16)
+    x = torch.randn(tokens, heads, head_dim, generator=g) * torch.logspace(-3, 2, head_dim)
     x[0] = 0
+    # fp8 E8M0 boundaries: amax exactly 448 * 2^-3, one bf16 ulp above it, and a subnormal-fp32 row.
+    # Triton's interpreter flushes bf16 subnormals to zero in conversions (loads of bf16 x, int4's
+    # bf16 scale stores), so on CPU that row is kept only for fp32 x and the non-int4 formats.
+    x[1] = torch.rand(heads, head_dim, generator=g) * 80 - 40
+    x[1, 0, 3], x[1, 1, 3] = 56.0, -56.25
+    x[2, 0] *= 2.0**-140
+    x = x.to(dtype)
+    if device == "cpu" and (dtype == torch.bfloat16 or codec.spec.scale_dtype == "bf16x2"):
+        x[2, 0] = 0
     slots = 4 * page
     pools = [torch.zeros(slots, heads, n, dtype=torch.uint8) for n in (geo.data_bytes_per_head, geo.scale_bytes_per_head)]
     loc = torch.randperm(slots, generator=g)[:tokens]
@@ -46,6 +56,7 @@ for fmt in TRITON_FORMATS:
     for d in (64, 96, 128):
         if d % get_codec(fmt).spec.head_dim_multiple == 0:
             compare(fmt, d, "cpu")
+    compare(fmt, 64, "cpu", dtype=torch.float32)
 print("interpreter ok")
 """.replace("import torch", "import torch\nfrom sglang_memha.kvformat import get_codec")
 
@@ -75,5 +86,6 @@ def test_launchers_check_arguments():
 @needs_triton
 @pytest.mark.parametrize("fmt", TRITON_FORMATS, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_kernels_on_gpu_match_torch_bytes(fmt, head_dim):
-    compare(fmt, head_dim, "cuda", tokens=64, heads=8, page=16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_kernels_on_gpu_match_torch_bytes(fmt, head_dim, dtype):
+    compare(fmt, head_dim, "cuda", tokens=64, heads=8, page=16, dtype=dtype)
