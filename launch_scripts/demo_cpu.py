@@ -1,8 +1,11 @@
 """CPU demo: the tiny model served by prefill + decode (Mooncake over TCP) + the SGLang router.
 
-Prints a few /generate and OpenAI chat answers through the router, shows that the plugin is
-live in both schedulers, then shuts everything down by PID. Model: the tiny random Qwen3
-(built in seconds); pass ``--model smollm2`` for the real SmolLM2-135M (coherent English).
+Both servers keep their KV in ``--kv-format`` (default ``fp8_e4m3``; ``stock`` = SGLang's own
+bf16 pools): the prefill quantizes on write, Mooncake moves the raw quantized rows, the decode
+pool keeps them and attention dequantizes what it reads. Prints a few /generate and OpenAI chat
+answers through the router, the bytes each request moved, the plugin line of both schedulers,
+then shuts everything down by PID. Model: the tiny random Qwen3 (built in seconds); pass
+``--model smollm2`` for the real SmolLM2-135M (coherent English).
 """
 from __future__ import annotations
 
@@ -17,7 +20,10 @@ from sglang_memha.testing.procs import http_json
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a Hugging Face folder")
+    ap.add_argument("--kv-format", default="fp8_e4m3",
+                    help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, ...) or 'stock'")
     args = ap.parse_args()
+    env = {} if args.kv_format == "stock" else {"MEMHA_KV_FORMAT": args.kv_format}
     if args.model == "tiny":
         from sglang_memha.models.tiny_qwen3 import build as get_model
     elif args.model == "smollm2":
@@ -27,7 +33,7 @@ def main() -> None:
     model = get_model()
     t0 = time.time()
     print(f"starting prefill + decode + router for {model} ...", flush=True)
-    with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"]) as c:
+    with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"], env=env) as c:
         print(f"ready in {time.time() - t0:.0f}s: router {c.url}, prefill {c.prefill_url}, "
               f"decode {c.decode_url}, logs in {c.log_dir}\n")
         for prompt in ["The capital of France is", "Once upon a time, there was a little"]:
@@ -38,10 +44,15 @@ def main() -> None:
                                   "max_tokens": 24, "temperature": 0})
         print(f"/v1/chat/completions -> {body['choices'][0]['message']['content']!r}" if status == 200
               else f"error {status}: {body}")
-        for role, log in c.logs().items():
-            m = re.search(r"sglang-memha active in scheduler .*", log)
-            if m:
-                print(f"{role}: {m.group(0)}")
+        time.sleep(0.5)  # the prefill logs a transfer when the room concludes
+        logs = c.logs()
+        for line in re.findall(r"sglang-memha transfer .*", logs["prefill"])[-3:]:
+            print(f"prefill: {line}")
+        for role, log in logs.items():
+            for pattern in (r"sglang-memha KV pool: .*", r"sglang-memha active in scheduler .*"):
+                m = re.search(pattern, log)
+                if m:
+                    print(f"{role}: {m.group(0)}")
     print("stopped every server by PID.")
 
 
