@@ -44,13 +44,22 @@ def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> 
             f"fmt={local.fmt.value}. Start both servers with the same MEMHA_KV_FORMAT")
 
 
+# Bridges the decode applies in place on arrival (``quant_pool.MemhaQuantKVPool.apply_bridge``):
+# only those whose rows have the same size on both sides can land where Mooncake writes them.
+APPLIED_BRIDGES = frozenset({Bridge.FNUZ_TO_FN, Bridge.FN_TO_FNUZ})
+
+
+def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
+    """Decode side, after ``check_prefill_peer`` returned None: the bridges to apply."""
+    return local.check_compatible(FormatDescriptor.from_bytes(kv_layout[len(LAYOUT_PREFIX):].encode()))
+
+
 def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
     try:
         bridges = receiver.check_compatible(sender)
     except FormatMismatchError as e:
         return f"{where}: {e} (local = decode, peer = prefill)"
-    # Only bridges that keep the row size can land in place; none is applied on arrival yet.
-    unsupported = [b.value for b in bridges]
+    unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES]
     if unsupported:
         return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
                 f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "

@@ -6,7 +6,7 @@
 | ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` | AROUND | bytes per token from the format, so the same memory holds ~2x (fp8) to ~3.5x (int4) tokens |
 | ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
-| ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | eager ablation only: dequantize arrived rows into bf16 |
+| ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
@@ -112,14 +112,32 @@ def cell_size(original, self, kvc, num_layers):
 
 def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     """AFTER ``DecodeTransferQueue._commit_transfer_to_req`` (decode scheduler, once per request
-    whose KV arrived): the eager ablation dequantizes the prompt's rows into its bf16 buffers."""
-    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+    whose KV arrived): apply the handshake's bridges (fnuz <-> fn) to the prompt's rows, then,
+    in the eager ablation, dequantize them into the bf16 buffers. A bridge that refuses the
+    bytes (NaN codes) aborts the request with the reason; the caller then frees its pages."""
+    from sglang.srt.disaggregation.utils import prepare_abort
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    pool = queue.scheduler.token_to_kv_pool_allocator.get_kvcache()
+    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
+
     req = decode_req.req
-    if isinstance(pool, MemhaEagerKVPool) and req.kv.req_pool_idx is not None:
-        slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)]
-        pool.land(slots.long())
+    pool = queue.scheduler.token_to_kv_pool_allocator.get_kvcache()
+    mgr = queue.scheduler.disagg_decode_prealloc_queue.kv_manager
+    bridges = getattr(mgr, "memha_bridges", {}).pop(req.bootstrap_room, [])
+    if (isinstance(req.finished_reason, FINISH_ABORT) or not isinstance(pool, MemhaQuantKVPool)
+            or req.kv.req_pool_idx is None):
+        return result
+    slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
+    try:
+        for bridge in bridges:
+            pool.apply_bridge(slots, bridge)
+    except ValueError as e:
+        logger.error("sglang-memha: room %s: bridge failed: %s", req.bootstrap_room, e)
+        prepare_abort(req, f"sglang-memha: KV bridge {bridges} refused the prefill's bytes: {e}",
+                      status_code=500)
+        return result
+    if isinstance(pool, MemhaEagerKVPool):
+        pool.land(slots)
     return result
 
 
@@ -136,6 +154,5 @@ def register_metrics() -> None:
 def register_kv_format() -> None:
     HookRegistry.register(f"{_CONFIGURATOR}._resolve_kv_pool_class", resolve_pool_class, HookType.AROUND)
     HookRegistry.register(f"{_POOL_CONFIGURATOR}._compute_cell_size", cell_size, HookType.AROUND)
-    if load_config().decode_dequant == "eager":
-        HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
-                              land_on_arrival, HookType.AFTER)
+    HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
+                          land_on_arrival, HookType.AFTER)

@@ -70,6 +70,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
         self._memha_lock = threading.Lock()
         self._memha_rooms: dict[int, _RoomStats] = {}
         self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
+        self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
         if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
             # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
             args.kv_layout = handshake.encode_layout(self.memha_desc)
@@ -160,6 +161,9 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
         reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
                                               peer=self.bootstrap_addr)
         if reason is None:
+            bridges = handshake.bridges_for(local, info.kv_layout)
+            if bridges:
+                self.kv_mgr.memha_bridges[self.bootstrap_room] = bridges
             return
         logger.error("sglang-memha: room %s: %s", self.bootstrap_room, reason)
         self.kv_mgr.record_failure(self.bootstrap_room, reason)
@@ -167,6 +171,13 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
         self.conclude_state = KVPoll.Failed
         # Tell the prefill ranks, which would otherwise wait for this request's metadata.
         self.ensure_abort_notified()
+
+    def failure_exception(self):
+        """A failed room never reaches the arrival hook: drop its bridges here (SGLang calls
+        this on every failure path, then raises the reason to the scheduler)."""
+        if isinstance(self.kv_mgr, MemhaKVManager):
+            self.kv_mgr.memha_bridges.pop(self.bootstrap_room, None)
+        return super().failure_exception()
 
 
 def attach_memha_frame(original, cls, msg):

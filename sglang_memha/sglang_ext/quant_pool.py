@@ -189,6 +189,22 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             return unrotate(x).to(self.dtype)
         return self.codec.dequantize(data.contiguous(), scales, self.dtype)
 
+    def apply_bridge(self, slots: torch.Tensor, bridge) -> None:
+        """Convert arrived rows ``slots`` of every layer in place (fnuz <-> fn; same row size).
+        Raises ValueError (NaN codes) before writing anything, so a refused request keeps no
+        half-converted rows."""
+        from sglang_memha.kvformat import Bridge
+        from sglang_memha.kvformat.fp8 import fn_to_fnuz, fnuz_to_fn
+
+        fn = {Bridge.FNUZ_TO_FN: fnuz_to_fn, Bridge.FN_TO_FNUZ: fn_to_fnuz}[bridge]
+        converted = []
+        for buf in (*self.k_buffer, *self.v_buffer):
+            data, scales = self.layout.split(buf[slots])
+            new_data, new_scales = fn(data.contiguous(), scales.contiguous())
+            converted.append(torch.cat([new_data, new_scales], dim=-1))
+        for buf, rows in zip((*self.k_buffer, *self.v_buffer), converted):
+            buf[slots] = rows
+
     def _get_key_buffer(self, layer_id: int):
         return QuantKVView(self, self.k_buffer[layer_id - self.start_layer], True)
 

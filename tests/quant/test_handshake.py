@@ -57,10 +57,14 @@ def test_malformed_descriptor_is_a_message_not_a_crash(raw):
     assert "malformed" in hs.check_prefill_peer(desc(), layout, "p")
 
 
-def test_bridgeable_formats_are_refused_until_bridges_land():
-    # fnuz -> fn is bridgeable in kvformat, but the transfer path writes rows in place and
-    # applies no bridge yet: refuse clearly rather than decode fnuz bytes as fn.
-    r = hs.check_prefill_peer(desc(fmt=KVFormat.FP8_E4M3), hs.encode_layout(desc(fmt="fp8_e4m3fnuz")), "p")
-    assert r is not None and "fnuz_to_fn" in r
+def test_fnuz_fn_bridge_accepted_other_bridges_refused():
+    # fnuz <-> fn keeps the row size: the decode converts the arrived rows in place.
+    fn, fnuz = desc(fmt=KVFormat.FP8_E4M3), desc(fmt="fp8_e4m3fnuz")
+    assert hs.check_prefill_peer(fn, hs.encode_layout(fnuz), "p") is None
+    assert hs.bridges_for(fn, hs.encode_layout(fnuz)) == [hs.Bridge.FNUZ_TO_FN]
+    assert hs.check_decode_peer(fnuz, hs.encode_frame(fn), "d") is None  # prefill's view of it
+    # Different row sizes (per-layer -> per-token scale) or page sizes cannot land in place.
+    r = hs.check_prefill_peer(fn, hs.encode_layout(desc(fmt="fp8_e4m3_tensor")), "p")
+    assert r is not None and "layer_to_token_scale" in r
     r = hs.check_prefill_peer(desc(page_size=16), hs.encode_layout(desc(page_size=32)), "p")
     assert r is not None and "repage" in r

@@ -94,3 +94,16 @@ def test_eager_dequant_ablation(fmt, tiny_model, reference, tmp_path):
         for k in prompts:
             assert outs["eager"][k][:4] == outs["deferred"][k][:4], k
     assert descendants() == []
+
+
+def test_fnuz_prefill_feeds_fn_decode(tiny_model, tmp_path):
+    """An AMD-style prefill (fp8_e4m3fnuz) feeding an NVIDIA-style decode (fp8_e4m3): the decode
+    bridges the arrived rows in place, and the tokens equal an all-fn deployment's."""
+    outs = {}
+    for pf in ("fp8_e4m3", "fp8_e4m3fnuz"):
+        with PDCluster(tiny_model, PAGE, PAGE, prefill_env={"MEMHA_KV_FORMAT": pf},
+                       decode_env={"MEMHA_KV_FORMAT": "fp8_e4m3"}, log_dir=str(tmp_path / pf)) as c:
+            outs[pf] = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
+                        for k, v in _prompts().items()}
+    assert outs["fp8_e4m3fnuz"] == outs["fp8_e4m3"]
+    assert descendants() == []

@@ -122,3 +122,32 @@ def test_eager_pool_lands_arrived_rows_as_bf16():
     assert torch.equal(pool.get_key_buffer(0)[torch.tensor([50])], new.view(1, H, D))
     # Memory per token: the landing rows plus bf16 rows (more than stock: an ablation only).
     assert pool.bytes_per_token() == deferred.bytes_per_token() + 2 * L * H * D * 2
+
+
+def test_fnuz_rows_bridged_in_place_equal_fn_rows():
+    """Our fnuz encoder writes fn's codes with exponent + 1, so bridged rows are byte-identical
+    to what a fn prefill would have sent."""
+    from sglang_memha.kvformat import Bridge
+
+    fn, fnuz = make_pool("fp8_e4m3"), make_pool("fp8_e4m3fnuz")
+    loc = torch.arange(16, 48)
+    for layer in range(L):
+        k, v = torch.randn(32, H * D).bfloat16() * 5, torch.randn(32, H * D).bfloat16()
+        fn.set_kv_buffer(_Layer(layer), loc, k, v)
+        fnuz.set_kv_buffer(_Layer(layer), loc, k, v)
+    fnuz.apply_bridge(loc, Bridge.FNUZ_TO_FN)
+    for a, b in zip((*fn.k_buffer, *fn.v_buffer), (*fnuz.k_buffer, *fnuz.v_buffer)):
+        assert torch.equal(a, b)
+
+
+def test_bridge_refusal_writes_nothing():
+    from sglang_memha.kvformat import Bridge
+
+    pool = make_pool("fp8_e4m3fnuz")
+    loc = torch.arange(16, 20)
+    pool.set_kv_buffer(_Layer(0), loc, torch.randn(4, H * D).bfloat16(), torch.randn(4, H * D).bfloat16())
+    pool.v_buffer[L - 1][loc[0], 0, 0] = 0x80  # fnuz NaN code in the last buffer converted
+    before = [b.clone() for b in (*pool.k_buffer, *pool.v_buffer)]
+    with pytest.raises(ValueError, match="NaN"):
+        pool.apply_bridge(loc, Bridge.FNUZ_TO_FN)
+    assert all(torch.equal(a, b) for a, b in zip(before, (*pool.k_buffer, *pool.v_buffer)))
