@@ -25,17 +25,16 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import time
 
 from sglang_memha.kvformat import kv_bytes_per_token
 from sglang_memha.models.smollm2 import ensure_smollm2
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.procs import http_json
+from sglang_memha.testing.transfer_log import transfer_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "eval", "results", "quant_pd.json")
-TRANSFER = re.compile(r"sglang-memha transfer room=\d+ fmt=(\S+) pages=(\d+) kv_bytes=(\d+) total_bytes=(\d+)")
 H, D, L = 3, 64, 30  # SmolLM2-135M
 
 
@@ -46,17 +45,17 @@ def run_config(model: str, fmt: str | None, prompts: list[list[int]], mem_fracti
     common = ["--page-size", "16", "--mem-fraction-static", str(mem_fraction)]  # same for all configs
     with PDCluster(model, common, common, env=env, decode_env=decode_env, max_total_tokens=None,
                    log_dir=log_dir) as c:
-        before = len(TRANSFER.findall(c.logs()["prefill"]))
+        before = len(transfer_rows(c.logs()["prefill"]))
         for ids in prompts:
             status, body = c.generate(input_ids=ids, max_new_tokens=1)
             assert status == 200, body
         time.sleep(0.5)  # the prefill logs the transfer line when the room concludes
-        rows = TRANSFER.findall(c.logs()["prefill"])[before:]
+        rows = transfer_rows(c.logs()["prefill"])[before:]
         status, loads = http_json(f"{c.decode_url}/v1/loads", timeout=30)
         assert status == 200, loads
     assert len(rows) == len(prompts), f"expected {len(prompts)} transfer lines, got {len(rows)}"
-    return {"fmt": fmt or "stock", "kv_bytes": sum(int(r[2]) for r in rows),
-            "total_bytes": sum(int(r[3]) for r in rows), "pages": sum(int(r[1]) for r in rows),
+    return {"fmt": fmt or "stock", "kv_bytes": sum(r.kv_bytes for r in rows),
+            "total_bytes": sum(r.total_bytes for r in rows), "pages": sum(r.pages for r in rows),
             "decode_max_total_num_tokens": loads["loads"][0]["max_total_num_tokens"],
             "decode_kv_cache_gb": loads["loads"][0]["memory"]["kv_cache_gb"],
             "decode_tokens_per_gib": round(loads["loads"][0]["memory"]["token_capacity"]

@@ -8,9 +8,11 @@
 | ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
+| ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
+| ``MEMHA_PIPELINE_MIN_TOKENS`` | ``1024``          | prompts shorter than this are sent whole after the forward (per-layer sends cost more than they hide there) |
 
-Servers take the same settings as launch flags (``--memha-kv-format`` etc., see
-``sglang_ext.cli``), which export these variables before SGLang spawns its schedulers.
+The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
+launcher's environment), so setting them on the launch command is enough.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class MemhaConfig:
     kv_format: str | None = None  # None: the quantized-KV path is off (stock SGLang pools)
     k_transform: str = "none"
     decode_dequant: str = "deferred"
+    pipeline: bool = False
+    pipeline_min_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
@@ -46,6 +50,12 @@ class MemhaConfig:
         if self.decode_dequant not in DECODE_DEQUANT_VALUES:
             raise ValueError(
                 f"MEMHA_DECODE_DEQUANT={self.decode_dequant!r}: expected one of {DECODE_DEQUANT_VALUES}")
+        if self.pipeline and self.kv_format is None:
+            raise ValueError("MEMHA_PIPELINE=1 needs MEMHA_KV_FORMAT (the per-layer signal comes from "
+                             "the plugin's KV pool): set MEMHA_KV_FORMAT=bf16 for an unquantized "
+                             "pipelined pool, or fp8_e4m3 etc. on both servers")
+        if self.pipeline_min_tokens < 0:
+            raise ValueError(f"MEMHA_PIPELINE_MIN_TOKENS={self.pipeline_min_tokens}: expected >= 0")
 
     @property
     def cpu_compat_enabled(self) -> bool:
@@ -67,7 +77,19 @@ def load_config() -> MemhaConfig:
         kv_format=os.environ.get("MEMHA_KV_FORMAT") or None,
         k_transform=os.environ.get("MEMHA_K_TRANSFORM") or "none",
         decode_dequant=os.environ.get("MEMHA_DECODE_DEQUANT") or "deferred",
+        pipeline=_flag("MEMHA_PIPELINE", False),
+        pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 1024),
     )
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer number of tokens") from None
 
 
 def _flag(name: str, default: bool) -> bool:

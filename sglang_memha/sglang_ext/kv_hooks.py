@@ -7,6 +7,7 @@
 | ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
+| ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward (``pipeline``) |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
@@ -156,3 +157,8 @@ def register_kv_format() -> None:
     HookRegistry.register(f"{_POOL_CONFIGURATOR}._compute_cell_size", cell_size, HookType.AROUND)
     HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
                           land_on_arrival, HookType.AFTER)
+    if load_config().pipeline:
+        from sglang_memha.sglang_ext.pipeline import around_run_batch
+
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch", around_run_batch,
+                              HookType.AROUND)

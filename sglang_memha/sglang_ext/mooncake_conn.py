@@ -30,11 +30,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.mooncake import conn as mc
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
+from sglang_memha.config import load_config
 from sglang_memha.sglang_ext import handshake, state
+from sglang_memha.sglang_ext.pipeline import LayerPipeline
 
 logger = logging.getLogger("sglang_memha")
 
@@ -46,6 +50,7 @@ class _RoomStats:
     kv_bytes: int = 0
     other_bytes: int = 0
     pages: int = 0
+    pipelined_pages: int = 0
     failed_calls: int = 0
 
 
@@ -75,6 +80,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
             # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
             args.kv_layout = handshake.encode_layout(self.memha_desc)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        self.memha_pipeline = None
+        cfg = load_config()
+        if cfg.pipeline and self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            self.memha_pipeline = LayerPipeline(self, cfg.pipeline_min_tokens)
 
     # ---- handshake -------------------------------------------------------------------------
     def build_receiver_registration_message(self):
@@ -108,15 +117,30 @@ class MemhaKVManager(mc.MooncakeKVManager):
         with self._memha_lock:
             return self._memha_rooms.setdefault(room, _RoomStats())
 
-    def send_kvcache(self, mooncake_session_id, prefill_kv_indices, *args, **kwargs):
+    def send_kvcache(self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
+                     *args, **kwargs):
+        """Transfer worker, once per chunk and decode session. With the pipeline on, pages a
+        per-layer plan already shipped are waited for and left out (``LayerPipeline.claim``)."""
         stats = self._room_stats()
         if stats is not None:
             stats.pages += len(prefill_kv_indices)
+        room = getattr(self._memha_tls, "room", None)
+        if self.memha_pipeline is not None and room is not None:
+            prefill_kv_indices, dst_kv_indices, status = self.memha_pipeline.claim(
+                room, mooncake_session_id, np.asarray(prefill_kv_indices), np.asarray(dst_kv_indices))
+            if status != 0 or len(prefill_kv_indices) == 0:
+                return status
         self._memha_tls.phase = "kv"
         try:
-            return super().send_kvcache(mooncake_session_id, prefill_kv_indices, *args, **kwargs)
+            return super().send_kvcache(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                        dst_kv_indices, *args, **kwargs)
         finally:
             self._memha_tls.phase = None
+
+    def memha_note_pipelined(self, room: int, pages: int) -> None:
+        """Pipeline sender thread: ``pages`` (x sessions) of ``room`` went out layer by layer."""
+        with self._memha_lock:
+            self._memha_rooms.setdefault(room, _RoomStats()).pipelined_pages += pages
 
     def _transfer_data(self, mooncake_session_id, transfer_blocks):
         ret = super()._transfer_data(mooncake_session_id, transfer_blocks)
@@ -137,15 +161,18 @@ class MemhaKVManager(mc.MooncakeKVManager):
         emitted = super().conclude_transfer(bootstrap_room=bootstrap_room, status=status,
                                             targets=targets, failure_reason=failure_reason)
         if emitted in (KVPoll.Success, KVPoll.Failed):
+            if self.memha_pipeline is not None:
+                self.memha_pipeline.forget(bootstrap_room)
             with self._memha_lock:
                 stats = self._memha_rooms.pop(bootstrap_room, None)
             if stats is not None:
                 fmt = self.memha_desc.fmt.value if self.memha_desc is not None else "stock"
                 ms = max(stats.ended - stats.started, 0.0) * 1e3
                 logger.warning(
-                    "sglang-memha transfer room=%s fmt=%s pages=%d kv_bytes=%d total_bytes=%d "
-                    "transfer_ms=%.2f status=%s", bootstrap_room, fmt, stats.pages, stats.kv_bytes,
-                    stats.kv_bytes + stats.other_bytes, ms, "ok" if emitted == KVPoll.Success else "failed")
+                    "sglang-memha transfer room=%s fmt=%s pages=%d pipelined_pages=%d kv_bytes=%d "
+                    "total_bytes=%d transfer_ms=%.2f status=%s", bootstrap_room, fmt, stats.pages,
+                    stats.pipelined_pages, stats.kv_bytes, stats.kv_bytes + stats.other_bytes, ms,
+                    "ok" if emitted == KVPoll.Success else "failed")
         return emitted
 
 

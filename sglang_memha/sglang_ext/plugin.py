@@ -29,7 +29,8 @@ def _log_scheduler_active(result, scheduler, *args, **kwargs):
     # WARNING level so the line is in the log whatever --log-level the operator chose.
     cfg = load_config()
     logger.warning("sglang-memha active in scheduler pid=%d disaggregation_mode=%s cpu_compat=%s "
-                   "kv_format=%s", os.getpid(), mode, cfg.cpu_compat_enabled, cfg.kv_format or "stock")
+                   "kv_format=%s pipeline=%s", os.getpid(), mode, cfg.cpu_compat_enabled,
+                   cfg.kv_format or "stock", f"min_tokens={cfg.pipeline_min_tokens}" if cfg.pipeline else "off")
     return result
 
 

@@ -97,6 +97,10 @@ class MemhaQuantKVPool(MHATokenToKVPool):
     memha_k_transform: str = "none"
     memha_model_id: str = "unknown"
 
+    # Set by ``pipeline.around_run_batch`` for one forward: called with the pool-local layer
+    # index once that layer's rows are written (CPU: synchronous writes, so no event needed).
+    memha_layer_listener = None
+
     @classmethod
     def configured(cls, fmt: KVFormat | str, k_transform: str = "none",
                    model_id: str = "unknown") -> type[MemhaQuantKVPool]:
@@ -168,6 +172,8 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             k = apply_k_transform(self.memha_k_transform, k)
         self._write(k, loc, self.k_buffer[idx])
         self._write(v, loc, self.v_buffer[idx])
+        if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
+            self.memha_layer_listener(idx)
 
     def _write(self, x: torch.Tensor, loc: torch.Tensor, buf: torch.Tensor) -> None:
         data_view, scale_view = self.layout.split(buf)

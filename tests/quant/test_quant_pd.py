@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
-import re
 
 import pytest
 
 from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
 from sglang_memha.testing import PDCluster, SingleServer
+from sglang_memha.testing.transfer_log import transfer_rows
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.cluster
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.cluster
 PAGE = ["--page-size", "16"]
 MAX_NEW = 16
 H, D, L = 2, 64, 2  # tiny_qwen3 geometry
-TRANSFER = re.compile(r"sglang-memha transfer room=(\d+) fmt=(\S+) pages=(\d+) kv_bytes=(\d+) "
-                      r"total_bytes=(\d+) transfer_ms=\S+ status=(\w+)")
+
 
 
 def _prompts() -> dict[str, list[int]]:
@@ -63,15 +62,15 @@ def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
         assert got == reference
     for side in ("prefill", "decode"):
         assert f"sglang-memha KV pool: format={fmt} " in logs[side]
-    rows = TRANSFER.findall(logs["prefill"])
+    rows = transfer_rows(logs["prefill"])
     assert len(rows) >= 3 + 8
     per_page = 16 * L * kv_bytes_per_token(fmt, H, D)
-    for room, f, pages, kv_bytes, total, status in rows:
-        assert (f, status) == (fmt, "ok")
-        assert int(kv_bytes) == int(pages) * per_page, (room, pages, kv_bytes)
-        assert int(total) > int(kv_bytes)  # + the aux metadata row
+    for r in rows:
+        assert (r.fmt, r.status, r.pipelined_pages) == (fmt, "ok", 0)
+        assert r.kv_bytes == r.pages * per_page, r
+        assert r.total_bytes > r.kv_bytes  # + the aux metadata row
     # The 600-token prompt moved 38 pages (600 / 16 rounded up).
-    assert any(int(p) == 38 for _, _, p, *_ in rows)
+    assert any(r.pages == 38 for r in rows)
     assert descendants() == []
 
 

@@ -1,0 +1,296 @@
+"""Compute-transfer pipeline (``MEMHA_PIPELINE=1``, prefill server): ship each layer's KV
+while later layers still compute.
+
+Data flow in one prefill scheduler process::
+
+  Scheduler.run_batch  (AROUND ``around_run_batch``, scheduler thread)
+    plan_batch(): for each request of the extend batch whose decode destination is known,
+      the pages this forward writes and, per decode session, the decode pages they land on;
+      each (room, page) is entered in the manager's pipelined registry
+    pool.memha_layer_listener = plan.layer_written
+      model forward: pool.set_kv_buffer(layer L) -> plan.layer_written(L) -> sender queue
+    after the forward: sender queue <- close(plan)
+
+  LayerPipelineSender thread (one per Mooncake manager)
+    layer L: per request and decode session, the K and V rows of layer L merged into
+      contiguous runs, one Mooncake ``batch_transfer_sync`` (through
+      ``MooncakeKVManager._transfer_data``; it releases the GIL, so layer L+1 computes meanwhile)
+    close: each request plan is done: complete (every layer sent), incomplete, or failed
+
+  MooncakeKVManager.send_kvcache  (SGLang's normal send after the forward, transfer worker)
+    ``LayerPipeline.claim``: pages a plan shipped to the same destination are waited for and
+      dropped from the stock send; pages of an incomplete plan, and every page no plan covers
+      (radix-cache prefix, late destination, short prompt) go the stock way; a failed plan
+      fails the chunk (SGLang's ``conclude_failure`` -> ``KVPoll.Failed``, pages freed both sides)
+
+So completion stays SGLang's: the aux metadata and ``Success`` go out after the last chunk's
+send, i.e. only after every layer of every chunk landed. On CPU a layer's writes are finished
+when ``set_kv_buffer`` returns; a GPU build would record a CUDA event there instead (not built).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
+
+logger = logging.getLogger("sglang_memha")
+
+CLAIM_TIMEOUT_S = 300.0  # a plan not closed by then means the forward died: fail the chunk
+_ACTIVE = (KVPoll.WaitingForInput, KVPoll.Transferring)
+
+
+@dataclass
+class _SessionRuns:
+    """Where one request's pages of this forward go on one decode session.
+
+    ``runs``: [n, 3] int64 rows (first src page, first dst page, pages), contiguous on both sides.
+    ``src_k/src_v/dst_k/dst_v``: per-layer base pointers; ``k_len/v_len``: bytes per page and layer.
+    """
+    session: str
+    runs: np.ndarray
+    src_k: list[int]
+    src_v: list[int]
+    dst_k: list[int]
+    dst_v: list[int]
+    k_len: list[int]
+    v_len: list[int]
+
+    def layer_blocks(self, layer: int) -> list[tuple[int, int, int]]:
+        """Mooncake blocks (src addr, dst addr, bytes) of layer ``layer``'s K and V rows."""
+        out = []
+        for base_s, base_d, item in ((self.src_k[layer], self.dst_k[layer], self.k_len[layer]),
+                                     (self.src_v[layer], self.dst_v[layer], self.v_len[layer])):
+            for s, d, n in self.runs:
+                out.append((base_s + int(s) * item, base_d + int(d) * item, int(n) * item))
+        return out
+
+
+@dataclass
+class RequestPlan:
+    """One request's share of one forward. ``done`` is set by the sender thread at close."""
+    room: int
+    pages: int
+    sessions: list[_SessionRuns]
+    num_layers: int
+    layers_sent: set = field(default_factory=set)
+    failure: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def complete(self) -> bool:
+        return self.failure is None and len(self.layers_sent) == self.num_layers
+
+
+@dataclass
+class BatchPlan:
+    reqs: list[RequestPlan]
+    sender: "LayerPipeline"
+    closed_at: float = 0.0
+
+    def layer_written(self, layer: int) -> None:
+        """Called by ``MemhaQuantKVPool.set_kv_buffer`` (scheduler thread, once per layer per
+        forward) after layer ``layer``'s rows are written; never blocks."""
+        self.sender.queue.put(("layer", self, layer))
+
+
+@dataclass
+class _PageEntry:
+    plan: RequestPlan
+    dst: dict  # session -> dst page, removed as each session's stock send claims it
+
+
+class LayerPipeline:
+    """Per-layer sender and pipelined-page registry of one ``MemhaKVManager`` (prefill)."""
+
+    def __init__(self, mgr, min_tokens: int):
+        self.mgr = mgr
+        self.min_tokens = min_tokens
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._registry: dict[int, dict[int, _PageEntry]] = {}
+        self._thread = threading.Thread(target=self._run, name="memha-layer-pipeline", daemon=True)
+        self._thread.start()
+
+    # ---- scheduler thread: plan ------------------------------------------------------------
+    def plan_batch(self, batch, req_to_token, page_size: int) -> BatchPlan | None:
+        """Plan one extend forward (scheduler thread, before the forward). Requests not eligible
+        are left out and sent whole after the forward by SGLang's path."""
+        prefix_lens, extend_lens = batch.prefix_lens, batch.extend_lens
+        reqs = []
+        for i, req in enumerate(batch.reqs):
+            plan = self._plan_request(req, int(prefix_lens[i]), int(extend_lens[i]),
+                                      req_to_token, page_size)
+            if plan is not None:
+                reqs.append(plan)
+        if not reqs:
+            return None
+        return BatchPlan(reqs=reqs, sender=self)
+
+    def _plan_request(self, req, prefix_len, extend_len, req_to_token, page_size):
+        mgr = self.mgr
+        room = getattr(req, "bootstrap_room", None)
+        if (room is None or getattr(req, "disagg_kv_sender", None) is None
+                or getattr(req, "pending_bootstrap", False) or extend_len <= 0
+                or len(req.origin_input_ids) < self.min_tokens):
+            return None
+        if room not in mgr.request_status or mgr.check_status(room) not in _ACTIVE:
+            return None
+        infos = mgr.transfer_infos.get(room)
+        if not infos:
+            return None  # destination not known yet: whole-request send after the forward
+        base = int(getattr(req, "disagg_decode_prefix_len", 0) or 0)
+        if base % page_size:
+            return None
+        first = max(prefix_len, base) // page_size
+        last = (prefix_len + extend_len - 1) // page_size
+        if last < first:
+            return None
+        page_pos = np.arange(first, last + 1, dtype=np.int64)
+        row = req_to_token[req.kv.req_pool_idx]
+        src_pages = (row[page_pos * page_size].to("cpu").numpy().astype(np.int64)) // page_size
+        dst_idx = page_pos - base // page_size
+        sessions, dst_by_session = [], {}
+        for session, info in list(infos.items()):
+            reg = mgr.decode_kv_args_table.get(session)
+            if (info.is_dummy or reg is None or info.required_dst_info_num != len(infos)
+                    or info.dst_device_kv_indices is not None
+                    or getattr(reg, "requires_dcp_relayout", False)
+                    or reg.dst_attn_tp_size != mgr.attn_tp_size
+                    or session in mgr.failed_sessions
+                    or dst_idx[-1] >= len(info.dst_kv_indices)):
+                return None  # a layout the stock path handles specially: leave it to SGLang
+            dst_pages = np.asarray(info.dst_kv_indices, dtype=np.int64)[dst_idx]
+            dst_by_session[session] = dst_pages.tolist()
+            src_groups, dst_groups = group_concurrent_contiguous(src_pages, dst_pages)
+            runs = np.array([(s[0], d[0], len(s)) for s, d in zip(src_groups, dst_groups)],
+                            dtype=np.int64).reshape(-1, 3)
+            src_k, src_v, dst_k, dst_v, layers = mgr.get_mha_kv_ptrs_with_pp(
+                mgr.kv_args.kv_data_ptrs, reg.dst_kv_ptrs)
+            lens = mgr.kv_args.kv_item_lens
+            sessions.append(_SessionRuns(session, runs, src_k, src_v, dst_k, dst_v,
+                                         list(lens[:layers]), list(lens[layers:2 * layers])))
+        plan = RequestPlan(room=room, pages=len(src_pages), sessions=sessions,
+                           num_layers=len(sessions[0].src_k))
+        with self._lock:
+            entries = self._registry.setdefault(room, {})
+            for i, p in enumerate(src_pages.tolist()):
+                # A page written again by a later chunk (the partial last page) is re-planned;
+                # the newer plan supersedes the older one.
+                entries[p] = _PageEntry(plan, {s: d[i] for s, d in dst_by_session.items()})
+        return plan
+
+    def close(self, plan: BatchPlan) -> None:
+        """Scheduler thread, after the forward (also when it raised): the sender thread settles
+        each request plan once the layers queued before this call have been sent."""
+        plan.closed_at = time.perf_counter()
+        self.queue.put(("close", plan, None))
+
+    # ---- sender thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            kind, plan, layer = self.queue.get()
+            try:
+                if kind == "layer":
+                    for rp in plan.reqs:
+                        self._send_layer(rp, layer)
+                else:
+                    for rp in plan.reqs:
+                        rp.done.set()
+            except Exception as e:  # never let the thread die: fail the plans it was serving
+                logger.exception("sglang-memha pipeline: %s", e)
+                for rp in plan.reqs:
+                    rp.failure = rp.failure or f"pipeline sender error: {e}"
+                    if kind == "close":
+                        rp.done.set()
+
+    def _send_layer(self, rp: RequestPlan, layer: int) -> None:
+        mgr = self.mgr
+        if rp.failure is not None or layer in rp.layers_sent:
+            return
+        if rp.room not in mgr.request_status or mgr.check_status(rp.room) == KVPoll.Failed:
+            rp.failure = "request failed or aborted while its layers were in flight"
+            return
+        tls = mgr._memha_tls
+        tls.room, tls.phase = rp.room, "kv"  # measured bytes land in this room's stats
+        try:
+            for s in rp.sessions:
+                if mgr._transfer_data(s.session, s.layer_blocks(layer)) != 0:
+                    rp.failure = f"layer {layer} transfer to {s.session} failed"
+                    logger.error("sglang-memha pipeline: room %s: %s", rp.room, rp.failure)
+                    return
+        finally:
+            tls.room = tls.phase = None
+        rp.layers_sent.add(layer)
+        if len(rp.layers_sent) == rp.num_layers:
+            mgr.memha_note_pipelined(rp.room, rp.pages * len(rp.sessions))
+
+    # ---- transfer worker: claim --------------------------------------------------------
+    def claim(self, room: int, session: str, src: np.ndarray, dst: np.ndarray):
+        """Called by ``MemhaKVManager.send_kvcache`` (SGLang transfer worker, blocking until
+        the plans covering this chunk are closed). Returns ``(src_rest, dst_rest, status)``:
+        the pages still to send the stock way, and -1 if a plan covering a page failed."""
+        with self._lock:
+            entries = self._registry.get(room)
+            if not entries:
+                return src, dst, 0
+            covered = np.zeros(len(src), dtype=bool)
+            plans: dict[int, tuple[RequestPlan, list[int]]] = {}
+            for i, (p, d) in enumerate(zip(src.tolist(), dst.tolist())):
+                e = entries.get(int(p))
+                if e is None or e.dst.get(session) != int(d):
+                    continue
+                del e.dst[session]
+                if not e.dst:
+                    del entries[int(p)]
+                covered[i] = True
+                plans.setdefault(id(e.plan), (e.plan, []))[1].append(i)
+        for plan, idx in plans.values():
+            if not plan.done.wait(CLAIM_TIMEOUT_S):
+                logger.error("sglang-memha pipeline: room %s: forward not closed after %.0f s",
+                             room, CLAIM_TIMEOUT_S)
+                return src, dst, -1
+            if plan.failure is not None:
+                logger.error("sglang-memha pipeline: room %s failed: %s", room, plan.failure)
+                return src, dst, -1
+            if not plan.complete:
+                covered[idx] = False  # some layers never signalled: send these pages stock
+        rest = ~covered
+        return src[rest], dst[rest], 0
+
+    def forget(self, room: int) -> None:
+        """The room concluded (success or failure): drop what is left of its registry."""
+        with self._lock:
+            self._registry.pop(room, None)
+
+
+def around_run_batch(original, scheduler, batch, *args, **kwargs):
+    """AROUND ``Scheduler.run_batch`` (prefill scheduler thread): attach a per-layer plan to
+    the KV pool for the duration of an extend forward; no plan, no change."""
+    plan = None
+    pool = None
+    if batch is not None and batch.forward_mode.is_extend():
+        try:
+            queue_ = getattr(scheduler, "disagg_prefill_bootstrap_queue", None)  # prefill only
+            pipe = getattr(getattr(queue_, "kv_manager", None), "memha_pipeline", None)
+            if pipe is not None:
+                pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
+                plan = pipe.plan_batch(batch, scheduler.req_to_token_pool.req_to_token,
+                                       scheduler.token_to_kv_pool_allocator.page_size)
+        except Exception as e:  # planning is an optimization: never fail the forward for it
+            logger.exception("sglang-memha pipeline: planning failed, sending whole requests: %s", e)
+            plan = None
+    if plan is None:
+        return original(scheduler, batch, *args, **kwargs)
+    pool.memha_layer_listener = plan.layer_written
+    try:
+        return original(scheduler, batch, *args, **kwargs)
+    finally:
+        pool.memha_layer_listener = None
+        plan.sender.close(plan)
