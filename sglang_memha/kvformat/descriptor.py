@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from sglang_memha.kvformat.spec import FORMAT_VERSION, SUPPORTED_VERSIONS, KVFormat, format_spec
 from sglang_memha.kvformat.transforms import K_TRANSFORMS
@@ -72,6 +72,8 @@ class FormatDescriptor:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"FormatDescriptor.{name}={v!r}: expected a positive int")
+        if isinstance(self.head_dim, bool):  # check_head_dim takes True for an int 1
+            raise ValueError(f"FormatDescriptor.head_dim={self.head_dim!r}: expected a positive int")
         format_spec(self.fmt).check_head_dim(self.head_dim)
         if not isinstance(self.model_id, str) or not self.model_id:
             raise ValueError(f"FormatDescriptor.model_id={self.model_id!r}: expected a non-empty str")
@@ -87,10 +89,19 @@ class FormatDescriptor:
 
     @classmethod
     def from_dict(cls, d: dict) -> FormatDescriptor:
+        """Parse a peer's ``to_dict()``. Any malformed input (not a dict, unknown or missing
+        fields, a wrong type or value) raises ``ValueError`` naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"FormatDescriptor must be a dict (JSON object) of its fields, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted((k for k in d if k not in names), key=repr)
         if unknown:
             raise ValueError(f"FormatDescriptor fields {unknown} are unknown; expected a subset of {sorted(names)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(d))
+        if missing:
+            raise ValueError(f"FormatDescriptor fields {missing} are missing; expected all of {sorted(required)} "
+                             f"(every sglang-memha sends them: run the same sglang-memha on both servers)")
         return cls(**d)
 
     def to_bytes(self) -> bytes:
@@ -99,10 +110,17 @@ class FormatDescriptor:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> FormatDescriptor:
+        """Parse a peer's ``to_bytes()``. Any malformed input raises ``ValueError`` (see
+        ``from_dict``); tests/quant/test_handshake_fuzz.py holds it to that."""
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise ValueError(f"FormatDescriptor bytes must be bytes, got {type(raw).__name__}")
         try:
-            d = json.loads(raw.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            d = json.loads(bytes(raw).decode())
+        except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, int over the digit limit
             raise ValueError(f"FormatDescriptor bytes are not UTF-8 JSON: {e}") from None
+        except RecursionError:
+            raise ValueError("FormatDescriptor bytes are not a descriptor: JSON nested too deeply "
+                             "(a descriptor is one flat object)") from None
         if not isinstance(d, dict):
             raise ValueError(f"FormatDescriptor JSON must be an object, got {type(d).__name__}")
         return cls.from_dict(d)

@@ -12,7 +12,9 @@ Pure functions (no SGLang import), so every verdict is unit-tested without serve
 (token, head) is ``[data | scale]`` bytes, see ``quant_pool``); the byte format itself is
 versioned by ``kvformat.FORMAT_VERSION`` inside the descriptor. Both checks return ``None``
 (compatible) or a message naming the peer and both sides' values; the caller fails the
-request with it.
+request with it. Whatever a peer sends (truncated, mutated, wrong types, not UTF-8), the checks
+return a message and never raise; ``bridges_for`` and ``FormatDescriptor.from_bytes`` raise only
+``ValueError`` (tests/quant/test_handshake_fuzz.py).
 """
 from __future__ import annotations
 
@@ -49,9 +51,30 @@ def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> 
 APPLIED_BRIDGES = frozenset({Bridge.FNUZ_TO_FN, Bridge.FN_TO_FNUZ})
 
 
+def _layout_payload(kv_layout: object) -> bytes:
+    """The descriptor bytes of a ``memha/1:`` layout string; ``ValueError`` for anything else."""
+    if not isinstance(kv_layout, str) or not kv_layout.startswith(LAYOUT_PREFIX):
+        shown = repr(kv_layout[:40]) if isinstance(kv_layout, str) else f"of type {type(kv_layout).__name__}"
+        raise ValueError(f"kv_layout is {shown}: expected a str starting with {LAYOUT_PREFIX!r}")
+    try:
+        return kv_layout[len(LAYOUT_PREFIX):].encode()
+    except UnicodeEncodeError as e:  # lone surrogates: a str that no UTF-8 bytes decode to
+        raise ValueError(f"kv_layout is not UTF-8 text ({e}): expected {LAYOUT_PREFIX!r} + descriptor JSON") from None
+
+
+def _frame_payload(frame: object) -> bytes:
+    """The descriptor bytes of a ``MEMHA1`` frame; ``ValueError`` for anything else."""
+    if not isinstance(frame, (bytes, bytearray, memoryview)) or not bytes(frame).startswith(FRAME_PREFIX):
+        shown = repr(bytes(frame[:40])) if isinstance(frame, (bytes, bytearray, memoryview)) \
+            else f"of type {type(frame).__name__}"
+        raise ValueError(f"registration frame is {shown}: expected bytes starting with {FRAME_PREFIX!r}")
+    return bytes(frame)[len(FRAME_PREFIX):]
+
+
 def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
-    """Decode side, after ``check_prefill_peer`` returned None: the bridges to apply."""
-    return local.check_compatible(FormatDescriptor.from_bytes(kv_layout[len(LAYOUT_PREFIX):].encode()))
+    """Decode side, after ``check_prefill_peer`` returned None: the bridges to apply.
+    A layout that check would not pass raises ``ValueError`` (``FormatMismatchError`` included)."""
+    return local.check_compatible(FormatDescriptor.from_bytes(_layout_payload(kv_layout)))
 
 
 def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
@@ -68,18 +91,19 @@ def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -
     return None
 
 
-def _parse(raw: bytes, what: str) -> FormatDescriptor | str:
+def _parse(payload_of, value: object, what: str) -> FormatDescriptor | str:
     try:
-        return FormatDescriptor.from_bytes(raw)
-    except (ValueError, TypeError) as e:
+        return FormatDescriptor.from_bytes(payload_of(value))
+    except ValueError as e:  # the only error from_bytes and the payload helpers raise
         return f"malformed sglang-memha descriptor from {what}: {e}"
 
 
 def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str) -> str | None:
-    """Decode side: judge the prefill's published ``kv_layout``."""
-    if not kv_layout or not kv_layout.startswith(LAYOUT_PREFIX):
+    """Decode side: judge the prefill's published ``kv_layout`` (any JSON value the bootstrap
+    server returned: only a ``memha/1:`` str is parsed, other strs and None are "missing")."""
+    if kv_layout is None or (isinstance(kv_layout, str) and not kv_layout.startswith(LAYOUT_PREFIX)):
         return _missing("prefill", peer, local, "decode")
-    parsed = _parse(kv_layout[len(LAYOUT_PREFIX):].encode(), f"prefill at {peer}")
+    parsed = _parse(_layout_payload, kv_layout, f"prefill at {peer}")
     if isinstance(parsed, str):
         return parsed
     return _verdict(local, parsed, f"prefill at {peer} is incompatible")
@@ -89,7 +113,7 @@ def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str) -
     """Prefill side: judge a decode's registration frame (None: the decode sent none)."""
     if frame is None:
         return _missing("decode", peer, local, "prefill")
-    parsed = _parse(frame[len(FRAME_PREFIX):], f"decode at {peer}")
+    parsed = _parse(_frame_payload, frame, f"decode at {peer}")
     if isinstance(parsed, str):
         return parsed
     return _verdict(parsed, local, f"decode at {peer} is incompatible")
