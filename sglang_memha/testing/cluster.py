@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+from sglang_memha.testing.netns import ns_cmd
 from sglang_memha.testing.procs import (ClusterError, ManagedProcess, check_port_free, free_port,
                                         http_json, wait_until)
 
@@ -68,8 +69,10 @@ class _Deployment:
         os.makedirs(self.log_dir, exist_ok=True)
         self.procs: list[ManagedProcess] = []
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> ManagedProcess:
-        p = ManagedProcess(name, [sys.executable, *args], os.path.join(self.log_dir, f"{name}.log"), env)
+    def _spawn(self, name: str, args: list[str], env: dict[str, str], ns: str | None = None) -> ManagedProcess:
+        argv = [sys.executable, *args]
+        p = ManagedProcess(name, argv if ns is None else ns_cmd(ns, argv),
+                           os.path.join(self.log_dir, f"{name}.log"), env)
         self.procs.append(p.start())
         return p
 
@@ -135,6 +138,9 @@ class PDCluster(_Deployment):
     starting one; it must answer ``/health`` before anything is started.
     env: extra environment of every process; prefill_env / decode_env: of that server only
     (e.g. a different ``MEMHA_KV_FORMAT`` per side).
+    link: a ``netns.ShapedLink`` that is up: the prefill server runs in its prefill namespace and
+    the decode server(s) in its decode namespace, so KV crosses the shaped veth; the router and
+    the client stay in the root namespace (unshaped paths to both).
     """
 
     def __init__(self, model_path: str, prefill_args: list[str] = (), decode_args: list[str] = (),
@@ -143,8 +149,10 @@ class PDCluster(_Deployment):
                  prefill_url: tuple[str, int] | None = None,
                  prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None,
                  extra_decode_envs: list[dict[str, str]] = (), router_args: list[str] = (),
-                 ready: str = "generate"):
+                 ready: str = "generate", link=None):
         super().__init__(log_dir)
+        self.link = link
+        p_host, d_host = (link.prefill_ip, link.decode_ip) if link is not None else (HOST, HOST)
         if ready not in ("generate", "health"):
             raise ValueError(f"ready={ready!r}: expected 'generate' or 'health'")
         self.model_path = model_path
@@ -158,14 +166,14 @@ class PDCluster(_Deployment):
         if prefill_url:
             self.prefill_url, self.bootstrap_port = prefill_url
         else:
-            self.prefill_url, self.bootstrap_port = f"http://{HOST}:{free_port()}", free_port()
-        self.decode_urls = [f"http://{HOST}:{free_port()}" for _ in self.decode_envs]
+            self.prefill_url, self.bootstrap_port = f"http://{p_host}:{free_port()}", free_port()
+        self.decode_urls = [f"http://{d_host}:{free_port()}" for _ in self.decode_envs]
         self.decode_url = self.decode_urls[0]
         self.url = f"http://{HOST}:{self.router_port}"
 
     def _server_args(self, url: str) -> list[str]:
-        port = url.rsplit(":", 1)[1]
-        return ["-m", "sglang.launch_server", "--model-path", self.model_path, "--host", HOST,
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        return ["-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
                 "--port", port, *cpu_server_flags(self.max_total_tokens),
                 "--disaggregation-transfer-backend", "mooncake_tcp"]
 
@@ -182,12 +190,14 @@ class PDCluster(_Deployment):
             prefill = self._spawn("prefill", [*self._server_args(self.prefill_url),
                                               "--disaggregation-mode", "prefill",
                                               "--disaggregation-bootstrap-port", str(self.bootstrap_port),
-                                              *self.prefill_args], {**env, **self.prefill_env})
+                                              *self.prefill_args], {**env, **self.prefill_env, **self._ns_env("prefill")},
+                                  self._ns("prefill"))
             servers = [prefill]
         for i, (url, denv) in enumerate(zip(self.decode_urls, self.decode_envs)):
             servers.append(self._spawn("decode" if i == 0 else f"decode{i}",
                                        [*self._server_args(url), "--disaggregation-mode", "decode",
-                                        *self.decode_args], {**env, **denv}))
+                                        *self.decode_args], {**env, **denv, **self._ns_env("decode")},
+                                       self._ns("decode")))
         for url in ([] if self.external_prefill else [self.prefill_url]) + self.decode_urls:
             wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")
         decodes = [a for u in self.decode_urls for a in ("--decode", u)]
@@ -206,12 +216,21 @@ class PDCluster(_Deployment):
                    poll_s=1.0)
         return self
 
+    def _ns(self, side: str) -> str | None:
+        return None if self.link is None else getattr(self.link, f"{side}_ns")
+
+    def _ns_env(self, side: str) -> dict[str, str]:
+        # SGLang's get_local_ip_auto reads SGLANG_HOST_IP first: Mooncake's session id, the KV
+        # manager's ZMQ bind and the bootstrap address then all use the namespace's address.
+        return {} if self.link is None else {"SGLANG_HOST_IP": getattr(self.link, f"{side}_ip")}
+
     def direct_generate(self, payload: dict, decode_index: int = 0,
                         timeout: float = 300.0) -> tuple[int, dict | str]:
         """What the router does for one request, aimed at a chosen decode server: POST the
         payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
         decode's answer (for tests that must pick the decode server)."""
-        body = {**payload, "bootstrap_host": HOST, "bootstrap_port": self.bootstrap_port,
+        host = self.prefill_url.split("//", 1)[1].rsplit(":", 1)[0]
+        body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_port,
                 "bootstrap_room": random.getrandbits(63)}
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             pf = ex.submit(http_json, f"{self.prefill_url}/generate", body, timeout)

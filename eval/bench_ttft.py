@@ -1,0 +1,195 @@
+"""TTFT of the compute-transfer pipeline on a shaped link (issue 5), all configurations in one run.
+
+1. **Prefill-only compute**: a single (non-PD) SGLang server, same flags; latency of a
+   1-token request per prompt length (no transfer at all).
+2. **Link**: prefill and decode servers in two network namespaces joined by a ``tc tbf``-shaped
+   veth (``scripts/shaped_link.sh``); router and client in the root namespace. The rate is set
+   so that the bf16 KV of a 4K prompt takes as long to cross as its prefill takes (measured in
+   step 1), unless ``--rate`` is given.
+3. **PD configurations**, one cluster each, same prompts: stock SGLang PD (bf16 pool, whole
+   request sent after the forward), memha fp8 whole-request, memha fp8 pipelined, memha bf16
+   pipelined. TTFT = client latency of a non-streaming ``max_new_tokens=1`` request through the
+   router (the decode server answers once the KV landed and the first token is committed).
+   Pipelined runs set ``MEMHA_PIPELINE_MIN_TOKENS=0`` so every length is measured pipelined;
+   the shipped default threshold is chosen from these numbers.
+
+Every prompt is fresh random token ids (no radix-cache hit); lengths are measured in
+increasing order, ``--reps`` times each (median reported). ``--chunked-prefill-size`` is larger
+than the longest prompt so "whole request" means one forward, then one send.
+
+Writes ``eval/results/ttft.json`` (flat keys ``ttft_ratio_4k``, ``exposed_transfer_fraction_4k``,
+``ttft_ratio_256`` plus every median) and ``eval/results/ttft.png``.
+Needs root (network namespaces). ``python eval/bench_ttft.py`` (~25 min on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+from sglang_memha.models.smollm2 import ensure_smollm2
+from sglang_memha.testing import PDCluster, SingleServer
+from sglang_memha.testing.netns import ShapedLink, netns_available
+from sglang_memha.testing.transfer_log import transfer_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT_JSON = os.path.join(ROOT, "eval", "results", "ttft.json")
+OUT_PNG = os.path.join(ROOT, "eval", "results", "ttft.png")
+BF16_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: K+V, 30 layers, 3 KV heads, dim 64
+PAGE = 16
+MAX_TOKENS = 20000
+
+CONFIGS = {
+    "stock_bf16": {},
+    "memha_fp8_whole": {"MEMHA_KV_FORMAT": "fp8_e4m3"},
+    "memha_fp8_pipelined": {"MEMHA_KV_FORMAT": "fp8_e4m3", "MEMHA_PIPELINE": "1",
+                            "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+    "memha_bf16_pipelined": {"MEMHA_KV_FORMAT": "bf16", "MEMHA_PIPELINE": "1",
+                             "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+}
+
+
+def server_args(max_len: int) -> list[str]:
+    return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64))]
+
+
+def one_request(deploy, n: int, rng: random.Random) -> float:
+    ids = [rng.randrange(100, 40000) for _ in range(n)]
+    t0 = time.perf_counter()
+    status, body = deploy.generate(input_ids=ids, max_new_tokens=1, timeout=1200)
+    if status != 200:
+        raise RuntimeError(f"{n}-token request failed: {status} {body}")
+    return time.perf_counter() - t0
+
+
+def measure(deploy, lengths: list[int], reps: dict[int, int], seed: int, label: str) -> dict[int, list[float]]:
+    rng = random.Random(seed)
+    out = {}
+    for n in lengths:
+        out[n] = []
+        for r in range(reps[n]):
+            out[n].append(one_request(deploy, n, rng))
+            print(f"  {label:22s} {n:5d} tokens rep {r + 1}/{reps[n]}: {out[n][-1]:7.3f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="256,512,1024,2048,4096,8000")
+    ap.add_argument("--reps", type=int, default=2, help="requests per length (median reported)")
+    ap.add_argument("--reps-long", type=int, default=1, help="requests per length above 4096")
+    ap.add_argument("--rate", default="auto", help="link rate (tc units, e.g. 40mbit) or 'auto'")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default=OUT_JSON)
+    ap.add_argument("--log-dir", default="/tmp/memha-bench-ttft")
+    a = ap.parse_args(argv)
+    ok, why = netns_available()
+    if not ok:
+        sys.exit(f"bench_ttft needs network namespaces for the shaped link: {why}")
+    lengths = [int(x) for x in a.lengths.split(",")]
+    reps = {n: (a.reps if n <= 4096 else a.reps_long) for n in lengths}
+    model = ensure_smollm2()
+    t_start = time.perf_counter()
+
+    print("prefill-only (single server, no transfer)", flush=True)
+    with SingleServer(model, server_args(max(lengths)), max_total_tokens=MAX_TOKENS,
+                      log_dir=os.path.join(a.log_dir, "single")) as s:
+        one_request(s, 64, random.Random(99))  # warm-up
+        prefill = measure(s, lengths, reps, seed=1, label="prefill_only")
+    med = {"prefill_only": {n: statistics.median(v) for n, v in prefill.items()}}
+
+    ref_len = 4096 if 4096 in lengths else max(lengths)
+    if a.rate == "auto":
+        mbit = BF16_BYTES_PER_TOKEN * ref_len * 8 / med["prefill_only"][ref_len] / 1e6
+        rate = f"{max(1, round(mbit))}mbit"
+    else:
+        rate = a.rate
+    print(f"link rate {rate} (bf16 KV of {ref_len} tokens ~ its prefill time)", flush=True)
+
+    transfer_ms: dict[str, dict[int, float]] = {}
+    pipelined: dict[str, dict[int, int]] = {}
+    with ShapedLink(rate=rate, prefix="memhab") as link:
+        for name in a.configs.split(","):
+            env = CONFIGS[name]
+            print(f"{name}: {env or 'stock SGLang pools'}", flush=True)
+            with PDCluster(model, server_args(max(lengths)), server_args(max(lengths)), env=env,
+                           max_total_tokens=MAX_TOKENS, link=link,
+                           log_dir=os.path.join(a.log_dir, name)) as c:
+                before = len(transfer_rows(c.logs()["prefill"]))
+                got = measure(c, lengths, reps, seed=1, label=name)
+                time.sleep(1.0)  # the transfer line is logged when the room concludes
+                rows = transfer_rows(c.logs()["prefill"])[before:]
+            med[name] = {n: statistics.median(v) for n, v in got.items()}
+            order = [n for n in lengths for _ in range(reps[n])]
+            if len(rows) == len(order):
+                by_len: dict[int, list] = {}
+                for n, r in zip(order, rows):
+                    by_len.setdefault(n, []).append(r)
+                transfer_ms[name] = {n: statistics.median(r.transfer_ms for r in rs) for n, rs in by_len.items()}
+                pipelined[name] = {n: min(r.pipelined_pages for r in rs) for n, rs in by_len.items()}
+            else:
+                print(f"  warning: {len(rows)} transfer lines for {len(order)} requests", flush=True)
+
+    out = {"command": "python eval/bench_ttft.py " + " ".join(argv or sys.argv[1:]),
+           "date": dt.datetime.now().isoformat(timespec="seconds"), "model": "SmolLM2-135M-Instruct",
+           "machine": f"{os.cpu_count()} CPU cores, --device cpu, torch_native attention",
+           "link_rate": rate, "reps": a.reps, "reps_long": a.reps_long,
+           "wall_s": round(time.perf_counter() - t_start, 1)}
+    for name, m in med.items():
+        for n, v in m.items():
+            out[f"ttft_s_{name}_{n}"] = round(v, 4)
+    for name, m in transfer_ms.items():
+        for n, v in m.items():
+            out[f"transfer_ms_{name}_{n}"] = round(v, 1)
+    for name, m in pipelined.items():
+        for n, v in m.items():
+            out[f"pipelined_pages_{name}_{n}"] = v
+    stock, pipe = med.get("stock_bf16"), med.get("memha_fp8_pipelined")
+    if stock and pipe:
+        for n in lengths:
+            out[f"ttft_ratio_{n}"] = round(pipe[n] / stock[n], 4)
+        if 4096 in lengths:
+            out["ttft_ratio_4k"] = out["ttft_ratio_4096"]
+        if 256 in lengths:
+            out["ttft_ratio_256"] = out["ttft_ratio_256"]
+    whole = transfer_ms.get("memha_fp8_whole", {})
+    if pipe and 4096 in lengths and 4096 in whole:
+        exposed = pipe[4096] - med["prefill_only"][4096]
+        out["exposed_transfer_s_4k"] = round(exposed, 4)
+        out["fp8_transfer_s_4k"] = round(whole[4096] / 1e3, 4)
+        out["exposed_transfer_fraction_4k"] = round(exposed / (whole[4096] / 1e3), 4)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+    print(json.dumps({k: v for k, v in out.items() if k.startswith(("ttft_ratio", "exposed"))}, indent=1))
+    plot(med, lengths, rate, OUT_PNG if a.out == OUT_JSON else a.out.replace(".json", ".png"))
+
+
+def plot(med: dict, lengths: list[int], rate: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, m in med.items():
+        ax.plot(lengths, [m[n] for n in lengths], marker="o", label=name,
+                linestyle="--" if name == "prefill_only" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (s)")
+    ax.set_title(f"SmolLM2-135M PD on CPU, P->D link {rate}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
