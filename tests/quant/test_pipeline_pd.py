@@ -1,0 +1,82 @@
+"""The compute-transfer pipeline on a real CPU PD deployment (tiny model, page size 16).
+
+Same prompts, 32 at once through the unmodified router, on a deployment that sends whole
+requests after the forward and on one that ships each layer during the forward
+(``MEMHA_PIPELINE=1``): greedy tokens are identical, with and without chunked prefill; every
+page of every request went out layer by layer (``pipelined_pages == pages``) and the KV bytes
+Mooncake moved are exactly pages x page bytes (nothing sent twice). Requests below
+``MEMHA_PIPELINE_MIN_TOKENS`` are sent whole. Timing is measured by ``eval/bench_ttft.py``, not here.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+
+import pytest
+
+from sglang_memha.kvformat import kv_bytes_per_token
+from sglang_memha.testing import ClusterError, PDCluster, SingleServer
+from sglang_memha.testing.transfer_log import transfer_rows
+from tests.conftest import descendants
+
+pytestmark = pytest.mark.cluster
+
+H, D, L = 2, 64, 2  # tiny_qwen3 geometry
+FMT = "fp8_e4m3"
+N = 32
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(10, 2000) for _ in range(rng.randrange(20, 600))] for _ in range(N)]
+
+
+def _run(model, args, env, log_dir) -> tuple[list[list[int]], list]:
+    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": FMT, **env}, log_dir=log_dir) as c:
+        before = len(transfer_rows(c.logs()["prefill"]))
+        with cf.ThreadPoolExecutor(N) as ex:
+            outs = list(ex.map(lambda p: c.generate(input_ids=p, max_new_tokens=8, ignore_eos=True),
+                               _prompts()))
+        time.sleep(0.5)  # the transfer line is logged when the room concludes
+        rows = transfer_rows(c.logs()["prefill"])[before:]
+    assert [s for s, _ in outs] == [200] * N, [b for s, b in outs if s != 200][:2]
+    return [b["output_ids"] for _, b in outs], rows
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole-prompt", "chunked-prefill-64"])
+def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
+    args = ["--page-size", "16"] + (["--chunked-prefill-size", "64"] if chunked else [])
+    whole, whole_rows = _run(tiny_model, args, {}, str(tmp_path / "whole"))
+    piped, rows = _run(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+                       str(tmp_path / "pipelined"))
+    assert piped == whole
+    assert len(rows) == N and all(r.status == "ok" for r in rows)
+    assert all(r.pipelined_pages == 0 for r in whole_rows)
+    per_page = 16 * L * kv_bytes_per_token(FMT, H, D)
+    for r in rows:
+        assert r.pipelined_pages == r.pages, r  # chunk sizes are page multiples: no page re-sent
+        assert r.kv_bytes == r.pages * per_page, r
+    assert sorted(r.pages for r in rows) == sorted(r.pages for r in whole_rows)
+    assert descendants() == []
+
+
+def test_short_prompts_are_sent_whole(tiny_model, tmp_path):
+    min_tokens = 300
+    _, rows = _run(tiny_model, ["--page-size", "16"],
+                   {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": str(min_tokens)}, str(tmp_path))
+    short = sum(len(p) < min_tokens for p in _prompts())
+    assert 0 < short < N
+    assert sum(r.pipelined_pages == 0 for r in rows) == short
+    assert all(r.pipelined_pages in (0, r.pages) for r in rows)
+    assert descendants() == []
+
+
+def test_pipeline_without_format_stops_startup(tiny_model, tmp_path):
+    """MEMHA_PIPELINE=1 alone: the server does not start, and says which variable to set."""
+    with pytest.raises(ClusterError) as err:
+        with SingleServer(tiny_model, env={"MEMHA_PIPELINE": "1"}, log_dir=str(tmp_path)):
+            pass
+    text = str(err.value) + open(tmp_path / "server.log").read()
+    assert "MEMHA_PIPELINE=1 needs MEMHA_KV_FORMAT" in text
+    assert descendants() == []
