@@ -88,9 +88,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps-long", type=int, default=1, help="requests per length above 4096")
     ap.add_argument("--rate", default="auto", help="link rate (tc units, e.g. 40mbit) or 'auto'")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--prefill-threads", type=int, default=1,
+                    help="torch threads of the prefill server (OMP_NUM_THREADS); 0 = torch's default. "
+                         "1 leaves the second core to Mooncake, whose TCP transport keeps a core busy "
+                         "for as long as a transfer is in flight")
     ap.add_argument("--out", default=OUT_JSON)
     ap.add_argument("--log-dir", default="/tmp/memha-bench-ttft")
+    ap.add_argument("--table-from", metavar="JSON", help="only print the markdown table of a results file")
     a = ap.parse_args(argv)
+    if a.table_from:
+        with open(a.table_from) as f:
+            print(markdown_table(json.load(f)))
+        return
     ok, why = netns_available()
     if not ok:
         sys.exit(f"bench_ttft needs network namespaces for the shaped link: {why}")
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
 
     print("prefill-only (single server, no transfer)", flush=True)
-    with SingleServer(model, server_args(max(lengths)), max_total_tokens=MAX_TOKENS,
+    pf_env = {"OMP_NUM_THREADS": str(a.prefill_threads)} if a.prefill_threads > 0 else {}
+    with SingleServer(model, server_args(max(lengths)), max_total_tokens=MAX_TOKENS, env=pf_env,
                       log_dir=os.path.join(a.log_dir, "single")) as s:
         one_request(s, 64, random.Random(99))  # warm-up
         prefill = measure(s, lengths, reps, seed=1, label="prefill_only")
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             env = CONFIGS[name]
             print(f"{name}: {env or 'stock SGLang pools'}", flush=True)
             with PDCluster(model, server_args(max(lengths)), server_args(max(lengths)), env=env,
+                           prefill_env=pf_env,
                            max_total_tokens=MAX_TOKENS, link=None if name == NO_LINK else link,
                            log_dir=os.path.join(a.log_dir, name)) as c:
                 before = len(transfer_rows(c.logs()["prefill"]))
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
            "date": dt.datetime.now().isoformat(timespec="seconds"), "model": "SmolLM2-135M-Instruct",
            "machine": f"{os.cpu_count()} CPU cores, --device cpu, torch_native attention",
            "link_rate": rate, "reps": a.reps, "reps_long": a.reps_long,
+           "prefill_threads": a.prefill_threads or "torch default",
            "wall_s": round(time.perf_counter() - t_start, 1)}
     for name, m in med.items():
         for n, v in m.items():
@@ -177,6 +189,20 @@ def main(argv: list[str] | None = None) -> None:
         json.dump(out, f, indent=1, sort_keys=True)
     print(json.dumps({k: v for k, v in out.items() if k.startswith(("ttft_ratio", "exposed"))}, indent=1))
     plot(med, lengths, rate, OUT_PNG if a.out == OUT_JSON else a.out.replace(".json", ".png"))
+    print(markdown_table(out))
+
+
+def markdown_table(out: dict) -> str:
+    """TTFT medians (s) per configuration and prompt length, and pipelined fp8 / stock bf16."""
+    names = ["prefill_only", *CONFIGS]
+    lengths = sorted({int(k.rsplit("_", 1)[1]) for k in out if k.startswith("ttft_s_prefill_only_")})
+    rows = ["| prompt tokens | " + " | ".join(names) + " | pipelined fp8 / stock |",
+            "|---" * (len(names) + 2) + "|"]
+    for n in lengths:
+        cells = [f"{out[f'ttft_s_{c}_{n}']:.2f}" if f"ttft_s_{c}_{n}" in out else "-" for c in names]
+        ratio = out.get(f"ttft_ratio_{n}")
+        rows.append(f"| {n} | " + " | ".join(cells) + f" | {'-' if ratio is None else f'**{ratio:.3f}**'} |")
+    return "\n".join(rows)
 
 
 def plot(med: dict, lengths: list[int], rate: str, path: str) -> None:

@@ -2,7 +2,9 @@
 
 Both servers keep their KV in ``--kv-format`` (default ``fp8_e4m3``; ``stock`` = SGLang's own
 bf16 pools): the prefill quantizes on write, Mooncake moves the raw quantized rows, the decode
-pool keeps them and attention dequantizes what it reads. Prints a few /generate and OpenAI chat
+pool keeps them and attention dequantizes what it reads; the prefill ships each layer's pages
+while the next layers compute (``MEMHA_PIPELINE=1``; ``--no-pipeline`` sends after the forward,
+as stock SGLang does). Prints a few /generate and OpenAI chat
 answers through the router, the bytes each request moved, the plugin line of both schedulers,
 then shuts everything down by PID. Model: the tiny random Qwen3 (built in seconds); pass
 ``--model smollm2`` for the real SmolLM2-135M (coherent English).
@@ -22,8 +24,12 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a Hugging Face folder")
     ap.add_argument("--kv-format", default="fp8_e4m3",
                     help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, ...) or 'stock'")
+    ap.add_argument("--no-pipeline", action="store_true", help="send each request after its forward")
     args = ap.parse_args()
     env = {} if args.kv_format == "stock" else {"MEMHA_KV_FORMAT": args.kv_format}
+    if env and not args.no_pipeline:
+        # The demo's prompts are short: pipeline them all (the server default skips < 1024 tokens).
+        env.update({"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"})
     if args.model == "tiny":
         from sglang_memha.models.tiny_qwen3 import build as get_model
     elif args.model == "smollm2":
