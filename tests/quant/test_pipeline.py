@@ -78,13 +78,18 @@ def _req(room: int, slots: list[int], prompt_len: int):
                            kv=SimpleNamespace(req_pool_idx=0)), row
 
 
-def _forward(pipe, req, row, prefix, extend, layers=range(LAYERS)):
-    """One extend forward as the scheduler runs it: plan, one signal per written layer, close."""
+def _forward(pipe, req, row, prefix, extend, layers=range(LAYERS), one_call_per_layer=False):
+    """One extend forward as the scheduler runs it: plan, one signal per written layer, close.
+    ``one_call_per_layer``: wait for each layer's send before the next signal (no coalescing)."""
     batch = SimpleNamespace(reqs=[req], prefix_lens=[prefix], extend_lens=[extend])
     plan = pipe.plan_batch(batch, row, PAGE)
     if plan is not None:
         for layer in layers:
+            before = len(pipe.mgr.calls)
             plan.layer_written(layer)
+            while (one_call_per_layer and len(pipe.mgr.calls) == before
+                   and all(rp.failure is None for rp in plan.reqs)):
+                threading.Event().wait(0.005)
         pipe.close(plan)
         for rp in plan.reqs:
             assert rp.done.wait(10)
@@ -121,13 +126,43 @@ def test_whole_forward_pipelined_then_claimed():
     _assert_landed(mgr, src_pages, dst_pages)
     assert _untouched(mgr, dst_pages)
     assert mgr.noted == [(7, 4)]
-    # K and V of 2 runs per layer, one Mooncake call per layer, accounted to room 7 as KV
-    assert mgr.calls == [(7, "kv")] * LAYERS
+    # K and V of 2 runs per layer; layers already written when the sender is free go out in
+    # one call; every call is accounted to room 7 as KV
+    assert 1 <= len(mgr.calls) <= LAYERS and set(mgr.calls) == {(7, "kv")}
     rest_s, rest_d, status = pipe.claim(7, SESSION, np.array(src_pages), np.array(dst_pages))
     assert status == 0 and len(rest_s) == 0 and len(rest_d) == 0
     # A second claim of the same pages (should not happen) finds nothing: sent the stock way.
     rest_s, _, status = pipe.claim(7, SESSION, np.array(src_pages), np.array(dst_pages))
     assert status == 0 and rest_s.tolist() == src_pages
+
+
+def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
+    """While layer 0 is on the wire, layers 1 and 2 are written: they share the next call."""
+    mgr = FakeManager()
+    gate = threading.Event()
+    copy = mgr._transfer_data
+
+    def slow_first_call(session, blocks):
+        if not mgr.calls:
+            gate.wait(10)
+        return copy(session, blocks)
+
+    mgr._transfer_data = slow_first_call
+    pipe = LayerPipeline(mgr, min_tokens=0)
+    src_pages, dst_pages = [5, 6], [1, 2]
+    mgr.add_room(9, dst_pages)
+    req, row = _req(9, _slots(src_pages, 32), 32)
+    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
+    plan.layer_written(0)
+    while pipe.queue.qsize():  # the sender took layer 0 and is blocked in its call
+        threading.Event().wait(0.005)
+    for layer in range(1, LAYERS):
+        plan.layer_written(layer)
+    gate.set()
+    pipe.close(plan)
+    assert plan.reqs[0].done.wait(10) and plan.reqs[0].complete
+    assert len(mgr.calls) == 2
+    _assert_landed(mgr, src_pages, dst_pages)
 
 
 def test_chunked_prefill_partial_page_is_resent_by_the_later_chunk():
@@ -167,9 +202,10 @@ def test_failed_layer_fails_the_chunk():
     pipe = LayerPipeline(mgr, min_tokens=0)
     mgr.add_room(2, [0, 1])
     req, row = _req(2, _slots([4, 5], 20), 20)
-    plan = _forward(pipe, req, row, 0, 20)
-    assert "layer 1" in plan.reqs[0].failure
-    assert len(mgr.calls) == 2  # layer 0 sent, layer 1 failed, layer 2 not attempted
+    plan = _forward(pipe, req, row, 0, 20, one_call_per_layer=True)
+    assert "layers [1]" in plan.reqs[0].failure
+    assert len(mgr.calls) == 2  # layer 0 sent, layer 1 failed, layer 2 signalled but not sent
+    assert plan.reqs[0].layers_sent == {0}
     _, _, status = pipe.claim(2, SESSION, np.array([4, 5]), np.array([0, 1]))
     assert status == -1
 
