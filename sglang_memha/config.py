@@ -9,7 +9,7 @@
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
-| ``MEMHA_PIPELINE_MIN_TOKENS`` | ``1024``          | prompts shorter than this are sent whole after the forward (per-layer sends cost more than they hide there) |
+| ``MEMHA_PIPELINE_MIN_TOKENS`` | ``256``           | prompts shorter than this are sent whole after the forward (256: the shortest measured, already a gain; see eval/RESULTS.md) |
 
 The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
 launcher's environment), so setting them on the launch command is enough.
@@ -33,7 +33,7 @@ class MemhaConfig:
     k_transform: str = "none"
     decode_dequant: str = "deferred"
     pipeline: bool = False
-    pipeline_min_tokens: int = 1024
+    pipeline_min_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
@@ -78,7 +78,7 @@ def load_config() -> MemhaConfig:
         k_transform=os.environ.get("MEMHA_K_TRANSFORM") or "none",
         decode_dequant=os.environ.get("MEMHA_DECODE_DEQUANT") or "deferred",
         pipeline=_flag("MEMHA_PIPELINE", False),
-        pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 1024),
+        pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 256),
     )
 
 
