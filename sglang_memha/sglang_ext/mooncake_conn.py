@@ -138,7 +138,8 @@ class MemhaKVManager(mc.MooncakeKVManager):
             self._memha_tls.phase = None
 
     def memha_note_pipelined(self, room: int, pages: int) -> None:
-        """Pipeline sender thread: ``pages`` (x sessions) of ``room`` went out layer by layer."""
+        """Transfer worker (``LayerPipeline.claim``): ``pages`` of this chunk were delivered layer
+        by layer and left out of the stock send."""
         with self._memha_lock:
             self._memha_rooms.setdefault(room, _RoomStats()).pipelined_pages += pages
 

@@ -246,8 +246,6 @@ class LayerPipeline:
         finally:
             tls.room = tls.phase = None
         rp.layers_sent.update(layers)
-        if len(rp.layers_sent) == rp.num_layers:
-            mgr.memha_note_pipelined(rp.room, rp.pages * len(rp.sessions))
 
     # ---- transfer worker: claim --------------------------------------------------------
     def claim(self, room: int, session: str, src: np.ndarray, dst: np.ndarray):
@@ -279,6 +277,8 @@ class LayerPipeline:
                 return src, dst, -1
             if not plan.complete:
                 covered[idx] = False  # some layers never signalled: send these pages stock
+        if covered.any():
+            self.mgr.memha_note_pipelined(room, int(covered.sum()))
         rest = ~covered
         return src[rest], dst[rest], 0
 

@@ -55,7 +55,11 @@ def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
     assert all(r.pipelined_pages == 0 for r in whole_rows)
     per_page = 16 * L * kv_bytes_per_token(FMT, H, D)
     for r in rows:
-        assert r.pipelined_pages == r.pages, r  # chunk sizes are page multiples: no page re-sent
+        assert r.pipelined_pages == r.pages, r  # every page delivered during the forward
+        # Exact bytes, up to pages re-shipped: when the batch's token budget cuts a prompt
+        # mid-page (timing-dependent with 32 at once), both forwards ship the cut page.
+        assert r.kv_bytes % per_page == 0 and r.pages <= r.kv_bytes // per_page <= r.pages + 2, r
+    for r in whole_rows:
         assert r.kv_bytes == r.pages * per_page, r
     assert sorted(r.pages for r in rows) == sorted(r.pages for r in whole_rows)
     assert descendants() == []
@@ -68,7 +72,7 @@ def test_short_prompts_are_sent_whole(tiny_model, tmp_path):
     short = sum(len(p) < min_tokens for p in _prompts())
     assert 0 < short < N
     assert sum(r.pipelined_pages == 0 for r in rows) == short
-    assert all(r.pipelined_pages in (0, r.pages) for r in rows)
+    assert all(r.pipelined_pages in (0, r.pages) for r in rows), rows
     assert descendants() == []
 
 
