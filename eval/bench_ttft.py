@@ -170,8 +170,6 @@ def main(argv: list[str] | None = None) -> None:
             out[f"ttft_ratio_{n}"] = round(pipe[n] / stock[n], 4)
         if 4096 in lengths:
             out["ttft_ratio_4k"] = out["ttft_ratio_4096"]
-        if 256 in lengths:
-            out["ttft_ratio_256"] = out["ttft_ratio_256"]
     whole = transfer_ms.get("memha_fp8_whole", {})
     if pipe and 4096 in lengths and 4096 in whole:
         # Exposed transfer = what the link adds to TTFT beyond the same PD path with a ~free link

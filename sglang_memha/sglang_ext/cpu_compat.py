@@ -57,9 +57,10 @@ def _pd_wait_without_spinning(original, scheduler, *args, **kwargs):
     decode's wait halved the prefill's speed and every TTFT measured CPU contention, not the
     link. Sleeping 1 ms per loop instead adds at most 1 ms to noticing an arrival.
     """
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
     result = original(scheduler, *args, **kwargs)
-    if (str(getattr(scheduler.disaggregation_mode, "value", scheduler.disaggregation_mode)) != "null"
-            and not scheduler.is_fully_idle()):
+    if scheduler.disaggregation_mode != DisaggregationMode.NULL and not scheduler.is_fully_idle():
         time.sleep(PD_WAIT_POLL_S)
     return result
 

@@ -123,25 +123,23 @@ class MemhaKVManager(mc.MooncakeKVManager):
         per-layer plan already shipped are waited for and left out (``LayerPipeline.claim``)."""
         stats = self._room_stats()
         if stats is not None:
-            stats.pages += len(prefill_kv_indices)
-        room = getattr(self._memha_tls, "room", None)
-        if self.memha_pipeline is not None and room is not None:
-            prefill_kv_indices, dst_kv_indices, status = self.memha_pipeline.claim(
-                room, mooncake_session_id, np.asarray(prefill_kv_indices), np.asarray(dst_kv_indices))
-            if status != 0 or len(prefill_kv_indices) == 0:
-                return status
+            asked = len(prefill_kv_indices)
+            stats.pages += asked
+            if self.memha_pipeline is not None:
+                prefill_kv_indices, dst_kv_indices, status = self.memha_pipeline.claim(
+                    self._memha_tls.room, mooncake_session_id, np.asarray(prefill_kv_indices),
+                    np.asarray(dst_kv_indices))
+                if status != 0:
+                    return status
+                stats.pipelined_pages += asked - len(prefill_kv_indices)  # delivered during the forward
+                if len(prefill_kv_indices) == 0:
+                    return 0
         self._memha_tls.phase = "kv"
         try:
             return super().send_kvcache(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
                                         dst_kv_indices, *args, **kwargs)
         finally:
             self._memha_tls.phase = None
-
-    def memha_note_pipelined(self, room: int, pages: int) -> None:
-        """Transfer worker (``LayerPipeline.claim``): ``pages`` of this chunk were delivered layer
-        by layer and left out of the stock send."""
-        with self._memha_lock:
-            self._memha_rooms.setdefault(room, _RoomStats()).pipelined_pages += pages
 
     def _transfer_data(self, mooncake_session_id, transfer_blocks):
         ret = super()._transfer_data(mooncake_session_id, transfer_blocks)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +78,6 @@ class _SessionRuns:
 class RequestPlan:
     """One request's share of one forward. ``done`` is set by the sender thread at close."""
     room: int
-    pages: int
     sessions: list[_SessionRuns]
     num_layers: int
     layers_sent: set = field(default_factory=set)
@@ -95,7 +93,6 @@ class RequestPlan:
 class BatchPlan:
     reqs: list[RequestPlan]
     sender: "LayerPipeline"
-    closed_at: float = 0.0
 
     def layer_written(self, layer: int) -> None:
         """Called by ``MemhaQuantKVPool.set_kv_buffer`` (scheduler thread, once per layer per
@@ -179,8 +176,7 @@ class LayerPipeline:
             lens = mgr.kv_args.kv_item_lens
             sessions.append(_SessionRuns(session, runs, src_k, src_v, dst_k, dst_v,
                                          list(lens[:layers]), list(lens[layers:2 * layers])))
-        plan = RequestPlan(room=room, pages=len(src_pages), sessions=sessions,
-                           num_layers=len(sessions[0].src_k))
+        plan = RequestPlan(room=room, sessions=sessions, num_layers=len(sessions[0].src_k))
         with self._lock:
             entries = self._registry.setdefault(room, {})
             for i, p in enumerate(src_pages.tolist()):
@@ -192,7 +188,6 @@ class LayerPipeline:
     def close(self, plan: BatchPlan) -> None:
         """Scheduler thread, after the forward (also when it raised): the sender thread settles
         each request plan once the layers queued before this call have been sent."""
-        plan.closed_at = time.perf_counter()
         self.queue.put(("close", plan, None))
 
     # ---- sender thread -------------------------------------------------------------------
@@ -277,8 +272,6 @@ class LayerPipeline:
                 return src, dst, -1
             if not plan.complete:
                 covered[idx] = False  # some layers never signalled: send these pages stock
-        if covered.any():
-            self.mgr.memha_note_pipelined(room, int(covered.sum()))
         rest = ~covered
         return src[rest], dst[rest], 0
 

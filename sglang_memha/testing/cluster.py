@@ -56,6 +56,12 @@ def _check_model(model_path: str) -> None:
                            f"and pass the folder it prints")
 
 
+def _host_port(url: str) -> tuple[str, str]:
+    """``http://10.200.0.1:30001`` -> (``10.200.0.1``, ``30001``)."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    return host, port
+
+
 def _health(url: str):
     status, _ = http_json(f"{url}/health", timeout=5)
     return status == 200
@@ -172,7 +178,7 @@ class PDCluster(_Deployment):
         self.url = f"http://{HOST}:{self.router_port}"
 
     def _server_args(self, url: str) -> list[str]:
-        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        host, port = _host_port(url)
         return ["-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
                 "--port", port, *cpu_server_flags(self.max_total_tokens),
                 "--disaggregation-transfer-backend", "mooncake_tcp"]
@@ -229,7 +235,7 @@ class PDCluster(_Deployment):
         """What the router does for one request, aimed at a chosen decode server: POST the
         payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
         decode's answer (for tests that must pick the decode server)."""
-        host = self.prefill_url.split("//", 1)[1].rsplit(":", 1)[0]
+        host, _ = _host_port(self.prefill_url)
         body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_port,
                 "bootstrap_room": random.getrandbits(63)}
         with concurrent.futures.ThreadPoolExecutor(2) as ex:

@@ -165,22 +165,21 @@ def assert_clear_error(e: ValueError) -> None:
     assert msg and ("FormatDescriptor" in msg or "kv format" in msg or any(f in msg for f in FIELDS)), msg
 
 
-def prop_from_bytes(raw: bytes) -> None:
+def _parses_or_clear_error(parse, x) -> None:
     try:
-        d = FormatDescriptor.from_bytes(raw)
+        d = parse(x)
     except ValueError as e:
         assert_clear_error(e)
         return
     assert_valid(d)
 
 
+def prop_from_bytes(raw: bytes) -> None:
+    _parses_or_clear_error(FormatDescriptor.from_bytes, raw)
+
+
 def prop_from_dict(d: object) -> None:
-    try:
-        parsed = FormatDescriptor.from_dict(d)
-    except ValueError as e:
-        assert_clear_error(e)
-        return
-    assert_valid(parsed)
+    _parses_or_clear_error(FormatDescriptor.from_dict, d)
 
 
 def prop_check_prefill_peer(local: FormatDescriptor, kv_layout: object) -> None:

@@ -41,7 +41,6 @@ class FakeManager:
         self._memha_tls = threading.local()
         self.fail_layer = fail_layer
         self.calls: list[tuple[int, str | None]] = []  # (room the call was accounted to, phase)
-        self.noted: list[tuple[int, int]] = []
 
     def check_status(self, room):
         return self.request_status[room]
@@ -59,9 +58,6 @@ class FakeManager:
                 return -1
             ctypes.memmove(dst, src, n)
         return 0
-
-    def memha_note_pipelined(self, room, pages):
-        self.noted.append((room, pages))
 
     def add_room(self, room: int, dst_pages: list[int]):
         self.request_status[room] = KVPoll.WaitingForInput
@@ -128,10 +124,8 @@ def test_whole_forward_pipelined_then_claimed():
     # K and V of 2 runs per layer; layers already written when the sender is free go out in
     # one call; every call is accounted to room 7 as KV
     assert 1 <= len(mgr.calls) <= LAYERS and set(mgr.calls) == {(7, "kv")}
-    assert mgr.noted == []
     rest_s, rest_d, status = pipe.claim(7, SESSION, np.array(src_pages), np.array(dst_pages))
     assert status == 0 and len(rest_s) == 0 and len(rest_d) == 0
-    assert mgr.noted == [(7, 4)]  # delivered pages are counted when the stock send skips them
     # A second claim of the same pages (should not happen) finds nothing: sent the stock way.
     rest_s, _, status = pipe.claim(7, SESSION, np.array(src_pages), np.array(dst_pages))
     assert status == 0 and rest_s.tolist() == src_pages
@@ -195,7 +189,6 @@ def test_layers_never_signalled_fall_back_to_stock_send():
     assert not plan.reqs[0].complete and plan.reqs[0].failure is None
     rest_s, rest_d, status = pipe.claim(1, SESSION, np.array([4, 5]), np.array([0, 1]))
     assert status == 0 and rest_s.tolist() == [4, 5] and rest_d.tolist() == [0, 1]
-    assert mgr.noted == []
 
 
 def test_failed_layer_fails_the_chunk():
