@@ -10,6 +10,8 @@
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
 | ``MEMHA_PIPELINE_MIN_TOKENS`` | ``256``           | prompts shorter than this are sent whole after the forward (256: the shortest measured, already a gain; see eval/RESULTS.md) |
+| ``MEMHA_SHARED_SECRET`` | unset                 | both servers: the handshake carries HMAC-SHA256 tags with this secret; a peer with another (or no) secret is refused with a message, before any KV byte moves. ``MEMHA_SHARED_SECRET_FILE``: read it from a file instead (first line) |
+| ``MEMHA_TEST_CORRUPT_KV_ROOMS`` | unset           | tests only, decode: comma-separated bootstrap rooms whose arrived KV gets one byte flipped (to show ``--disaggregation-enable-kv-checksum`` catching it) |
 
 The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
 launcher's environment), so setting them on the launch command is enough.
@@ -17,7 +19,7 @@ launcher's environment), so setting them on the launch command is enough.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _CPU_COMPAT_VALUES = ("auto", "0", "1")
 K_TRANSFORM_VALUES = ("none", "hadamard")
@@ -34,6 +36,8 @@ class MemhaConfig:
     decode_dequant: str = "deferred"
     pipeline: bool = False
     pipeline_min_tokens: int = 256
+    test_corrupt_rooms: frozenset = frozenset()
+    shared_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
@@ -54,6 +58,9 @@ class MemhaConfig:
             raise ValueError("MEMHA_PIPELINE=1 needs MEMHA_KV_FORMAT (the per-layer signal comes from "
                              "the plugin's KV pool): set MEMHA_KV_FORMAT=bf16 for an unquantized "
                              "pipelined pool, or fp8_e4m3 etc. on both servers")
+        if self.shared_secret is not None and self.kv_format is None:
+            raise ValueError("MEMHA_SHARED_SECRET needs MEMHA_KV_FORMAT (the tags ride on the plugin's "
+                             "format handshake): set MEMHA_KV_FORMAT on both servers")
         if self.pipeline_min_tokens < 0:
             raise ValueError(f"MEMHA_PIPELINE_MIN_TOKENS={self.pipeline_min_tokens}: expected >= 0")
 
@@ -79,7 +86,31 @@ def load_config() -> MemhaConfig:
         decode_dequant=os.environ.get("MEMHA_DECODE_DEQUANT") or "deferred",
         pipeline=_flag("MEMHA_PIPELINE", False),
         pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 256),
+        test_corrupt_rooms=_rooms("MEMHA_TEST_CORRUPT_KV_ROOMS"),
+        shared_secret=_secret(),
     )
+
+
+def _secret() -> str | None:
+    path = os.environ.get("MEMHA_SHARED_SECRET_FILE")
+    if path:
+        try:
+            with open(path) as f:
+                value = f.readline().strip()
+        except OSError as e:
+            raise ValueError(f"MEMHA_SHARED_SECRET_FILE={path!r}: {e.strerror}") from None
+        if not value:
+            raise ValueError(f"MEMHA_SHARED_SECRET_FILE={path!r}: the file's first line is empty")
+        return value
+    return os.environ.get("MEMHA_SHARED_SECRET") or None
+
+
+def _rooms(name: str) -> frozenset:
+    value = os.environ.get(name) or ""
+    try:
+        return frozenset(int(r) for r in value.split(",") if r.strip())
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected comma-separated integer bootstrap rooms") from None
 
 
 def _int(name: str, default: int) -> int:

@@ -15,17 +15,81 @@ versioned by ``kvformat.FORMAT_VERSION`` inside the descriptor. Both checks retu
 request with it. Whatever a peer sends (truncated, mutated, wrong types, not UTF-8), the checks
 return a message and never raise; ``bridges_for`` and ``FormatDescriptor.from_bytes`` raise only
 ``ValueError`` (tests/quant/test_handshake_fuzz.py).
+
+**Shared secret** (``MEMHA_SHARED_SECRET`` on both servers, optional): each side also proves it
+belongs to the deployment with an HMAC-SHA256 tag. Prefill: the layout becomes
+``"memha/1a:" + tag + ":" + descriptor JSON``, tag over the descriptor. Decode: one more frame
+``b"MEMHAT" + tag``, tag over the descriptor and the registration frames that say where KV is
+written (endpoint, port, Mooncake session, KV buffer addresses), so a tag cannot be moved to
+another registration. A missing, unexpected or wrong tag fails the request (decode: before it
+allocates or registers anything; prefill: before it writes a byte). Limit: the prefill's tag is
+static, so a copy of a genuine layout replayed by a host that can also impersonate the prefill's
+bootstrap address passes the decode's check; use network isolation (or TLS) against that.
 """
 from __future__ import annotations
+
+import hashlib
+import hmac
 
 from sglang_memha.kvformat import Bridge, FormatDescriptor, FormatMismatchError
 
 LAYOUT_PREFIX = "memha/1:"
+AUTH_LAYOUT_PREFIX = "memha/1a:"
 FRAME_PREFIX = b"MEMHA1"
+TAG_FRAME_PREFIX = b"MEMHAT"
+_TAG_HEX = 64  # SHA-256
 
 
-def encode_layout(desc: FormatDescriptor) -> str:
-    return LAYOUT_PREFIX + desc.to_bytes().decode()
+def _tag(secret: str, label: bytes, *parts: bytes) -> str:
+    mac = hmac.new(secret.encode(), label, hashlib.sha256)
+    for part in parts:  # length-prefixed: no two part lists hash alike
+        mac.update(len(part).to_bytes(8, "little") + part)
+    return mac.hexdigest()
+
+
+def encode_layout(desc: FormatDescriptor, secret: str | None = None) -> str:
+    payload = desc.to_bytes()
+    if secret:
+        return f"{AUTH_LAYOUT_PREFIX}{_tag(secret, b'memha-layout', payload)}:{payload.decode()}"
+    return LAYOUT_PREFIX + payload.decode()
+
+
+def _registration_parts(msg: list[bytes]) -> list[bytes]:
+    # SGLang 0.5.23 registration frames 1..4: endpoint, port, Mooncake session id, KV pointers.
+    return [bytes(f) if isinstance(f, (bytes, bytearray)) else b"" for f in msg[1:5]]
+
+
+def encode_tag_frame(desc: FormatDescriptor, msg: list[bytes], secret: str) -> bytes:
+    """Decode side: the ``MEMHAT`` frame for registration ``msg`` (SGLang's frames)."""
+    return TAG_FRAME_PREFIX + _tag(secret, b"memha-registration", desc.to_bytes(),
+                                   *_registration_parts(msg)).encode()
+
+
+def find_tag_frame(msg: list[bytes]) -> bytes | None:
+    for frame in msg[20:]:
+        if isinstance(frame, (bytes, bytearray)) and frame.startswith(TAG_FRAME_PREFIX):
+            return bytes(frame)
+    return None
+
+
+def check_registration_tag(secret: str | None, frame: bytes | None, msg: list[bytes],
+                           peer: str) -> str | None:
+    """Prefill side: None when the decode's registration carries the right tag (or neither side
+    has a secret), else the reason. ``frame`` is the raw ``MEMHA1`` descriptor frame."""
+    tag = find_tag_frame(msg)
+    if not secret:
+        return None if tag is None else (
+            f"decode at {peer} authenticates with a shared secret but this prefill has none: set "
+            f"the same MEMHA_SHARED_SECRET on both servers")
+    if tag is None or frame is None:
+        return (f"decode at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
+                f"deployment, or a misconfigured server); set the same secret on both servers")
+    expect = _tag(secret, b"memha-registration", bytes(frame)[len(FRAME_PREFIX):],
+                  *_registration_parts(msg))
+    if not hmac.compare_digest(expect.encode(), tag[len(TAG_FRAME_PREFIX):]):
+        return (f"decode at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
+                f"(another deployment?); refusing to send it KV")
+    return None
 
 
 def encode_frame(desc: FormatDescriptor) -> bytes:
@@ -52,7 +116,10 @@ APPLIED_BRIDGES = frozenset({Bridge.FNUZ_TO_FN, Bridge.FN_TO_FNUZ})
 
 
 def _layout_payload(kv_layout: object) -> bytes:
-    """The descriptor bytes of a ``memha/1:`` layout string; ``ValueError`` for anything else."""
+    """The descriptor bytes of a ``memha/1:`` or ``memha/1a:`` layout string (the tag is not
+    checked here: ``check_layout_tag``); ``ValueError`` for anything else."""
+    if isinstance(kv_layout, str) and kv_layout.startswith(AUTH_LAYOUT_PREFIX):
+        kv_layout = LAYOUT_PREFIX + kv_layout[len(AUTH_LAYOUT_PREFIX) + _TAG_HEX + 1:]
     if not isinstance(kv_layout, str) or not kv_layout.startswith(LAYOUT_PREFIX):
         shown = repr(kv_layout[:40]) if isinstance(kv_layout, str) else f"of type {type(kv_layout).__name__}"
         raise ValueError(f"kv_layout is {shown}: expected a str starting with {LAYOUT_PREFIX!r}")
@@ -98,11 +165,41 @@ def _parse(payload_of, value: object, what: str) -> FormatDescriptor | str:
         return f"malformed sglang-memha descriptor from {what}: {e}"
 
 
-def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str) -> str | None:
+def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | None:
+    """Decode side: None when the prefill's layout carries the right tag (or neither side has a
+    secret), else the reason."""
+    tagged = isinstance(kv_layout, str) and kv_layout.startswith(AUTH_LAYOUT_PREFIX)
+    if not secret:
+        return None if not tagged else (
+            f"prefill at {peer} authenticates with a shared secret but this decode has none: set "
+            f"the same MEMHA_SHARED_SECRET on both servers")
+    if not tagged:
+        return (f"prefill at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
+                f"deployment, or a misconfigured server); set the same secret on both servers")
+    rest = kv_layout[len(AUTH_LAYOUT_PREFIX):]
+    tag, sep, payload = rest[:_TAG_HEX], rest[_TAG_HEX:_TAG_HEX + 1], rest[_TAG_HEX + 1:]
+    try:
+        expect = _tag(secret, b"memha-layout", payload.encode())
+        ok = sep == ":" and hmac.compare_digest(expect, tag)
+    except (UnicodeEncodeError, TypeError):
+        ok = False
+    if not ok:
+        return (f"prefill at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
+                f"(another deployment?); refusing its KV")
+    return None
+
+
+def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str,
+                       secret: str | None = None) -> str | None:
     """Decode side: judge the prefill's published ``kv_layout`` (any JSON value the bootstrap
-    server returned: only a ``memha/1:`` str is parsed, other strs and None are "missing")."""
-    if kv_layout is None or (isinstance(kv_layout, str) and not kv_layout.startswith(LAYOUT_PREFIX)):
+    server returned: only a ``memha/1:`` / ``memha/1a:`` str is parsed, other strs and None are
+    "missing"), its authentication tag first."""
+    if kv_layout is None or (isinstance(kv_layout, str) and not kv_layout.startswith(
+            (LAYOUT_PREFIX, AUTH_LAYOUT_PREFIX))):
         return _missing("prefill", peer, local, "decode")
+    reason = check_layout_tag(secret, kv_layout, peer)
+    if reason is not None:
+        return reason
     parsed = _parse(_layout_payload, kv_layout, f"prefill at {peer}")
     if isinstance(parsed, str):
         return parsed
@@ -119,5 +216,5 @@ def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str) -
     return _verdict(parsed, local, f"decode at {peer} is incompatible")
 
 
-__all__ = ["Bridge", "check_decode_peer", "check_prefill_peer", "encode_frame", "encode_layout",
-           "find_frame"]
+__all__ = ["Bridge", "check_decode_peer", "check_layout_tag", "check_prefill_peer",
+           "check_registration_tag", "encode_frame", "encode_layout", "encode_tag_frame", "find_frame"]

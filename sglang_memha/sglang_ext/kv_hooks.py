@@ -129,6 +129,11 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
             or req.kv.req_pool_idx is None):
         return result
     slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
+    rooms = load_config().test_corrupt_rooms
+    if rooms:
+        from sglang_memha.sglang_ext.integrity import corrupt_for_test
+
+        corrupt_for_test(pool, slots, req.bootstrap_room, rooms)
     try:
         for bridge in bridges:
             pool.apply_bridge(slots, bridge)

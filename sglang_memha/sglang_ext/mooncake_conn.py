@@ -76,12 +76,13 @@ class MemhaKVManager(mc.MooncakeKVManager):
         self._memha_rooms: dict[int, _RoomStats] = {}
         self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
         self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
+        cfg = load_config()
+        self.memha_secret = cfg.shared_secret
         if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
             # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
-            args.kv_layout = handshake.encode_layout(self.memha_desc)
+            args.kv_layout = handshake.encode_layout(self.memha_desc, self.memha_secret)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         self.memha_pipeline = None
-        cfg = load_config()
         if cfg.pipeline and self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
             self.memha_pipeline = LayerPipeline(self, cfg.pipeline_min_tokens)
 
@@ -92,6 +93,8 @@ class MemhaKVManager(mc.MooncakeKVManager):
         msg = super().build_receiver_registration_message()
         if self.memha_desc is not None:
             msg.append(handshake.encode_frame(self.memha_desc))
+            if self.memha_secret:
+                msg.append(handshake.encode_tag_frame(self.memha_desc, msg, self.memha_secret))
         return msg
 
     def _validate_peer_state_layout(self, registration_info):
@@ -99,9 +102,11 @@ class MemhaKVManager(mc.MooncakeKVManager):
         peer: SGLang's transfer worker then fails each of its rooms with that reason."""
         fully_checked, mismatch = super()._validate_peer_state_layout(registration_info)
         if mismatch is None and self.memha_desc is not None:
-            mismatch = handshake.check_decode_peer(
-                self.memha_desc, getattr(registration_info, "memha_frame", None),
-                peer=f"{registration_info.endpoint}:{registration_info.dst_port}")
+            peer = f"{registration_info.endpoint}:{registration_info.dst_port}"
+            frame = getattr(registration_info, "memha_frame", None)
+            tag_reason = None if frame is None else handshake.check_registration_tag(
+                self.memha_secret, frame, getattr(registration_info, "memha_msg", []), peer)
+            mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer)
             if mismatch is not None:
                 logger.error("sglang-memha: %s", mismatch)
         return fully_checked, mismatch
@@ -162,17 +167,38 @@ class MemhaKVManager(mc.MooncakeKVManager):
         if emitted in (KVPoll.Success, KVPoll.Failed):
             if self.memha_pipeline is not None:
                 self.memha_pipeline.forget(bootstrap_room)
-            with self._memha_lock:
-                stats = self._memha_rooms.pop(bootstrap_room, None)
-            if stats is not None:
-                fmt = self.memha_desc.fmt.value if self.memha_desc is not None else "stock"
-                ms = max(stats.ended - stats.started, 0.0) * 1e3
-                logger.warning(
-                    "sglang-memha transfer room=%s fmt=%s pages=%d pipelined_pages=%d kv_bytes=%d "
-                    "total_bytes=%d transfer_ms=%.2f status=%s", bootstrap_room, fmt, stats.pages,
-                    stats.pipelined_pages, stats.kv_bytes, stats.kv_bytes + stats.other_bytes, ms,
-                    "ok" if emitted == KVPoll.Success else "failed")
+            self._log_room(bootstrap_room, "ok" if emitted == KVPoll.Success else "failed")
+        self._sweep_rooms()
         return emitted
+
+    def _log_room(self, room: int, status: str) -> None:
+        with self._memha_lock:
+            stats = self._memha_rooms.pop(room, None)
+        if stats is not None:
+            fmt = self.memha_desc.fmt.value if self.memha_desc is not None else "stock"
+            ms = max(stats.ended - stats.started, 0.0) * 1e3
+            logger.warning(
+                "sglang-memha transfer room=%s fmt=%s pages=%d pipelined_pages=%d kv_bytes=%d "
+                "total_bytes=%d transfer_ms=%.2f status=%s", room, fmt, stats.pages,
+                stats.pipelined_pages, stats.kv_bytes, stats.kv_bytes + stats.other_bytes, ms, status)
+
+    def _sweep_rooms(self) -> None:
+        """Rooms SGLang cleared without a conclude (aborted, failed by the decode or a dead
+        peer, skipped by the worker) still get their transfer line (``status=aborted``), at
+        the next conclude, so the per-room stats cannot grow without bound."""
+        with self._memha_lock:
+            gone = [r for r in self._memha_rooms if r not in self.request_status]
+        for room in gone:
+            self._log_room(room, "aborted")
+
+    def _maybe_ack_drained_abort(self, room: int) -> None:
+        """SGLang (transfer worker, bootstrap thread, sender ``clear``) acks a decode's abort of
+        ``room`` once the room's chunks drained, and the decode then reuses its pages. Layers the
+        pipeline still has on the wire count as undrained: the pipeline calls this again when
+        the room's last plan is done."""
+        if self.memha_pipeline is not None and self.memha_pipeline.in_flight(room):
+            return
+        super()._maybe_ack_drained_abort(room)
 
 
 class MemhaKVReceiver(mc.MooncakeKVReceiver):
@@ -185,7 +211,7 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
             return
         info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
         reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
-                                              peer=self.bootstrap_addr)
+                                              peer=self.bootstrap_addr, secret=self.kv_mgr.memha_secret)
         if reason is None:
             bridges = handshake.bridges_for(local, info.kv_layout)
             if bridges:
@@ -208,7 +234,9 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
 
 def attach_memha_frame(original, cls, msg):
     """AROUND ``KVArgsRegisterInfo.from_zmq``: SGLang's parse, plus the raw ``MEMHA1`` frame
-    (or None) as ``.memha_frame`` for ``MemhaKVManager._validate_peer_state_layout``."""
+    (or None) as ``.memha_frame`` and the frames themselves as ``.memha_msg`` (the shared-secret
+    tag covers some of them) for ``MemhaKVManager._validate_peer_state_layout``."""
     info = original(cls, msg)
     info.memha_frame = handshake.find_frame(msg)
+    info.memha_msg = list(msg)
     return info

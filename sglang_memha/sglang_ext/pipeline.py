@@ -8,17 +8,19 @@ Data flow in one prefill scheduler process::
       the pages this forward writes and, per decode session, the decode pages they land on;
       each (room, page) is entered in the manager's pipelined registry
     pool.memha_layer_listener = plan.layer_written
-      model forward: pool.set_kv_buffer(layer L) -> plan.layer_written(L) -> sender queue
-    after the forward: sender queue <- close(plan)
+      model forward: pool.set_kv_buffer(layer L) -> plan.layer_written(L) -> session queues
+    after the forward: session queues <- close(plan)
 
-  LayerPipelineSender thread (one per Mooncake manager)
-    layer L: per request and decode session, the K and V rows of layer L merged into
+  _SessionWorker thread (one per decode session, so a dead peer stalls only its own requests)
+    layer L: per request bound to that session, the K and V rows of layer L merged into
       contiguous runs, one Mooncake ``batch_transfer_sync`` (through
       ``MooncakeKVManager._transfer_data``; it releases the GIL, so layer L+1 computes meanwhile).
       Layers that queued up while the previous call was on the wire go out together in one call:
       each call costs a fixed ~40-80 ms on Mooncake TCP (measured), which per-layer calls of a
       short prompt cannot amortize
-    close: each request plan is done: complete (every layer sent), incomplete, or failed
+    close: each request plan is done once all its sessions closed: complete (every layer
+      sent), incomplete, or failed. Until then the room counts as in flight, and SGLang's
+      ack of a decode's abort (which lets the decode reuse the pages) waits for it
 
   MooncakeKVManager.send_kvcache  (SGLang's normal send after the forward, transfer worker)
     ``LayerPipeline.claim``: pages a plan shipped to the same destination are waited for and
@@ -76,28 +78,33 @@ class _SessionRuns:
 
 @dataclass
 class RequestPlan:
-    """One request's share of one forward. ``done`` is set by the sender thread at close."""
+    """One request's share of one forward. ``done`` is set once every session worker of the
+    request processed the forward's close (``closes_left`` reaches 0)."""
     room: int
     sessions: list[_SessionRuns]
     num_layers: int
-    layers_sent: set = field(default_factory=set)
-    failure: str | None = None
+    layers_sent: dict = field(default_factory=dict)  # session -> set of layers landed there
+    failure: str | None = None  # a transfer failed: the chunk fails (KVPoll.Failed)
+    aborted: bool = False  # the room failed or was aborted meanwhile: sending stopped, no error
+    closes_left: int = 0
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def complete(self) -> bool:
-        return self.failure is None and len(self.layers_sent) == self.num_layers
+        return self.failure is None and not self.aborted and all(
+            len(self.layers_sent.get(s.session, ())) == self.num_layers for s in self.sessions)
 
 
 @dataclass
 class BatchPlan:
     reqs: list[RequestPlan]
-    sender: "LayerPipeline"
+    workers: list["_SessionWorker"]
 
     def layer_written(self, layer: int) -> None:
         """Called by ``MemhaQuantKVPool.set_kv_buffer`` (scheduler thread, once per layer per
         forward) after layer ``layer``'s rows are written; never blocks."""
-        self.sender.queue.put(("layer", self, layer))
+        for w in self.workers:
+            w.queue.put(("layer", self, layer))
 
 
 @dataclass
@@ -106,22 +113,66 @@ class _PageEntry:
     dst: dict  # session -> dst page, removed as each session's stock send claims it
 
 
+class _SessionWorker:
+    """Sender thread of one decode session. One per session, so a peer whose link is dead
+    (Mooncake TCP gives up after 30 s without progress) delays only its own requests."""
+
+    def __init__(self, pipe: "LayerPipeline", session: str):
+        self.pipe, self.session = pipe, session
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=f"memha-pipeline-{session}", daemon=True).start()
+
+    def _mine(self, plan: BatchPlan):
+        for rp in plan.reqs:
+            for s in rp.sessions:
+                if s.session == self.session:
+                    yield rp, s
+
+    def _run(self) -> None:
+        pending = None
+        while True:
+            kind, plan, layer = pending or self.queue.get()
+            pending = None
+            try:
+                if kind == "layer":
+                    layers = [layer]
+                    while True:  # coalesce the layers of this forward that are already written
+                        try:
+                            nxt = self.queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt[0] == "layer" and nxt[1] is plan:
+                            layers.append(nxt[2])
+                        else:
+                            pending = nxt
+                            break
+                    for rp, s in self._mine(plan):
+                        self.pipe._send_layers(rp, s, layers)
+            except Exception as e:  # never let the thread die: fail the plans it was serving
+                logger.exception("sglang-memha pipeline: %s", e)
+                for rp, _ in self._mine(plan):
+                    rp.failure = rp.failure or f"pipeline sender error: {e}"
+            if kind == "close":
+                for rp, _ in self._mine(plan):
+                    self.pipe._session_closed(rp)
+
+
 class LayerPipeline:
-    """Per-layer sender and pipelined-page registry of one ``MemhaKVManager`` (prefill)."""
+    """Per-layer senders and pipelined-page registry of one ``MemhaKVManager`` (prefill)."""
 
     def __init__(self, mgr, min_tokens: int):
         self.mgr = mgr
         self.min_tokens = min_tokens
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._registry: dict[int, dict[int, _PageEntry]] = {}
-        self._thread = threading.Thread(target=self._run, name="memha-layer-pipeline", daemon=True)
-        self._thread.start()
+        self._workers: dict[str, _SessionWorker] = {}
+        self._in_flight: dict[int, int] = {}  # room -> request plans not yet done
 
     # ---- scheduler thread: plan ------------------------------------------------------------
     def plan_batch(self, batch, req_to_token, page_size: int) -> BatchPlan | None:
         """Plan one extend forward (scheduler thread, before the forward). Requests not eligible
         are left out and sent whole after the forward by SGLang's path."""
+        self._sweep()
         prefix_lens, extend_lens = batch.prefix_lens, batch.extend_lens
         reqs = []
         for i, req in enumerate(batch.reqs):
@@ -131,7 +182,18 @@ class LayerPipeline:
                 reqs.append(plan)
         if not reqs:
             return None
-        return BatchPlan(reqs=reqs, sender=self)
+        with self._lock:
+            sessions = dict.fromkeys(s.session for rp in reqs for s in rp.sessions)
+            workers = [self._workers.get(s) or self._workers.setdefault(s, _SessionWorker(self, s))
+                       for s in sessions]
+        return BatchPlan(reqs=reqs, workers=workers)
+
+    def _sweep(self) -> None:
+        """Drop registry rooms SGLang already cleared (a room can end without a conclude, e.g.
+        an abort while its chunk was skipped), so the registry cannot grow without bound."""
+        with self._lock:
+            for room in [r for r in self._registry if r not in self.mgr.request_status]:
+                del self._registry[room]
 
     def _plan_request(self, req, prefix_len, extend_len, req_to_token, page_size):
         mgr = self.mgr
@@ -176,8 +238,10 @@ class LayerPipeline:
             lens = mgr.kv_args.kv_item_lens
             sessions.append(_SessionRuns(session, runs, src_k, src_v, dst_k, dst_v,
                                          list(lens[:layers]), list(lens[layers:2 * layers])))
-        plan = RequestPlan(room=room, sessions=sessions, num_layers=len(sessions[0].src_k))
+        plan = RequestPlan(room=room, sessions=sessions, num_layers=len(sessions[0].src_k),
+                           closes_left=len(sessions))
         with self._lock:
+            self._in_flight[room] = self._in_flight.get(room, 0) + 1
             entries = self._registry.setdefault(room, {})
             for i, p in enumerate(src_pages.tolist()):
                 # A page written again by a later chunk (the partial last page) is re-planned;
@@ -186,67 +250,66 @@ class LayerPipeline:
         return plan
 
     def close(self, plan: BatchPlan) -> None:
-        """Scheduler thread, after the forward (also when it raised): the sender thread settles
-        each request plan once the layers queued before this call have been sent."""
-        self.queue.put(("close", plan, None))
+        """Scheduler thread, after the forward (also when it raised): each session worker
+        settles its share of the request plans once the layers queued before this call are sent."""
+        for w in plan.workers:
+            w.queue.put(("close", plan, None))
 
-    # ---- sender thread -------------------------------------------------------------------
-    def _run(self) -> None:
-        pending = None
-        while True:
-            kind, plan, layer = pending or self.queue.get()
-            pending = None
-            try:
-                if kind == "layer":
-                    layers = [layer]
-                    while True:  # coalesce the layers of this forward that are already written
-                        try:
-                            nxt = self.queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if nxt[0] == "layer" and nxt[1] is plan:
-                            layers.append(nxt[2])
-                        else:
-                            pending = nxt
-                            break
-                    for rp in plan.reqs:
-                        self._send_layers(rp, layers)
-                else:
-                    for rp in plan.reqs:
-                        rp.done.set()
-            except Exception as e:  # never let the thread die: fail the plans it was serving
-                logger.exception("sglang-memha pipeline: %s", e)
-                for rp in plan.reqs:
-                    rp.failure = rp.failure or f"pipeline sender error: {e}"
-                    if kind == "close":
-                        rp.done.set()
+    def in_flight(self, room: int) -> bool:
+        """Whether a forward's layers of ``room`` may still be written to a decode."""
+        with self._lock:
+            return self._in_flight.get(room, 0) > 0
 
-    def _send_layers(self, rp: RequestPlan, layers: list[int]) -> None:
+    # ---- session worker threads ------------------------------------------------------------
+    def _session_closed(self, rp: RequestPlan) -> None:
+        with self._lock:
+            rp.closes_left -= 1
+            if rp.closes_left > 0:
+                return
+            left = self._in_flight.get(rp.room, 1) - 1
+            if left > 0:
+                self._in_flight[rp.room] = left
+            else:
+                self._in_flight.pop(rp.room, None)
+        rp.done.set()
+        if left <= 0:
+            # SGLang acks a decode's abort only once the room's writes drained; ours count too
+            # (``MemhaKVManager._maybe_ack_drained_abort`` waits for ``in_flight``).
+            self.mgr._maybe_ack_drained_abort(rp.room)
+
+    def _send_layers(self, rp: RequestPlan, s: _SessionRuns, layers: list[int]) -> None:
         mgr = self.mgr
-        layers = [layer for layer in dict.fromkeys(layers) if layer not in rp.layers_sent]
-        if rp.failure is not None or not layers:
+        sent = rp.layers_sent.setdefault(s.session, set())
+        layers = [layer for layer in dict.fromkeys(layers) if layer not in sent]
+        if rp.failure is not None or rp.aborted or not layers:
             return
         if rp.room not in mgr.request_status or mgr.check_status(rp.room) == KVPoll.Failed:
-            rp.failure = "request failed or aborted while its layers were in flight"
+            rp.aborted = True  # SGLang concludes the room; a -1 would also mark the session dead
+            return
+        if s.session in mgr.failed_sessions:
+            rp.failure = f"decode session {s.session} failed earlier"
             return
         tls = mgr._memha_tls
         tls.room, tls.phase = rp.room, "kv"  # measured bytes land in this room's stats
         try:
-            for s in rp.sessions:
-                blocks = [b for layer in layers for b in s.layer_blocks(layer)]
-                if mgr._transfer_data(s.session, blocks) != 0:
-                    rp.failure = f"layers {layers} transfer to {s.session} failed"
-                    logger.error("sglang-memha pipeline: room %s: %s", rp.room, rp.failure)
-                    return
+            blocks = [b for layer in layers for b in s.layer_blocks(layer)]
+            if mgr._transfer_data(s.session, blocks) != 0:
+                rp.failure = f"layers {layers} transfer to {s.session} failed"
+                logger.error("sglang-memha pipeline: room %s: %s", rp.room, rp.failure)
+                # Mooncake may still be writing after its timeout: no drain ack for this room.
+                mgr._poison_unsettled_send(rp.room)
+                return
         finally:
             tls.room = tls.phase = None
-        rp.layers_sent.update(layers)
+        sent.update(layers)
 
     # ---- transfer worker: claim --------------------------------------------------------
     def claim(self, room: int, session: str, src: np.ndarray, dst: np.ndarray):
         """Called by ``MemhaKVManager.send_kvcache`` (SGLang transfer worker, blocking until
         the plans covering this chunk are closed). Returns ``(src_rest, dst_rest, status)``:
-        the pages still to send the stock way, and -1 if a plan covering a page failed."""
+        the pages still to send the stock way, and -1 if a plan covering a page failed (a
+        transfer error: SGLang then fails the room and marks the session dead). Pages of a room
+        aborted meanwhile are dropped without error, as SGLang's own send would finish them."""
         with self._lock:
             entries = self._registry.get(room)
             if not entries:
@@ -270,6 +333,8 @@ class LayerPipeline:
             if plan.failure is not None:
                 logger.error("sglang-memha pipeline: room %s failed: %s", room, plan.failure)
                 return src, dst, -1
+            if plan.aborted:
+                continue  # nothing more to ship for a room that ended; SGLang's path concludes it
             if not plan.complete:
                 covered[idx] = False  # some layers never signalled: send these pages stock
         rest = ~covered
@@ -284,8 +349,7 @@ class LayerPipeline:
 def around_run_batch(original, scheduler, batch, *args, **kwargs):
     """AROUND ``Scheduler.run_batch`` (prefill scheduler thread): attach a per-layer plan to
     the KV pool for the duration of an extend forward; no plan, no change."""
-    plan = None
-    pool = None
+    plan = pool = pipe = None
     if batch is not None and batch.forward_mode.is_extend():
         try:
             queue_ = getattr(scheduler, "disagg_prefill_bootstrap_queue", None)  # prefill only
@@ -304,4 +368,4 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
         return original(scheduler, batch, *args, **kwargs)
     finally:
         pool.memha_layer_listener = None
-        plan.sender.close(plan)
+        pipe.close(plan)

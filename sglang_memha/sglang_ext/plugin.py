@@ -66,9 +66,10 @@ def register() -> None:
 
         cpu_compat.register()
     if in_scheduler:
-        from sglang_memha.sglang_ext import kv_hooks
+        from sglang_memha.sglang_ext import integrity, kv_hooks
 
         kv_hooks.register_metrics()
+        integrity.register()
         if cfg.kv_enabled:
             kv_hooks.register_kv_format()
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",

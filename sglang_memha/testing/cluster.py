@@ -49,6 +49,30 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def used_tokens(url: str) -> int:
+    """KV tokens a server's pool holds right now, read from the server: ``/flush_cache`` (drops
+    the radix cache's unreferenced pages; refused while requests are pending) then the
+    ``num_used_tokens`` of ``/v1/loads``. ``ClusterError`` when the server does not answer."""
+    http_json(f"{url}/flush_cache", {}, timeout=30)
+    status, body = http_json(f"{url}/v1/loads", timeout=30)
+    if status != 200 or not isinstance(body, dict):
+        raise ClusterError(f"{url}/v1/loads answered {status}: {str(body)[:200]}")
+    return sum(load["num_used_tokens"] for load in body["loads"])
+
+
+def wait_idle(urls: list[str], timeout_s: float = 90.0) -> list[int]:
+    """Poll ``used_tokens`` of each server until all are 0 or ``timeout_s`` passed; return the
+    last reading. A decode holds an aborted request's pages until the prefill acks that nothing
+    more will be written (SGLang's deferred release, bounded by
+    ``SGLANG_DISAGGREGATION_DEFERRED_DECODE_KV_RELEASE_TIMEOUT``), so idle can take a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = [used_tokens(u) for u in urls]
+        if not any(used) or time.monotonic() > deadline:
+            return used
+        time.sleep(1.0)
+
+
 def _check_model(model_path: str) -> None:
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise ClusterError(f"model path {model_path!r} has no config.json: build the tiny model with "
@@ -231,13 +255,13 @@ class PDCluster(_Deployment):
         return {} if self.link is None else {"SGLANG_HOST_IP": getattr(self.link, f"{side}_ip")}
 
     def direct_generate(self, payload: dict, decode_index: int = 0,
-                        timeout: float = 300.0) -> tuple[int, dict | str]:
+                        timeout: float = 300.0, room: int | None = None) -> tuple[int, dict | str]:
         """What the router does for one request, aimed at a chosen decode server: POST the
         payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
-        decode's answer (for tests that must pick the decode server)."""
+        decode's answer (for tests that must pick the decode server; ``room``: default random)."""
         host, _ = _host_port(self.prefill_url)
         body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_port,
-                "bootstrap_room": random.getrandbits(63)}
+                "bootstrap_room": random.getrandbits(63) if room is None else room}
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
             pf = ex.submit(http_json, f"{self.prefill_url}/generate", body, timeout)
             df = ex.submit(http_json, f"{self.decode_urls[decode_index]}/generate", body, timeout)

@@ -114,6 +114,22 @@ class ShapedLink:
         _run_script("rate", "--rate", rate, *self._common())
         self.rate = rate
 
+    def cut(self) -> None:
+        """Take the prefill <-> decode veth down at both ends (a pulled cable: in-flight TCP
+        stalls, new connections fail); the namespaces and their servers keep running."""
+        self._set_pd0("down")
+
+    def restore(self) -> None:
+        """Undo ``cut``: the veth up at both ends (the point-to-point routes come back with it)."""
+        self._set_pd0("up")
+
+    def _set_pd0(self, state: str) -> None:
+        for ns in (self.prefill_ns, self.decode_ns):
+            r = subprocess.run(["ip", "-n", ns, "link", "set", "pd0", state], capture_output=True,
+                               text=True, timeout=10)
+            if r.returncode != 0:
+                raise NetnsError(f"ip -n {ns} link set pd0 {state}: {r.stderr.strip()}")
+
     def status(self) -> str:
         """The script's status text; raises NetnsError when the link is not up."""
         return _run_script("status", *self._common()).stdout

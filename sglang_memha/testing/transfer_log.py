@@ -2,14 +2,15 @@
 
 One line per concluded request (WARNING level)::
 
-  sglang-memha transfer room=R fmt=F pages=P pipelined_pages=Q kv_bytes=B total_bytes=T transfer_ms=M status=ok|failed
+  sglang-memha transfer room=R fmt=F pages=P pipelined_pages=Q kv_bytes=B total_bytes=T transfer_ms=M status=ok|failed|aborted
 
 ``pages``: KV pages the request's chunks asked to send (per decode session); ``pipelined_pages``:
 those of them already delivered layer by layer during the forward (``MEMHA_PIPELINE=1``), so left
 out of the send after it; ``kv_bytes``: bytes of KV rows Mooncake reported moved (a page that a
 chunk boundary cut in two is shipped by both chunks' forwards, so pipelined requests can move a
 page or two more than ``pages``); ``total_bytes``: plus aux metadata; ``transfer_ms``: first to last
-transfer call of the request.
+transfer call of the request; ``status``: ``aborted`` for a room SGLang cleared without
+concluding it (client abort, decode timeout or failure), logged at the next conclude.
 """
 from __future__ import annotations
 

@@ -68,3 +68,53 @@ def test_fnuz_fn_bridge_accepted_other_bridges_refused():
     assert r is not None and "layer_to_token_scale" in r
     r = hs.check_prefill_peer(desc(page_size=16), hs.encode_layout(desc(page_size=32)), "p")
     assert r is not None and "repage" in r
+
+
+# ---- shared secret -----------------------------------------------------------------------------
+
+def _registration(d, secret=None, session=b"10.0.0.2:15000"):
+    msg = [b"None", b"10.0.0.2", b"4000", session, b"\x00" * 16] + [b""] * 15 + [hs.encode_frame(d)]
+    if secret:
+        msg.append(hs.encode_tag_frame(d, msg, secret))
+    return msg
+
+
+def test_same_secret_passes_both_ways():
+    d = desc()
+    assert hs.check_prefill_peer(d, hs.encode_layout(d, "k1"), "p:1", secret="k1") is None
+    msg = _registration(d, "k1")
+    assert hs.check_registration_tag("k1", hs.find_frame(msg), msg, "d:1") is None
+    assert hs.bridges_for(d, hs.encode_layout(d, "k1")) == []  # the tagged layout parses
+
+
+@pytest.mark.parametrize("prefill_secret,decode_secret,words", [
+    ("k1", "k2", "wrong authentication tag"), (None, "k2", "sent no authentication tag"),
+    ("k1", None, "this decode has none")])
+def test_decode_refuses_prefill_of_another_deployment(prefill_secret, decode_secret, words):
+    d = desc()
+    reason = hs.check_prefill_peer(d, hs.encode_layout(d, prefill_secret), "10.0.0.1:8998",
+                                   secret=decode_secret)
+    assert reason is not None and words in reason and "10.0.0.1:8998" in reason
+    assert "MEMHA_SHARED_SECRET" in reason or "another deployment" in reason
+
+
+@pytest.mark.parametrize("prefill_secret,decode_secret,words", [
+    ("k1", "k2", "wrong authentication tag"), ("k1", None, "sent no authentication tag"),
+    (None, "k2", "this prefill has none")])
+def test_prefill_refuses_decode_of_another_deployment(prefill_secret, decode_secret, words):
+    msg = _registration(desc(), decode_secret)
+    reason = hs.check_registration_tag(prefill_secret, hs.find_frame(msg), msg, "10.0.0.2:4000")
+    assert reason is not None and words in reason and "10.0.0.2:4000" in reason
+
+
+def test_tag_cannot_be_moved_to_another_registration_or_descriptor():
+    d = desc()
+    genuine = _registration(d, "k1")
+    moved = _registration(d, None, session=b"10.6.6.6:15000") + [hs.find_tag_frame(genuine)]
+    assert "wrong authentication tag" in hs.check_registration_tag("k1", hs.find_frame(moved), moved, "x")
+    other = desc(model_id="other#2")
+    swapped = genuine[:20] + [hs.encode_frame(other), hs.find_tag_frame(genuine)]
+    assert "wrong authentication tag" in hs.check_registration_tag("k1", hs.find_frame(swapped), swapped, "x")
+    layout = hs.encode_layout(d, "k1")
+    forged = layout.replace('"m#1"', '"other#2"')
+    assert forged != layout and "wrong authentication tag" in hs.check_layout_tag("k1", forged, "x")

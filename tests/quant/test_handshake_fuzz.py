@@ -201,6 +201,31 @@ def prop_check_decode_peer(local: FormatDescriptor, frame: object) -> None:
     assert reason is None or (isinstance(reason, str) and PEER in reason), reason
 
 
+SECRET = "s3cret"
+
+
+def prop_check_layout_tag(local: FormatDescriptor, kv_layout: object) -> None:
+    """Any layout, judged with and without a secret: None or a reason naming the peer, and the
+    whole decode check stays total when the prefix claims a tag."""
+    for secret in (None, SECRET):
+        reason = hs.check_layout_tag(secret, kv_layout, PEER)
+        assert reason is None or (isinstance(reason, str) and PEER in reason), reason
+        if isinstance(kv_layout, str):
+            tagged = hs.AUTH_LAYOUT_PREFIX + kv_layout
+            assert hs.check_layout_tag(SECRET, tagged, PEER) is not None  # never a valid tag by chance
+            prop_check_prefill_peer(local, tagged)
+
+
+def prop_check_registration_tag(local: FormatDescriptor, msg: list) -> None:
+    frame = hs.find_frame(msg)
+    for secret in (None, SECRET):
+        reason = hs.check_registration_tag(secret, frame, msg, PEER)
+        assert reason is None or (isinstance(reason, str) and PEER in reason), reason
+        if secret and reason is None:  # only a genuine tag passes
+            assert hs.find_tag_frame(msg) == hs.encode_tag_frame(
+                FormatDescriptor.from_bytes(frame[len(hs.FRAME_PREFIX):]), msg, secret)
+
+
 def prop_find_frame(local: FormatDescriptor, msg: list) -> None:
     found = hs.find_frame(msg)
     ours = [bytes(f) for f in msg[20:] if isinstance(f, (bytes, bytearray)) and f.startswith(hs.FRAME_PREFIX)]
@@ -225,6 +250,8 @@ PROPERTIES = [
     ("handshake.find_frame", prop_find_frame, (descriptors(), messages), 0.10),
     ("handshake.encode_layout/encode_frame round trip", prop_valid_round_trip,
      (descriptors(), descriptors()), 0.05),
+    ("handshake.check_layout_tag", prop_check_layout_tag, (descriptors(), kv_layouts), 0.05),
+    ("handshake.check_registration_tag", prop_check_registration_tag, (descriptors(), messages), 0.05),
 ]
 
 # ---- pytest -----------------------------------------------------------------------------------
@@ -262,6 +289,18 @@ def test_check_decode_peer(local, frame):
 @given(descriptors(), messages)
 def test_find_frame(local, msg):
     prop_find_frame(local, msg)
+
+
+@settings(FUZZ, max_examples=200)
+@given(descriptors(), kv_layouts)
+def test_check_layout_tag(local, kv_layout):
+    prop_check_layout_tag(local, kv_layout)
+
+
+@settings(FUZZ, max_examples=200)
+@given(descriptors(), messages)
+def test_check_registration_tag(local, msg):
+    prop_check_registration_tag(local, msg)
 
 
 @settings(FUZZ, max_examples=200)

@@ -20,7 +20,7 @@ from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
 from sglang_memha.sglang_ext.pipeline import LayerPipeline, around_run_batch  # noqa: E402
 
 LAYERS, PAGE, ITEM, POOL_PAGES = 3, 16, 48, 32  # ITEM: bytes of one page of one layer (K or V)
-SESSION = "10.0.0.2:1234"
+SESSION, SESSION_B = "10.0.0.2:1234", "10.0.0.3:1234"
 
 
 class FakeManager:
@@ -34,13 +34,23 @@ class FakeManager:
                                        kv_item_lens=[ITEM] * (2 * LAYERS))
         self.request_status: dict[int, int] = {}
         self.transfer_infos: dict[int, dict] = {}
-        self.decode_kv_args_table = {SESSION: SimpleNamespace(
-            dst_kv_ptrs=[a.ctypes.data for a in self.dst], dst_attn_tp_size=1, requires_dcp_relayout=False)}
+        self.dst_b = [np.zeros(POOL_PAGES * ITEM, dtype=np.uint8) for _ in range(2 * LAYERS)]
+        self.decode_kv_args_table = {s: SimpleNamespace(
+            dst_kv_ptrs=[a.ctypes.data for a in pool], dst_attn_tp_size=1, requires_dcp_relayout=False)
+            for s, pool in ((SESSION, self.dst), (SESSION_B, self.dst_b))}
+        self.acks: list[int] = []  # rooms SGLang's drain check was re-run for
+        self.poisoned: list[int] = []
         self.failed_sessions: set[str] = set()
         self.attn_tp_size = 1
         self._memha_tls = threading.local()
         self.fail_layer = fail_layer
         self.calls: list[tuple[int, str | None]] = []  # (room the call was accounted to, phase)
+
+    def _maybe_ack_drained_abort(self, room):
+        self.acks.append(room)
+
+    def _poison_unsettled_send(self, room):
+        self.poisoned.append(room)
 
     def check_status(self, room):
         return self.request_status[room]
@@ -59,9 +69,9 @@ class FakeManager:
             ctypes.memmove(dst, src, n)
         return 0
 
-    def add_room(self, room: int, dst_pages: list[int]):
+    def add_room(self, room: int, dst_pages: list[int], session: str = SESSION):
         self.request_status[room] = KVPoll.WaitingForInput
-        self.transfer_infos[room] = {SESSION: SimpleNamespace(
+        self.transfer_infos[room] = {session: SimpleNamespace(
             is_dummy=False, required_dst_info_num=1, dst_device_kv_indices=None,
             dst_kv_indices=np.array(dst_pages, dtype=np.int32))}
 
@@ -149,7 +159,7 @@ def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
     req, row = _req(9, _slots(src_pages, 32), 32)
     plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
     plan.layer_written(0)
-    while pipe.queue.qsize():  # the sender took layer 0 and is blocked in its call
+    while plan.workers[0].queue.qsize():  # the sender took layer 0 and is blocked in its call
         threading.Event().wait(0.005)
     for layer in range(1, LAYERS):
         plan.layer_written(layer)
@@ -199,9 +209,60 @@ def test_failed_layer_fails_the_chunk():
     plan = _forward(pipe, req, row, 0, 20, one_call_per_layer=True)
     assert "layers [1]" in plan.reqs[0].failure
     assert len(mgr.calls) == 2  # layer 0 sent, layer 1 failed, layer 2 signalled but not sent
-    assert plan.reqs[0].layers_sent == {0}
+    assert plan.reqs[0].layers_sent == {SESSION: {0}}
+    assert mgr.poisoned == [2]  # Mooncake may still write after a failed call: no abort ack
     _, _, status = pipe.claim(2, SESSION, np.array([4, 5]), np.array([0, 1]))
     assert status == -1
+
+
+def test_dead_session_does_not_stall_another_sessions_requests():
+    """Room 1 goes to a decode whose link hangs (its call blocks); room 2, planned in the same
+    forward for another decode, lands and completes meanwhile."""
+    mgr = FakeManager()
+    gate = threading.Event()
+    copy = mgr._transfer_data
+    mgr._transfer_data = lambda session, blocks: (gate.wait(10) and -1) if session == SESSION \
+        else copy(session, blocks)
+    pipe = LayerPipeline(mgr, min_tokens=0)
+    mgr.add_room(1, [0, 1])
+    mgr.add_room(2, [6, 7], session=SESSION_B)
+    req1, row = _req(1, _slots([4, 5], 20), 20)
+    req2, row2 = _req(2, _slots([8, 9], 20), 20)
+    row = torch.cat([row, row2])
+    req2.kv.req_pool_idx = 1
+    plan = pipe.plan_batch(SimpleNamespace(reqs=[req1, req2], prefix_lens=[0, 0], extend_lens=[20, 20]),
+                           row, PAGE)
+    for layer in range(LAYERS):
+        plan.layer_written(layer)
+    pipe.close(plan)
+    rp1, rp2 = plan.reqs
+    assert rp2.done.wait(10) and rp2.complete and not rp1.done.is_set()
+    for buf in range(2 * LAYERS):
+        for s_, d in ((8, 6), (9, 7)):
+            assert mgr.dst_b[buf][d * ITEM:(d + 1) * ITEM].tobytes() == _page_bytes(mgr.src, buf, s_)
+    assert pipe.in_flight(1) and not pipe.in_flight(2)
+    gate.set()
+    assert rp1.done.wait(10) and "failed" in rp1.failure and not pipe.in_flight(1)
+
+
+def test_abort_ack_waits_for_layers_on_the_wire():
+    """A decode's abort is acked (and its pages reused) only after the room's pipelined writes
+    stopped: the pipeline re-runs SGLang's drain check when the room's last plan is done."""
+    mgr = FakeManager()
+    gate = threading.Event()
+    copy = mgr._transfer_data
+    mgr._transfer_data = lambda session, blocks: gate.wait(10) and copy(session, blocks)
+    pipe = LayerPipeline(mgr, min_tokens=0)
+    mgr.add_room(4, [0, 1])
+    req, row = _req(4, _slots([4, 5], 20), 20)
+    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[20]), row, PAGE)
+    plan.layer_written(0)
+    assert pipe.in_flight(4) and mgr.acks == []
+    mgr.request_status[4] = KVPoll.Failed  # the decode aborted the room
+    pipe.close(plan)
+    gate.set()
+    assert plan.reqs[0].done.wait(10)
+    assert not pipe.in_flight(4) and mgr.acks == [4]
 
 
 def test_room_failed_while_layers_in_flight_stops_sending():
@@ -220,7 +281,9 @@ def test_room_failed_while_layers_in_flight_stops_sending():
     plan.layer_written(1)
     pipe.close(plan)
     assert plan.reqs[0].done.wait(10)
-    assert plan.reqs[0].failure is not None and len(mgr.calls) == 1
+    assert plan.reqs[0].aborted and plan.reqs[0].failure is None and len(mgr.calls) == 1
+    rest, _, status = pipe.claim(4, SESSION, np.array([4, 5]), np.array([0, 1]))
+    assert status == 0 and len(rest) == 0  # no -1: that would mark the decode session dead
 
 
 def test_ineligible_requests_are_not_planned():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from sglang_memha.testing import PDCluster, SingleServer
-from sglang_memha.testing.procs import ClusterError, http_json
+from sglang_memha.testing.cluster import used_tokens
+from sglang_memha.testing.procs import ClusterError
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.cluster
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.cluster
 PAGE = ["--page-size", "16"]
 PROMPT = {"input_ids": list(range(100, 300)), "sampling_params": {"max_new_tokens": 8, "temperature": 0,
                                                                    "ignore_eos": True}}
-
-
-def used_tokens(url: str) -> int:
-    assert http_json(f"{url}/flush_cache", {}, timeout=30)[0] == 200
-    status, body = http_json(f"{url}/v1/loads", timeout=30)
-    assert status == 200, body
-    return sum(load["num_used_tokens"] for load in body["loads"])
 
 
 def assert_ok(resp):
