@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Issue 9's reliability table: fault injection + overload + parser fuzzing, one JSON.
+
+* faults: every scenario of ``sglang_memha.testing.faults`` (decode killed mid-transfer, prefill
+  killed mid-forward, link cut mid-transfer, client aborts before/during/after the transfer, a
+  transfer past its timeout) on fp8 pipelined PD over a 500 kbit/s shaped link (~6 min, root);
+* overload: ``eval/results/overload.json`` (``eval/overload_pd.py``, run separately, ~6 min);
+* fuzzing: ``eval/results/fuzz_handshake.json`` (``eval/fuzz_handshake.py``).
+
+Writes ``eval/results/reliability.json`` with flat keys ``faults_injected``, ``requests_lost``,
+``pages_leaked``, ``bad_inputs_tried`` (totals over all three) and one record per fault, and
+prints the markdown table of ``eval/RESULTS.md``.
+
+    python eval/faults_pd.py
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sglang_memha.models.tiny_qwen3 import build  # noqa: E402
+from sglang_memha.testing import faults  # noqa: E402
+from sglang_memha.testing.netns import ShapedLink, netns_available  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _load(name: str) -> dict:
+    path = os.path.join(RESULTS, name)
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} missing: run eval/{'overload_pd' if 'overload' in name else 'fuzz_handshake'}.py first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main() -> None:
+    ok, why = netns_available()
+    if not ok:
+        raise SystemExit(f"needs network namespaces: {why}")
+    overload, fuzz = _load("overload.json"), _load("fuzz_handshake.json")
+    print("fault scenarios: ~6 min on 2 cores", flush=True)
+    with ShapedLink(rate=faults.LINK_RATE, prefix="mhfe") as link:
+        recs = faults.run_all(build(), link, tempfile.mkdtemp(prefix="memha-faults-"),
+                              progress=lambda r: print(f"  {r.fault}: clear={r.victim_clear} "
+                                                       f"survivors_ok={r.survivors_ok} "
+                                                       f"used_after={r.used_after} ({r.seconds:.0f} s)",
+                                                       flush=True))
+    res = {
+        "faults_injected": len(recs),
+        "requests_lost": sum(r.lost for r in recs) + overload["requests_lost"],
+        "pages_leaked": sum(r.pages_leaked for r in recs) + overload["pages_leaked"],
+        "bad_inputs_tried": fuzz["bad_inputs_tried"],
+        "survivors_failed": sum(not r.survivors_ok for r in recs),
+        "overload_requests": overload["requests_sent"], "overload_rejected": overload["rejected"],
+        "overload_retractions": overload["retractions"],
+        "faults": [{**dataclasses.asdict(r), "lost": r.lost, "pages_leaked": r.pages_leaked} for r in recs],
+        "command": "python eval/faults_pd.py",
+    }
+    with open(os.path.join(RESULTS, "reliability.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n| fault | victim's answer | survivors | pages leaked |\n|---|---|---|---|")
+    for r in recs:
+        reason = (r.victim_reason.split("exception ")[-1][:90] if r.victim_status != 200
+                  else "(client left after the first token)").replace("|", "/")
+        print(f"| {r.fault} | {r.victim_status}: {reason} | {'ok' if r.survivors_ok else 'FAILED'} "
+              f"| {r.pages_leaked} |")
+    print(f"\nfaults_injected={res['faults_injected']} requests_lost={res['requests_lost']} "
+          f"pages_leaked={res['pages_leaked']} bad_inputs_tried={res['bad_inputs_tried']}")
+
+
+if __name__ == "__main__":
+    main()
