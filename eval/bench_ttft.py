@@ -33,32 +33,21 @@ import statistics
 import sys
 import time
 
-from sglang_memha.models.smollm2 import ensure_smollm2
-from sglang_memha.testing import PDCluster, SingleServer
-from sglang_memha.testing.netns import ShapedLink, netns_available
-from sglang_memha.testing.transfer_log import transfer_rows
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from eval.pd_configs import MAX_TOKENS, PD_CONFIGS, matched_link_rate, server_args, thread_env  # noqa: E402
+from sglang_memha.models.smollm2 import ensure_smollm2  # noqa: E402
+from sglang_memha.testing import PDCluster, SingleServer  # noqa: E402
+from sglang_memha.testing.netns import ShapedLink, netns_available  # noqa: E402
+from sglang_memha.testing.transfer_log import transfer_rows  # noqa: E402
+
 OUT_JSON = os.path.join(ROOT, "eval", "results", "ttft.json")
 OUT_PNG = os.path.join(ROOT, "eval", "results", "ttft.png")
-BF16_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: K+V, 30 layers, 3 KV heads, dim 64
-PAGE = 16
-MAX_TOKENS = 20000
 
 NO_LINK = "pd_fp8_no_link"  # prefill compute + PD overheads, KV over loopback (~free)
-CONFIGS = {
-    NO_LINK: {"MEMHA_KV_FORMAT": "fp8_e4m3"},
-    "stock_bf16": {},
-    "memha_fp8_whole": {"MEMHA_KV_FORMAT": "fp8_e4m3"},
-    "memha_fp8_pipelined": {"MEMHA_KV_FORMAT": "fp8_e4m3", "MEMHA_PIPELINE": "1",
-                            "MEMHA_PIPELINE_MIN_TOKENS": "0"},
-    "memha_bf16_pipelined": {"MEMHA_KV_FORMAT": "bf16", "MEMHA_PIPELINE": "1",
-                             "MEMHA_PIPELINE_MIN_TOKENS": "0"},
-}
-
-
-def server_args(max_len: int) -> list[str]:
-    return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64))]
+CONFIGS = {name: PD_CONFIGS[name].env for name in
+           (NO_LINK, "stock_bf16", "memha_fp8_whole", "memha_fp8_pipelined", "memha_bf16_pipelined")}
 
 
 def one_request(deploy, n: int, rng: random.Random) -> float:
@@ -109,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
 
     print("prefill-only (single server, no transfer)", flush=True)
-    pf_env = {"OMP_NUM_THREADS": str(a.prefill_threads)} if a.prefill_threads > 0 else {}
+    pf_env = thread_env(a.prefill_threads)
     with SingleServer(model, server_args(max(lengths)), max_total_tokens=MAX_TOKENS, env=pf_env,
                       log_dir=os.path.join(a.log_dir, "single")) as s:
         one_request(s, 64, random.Random(99))  # warm-up
@@ -118,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ref_len = 4096 if 4096 in lengths else max(lengths)
     if a.rate == "auto":
-        mbit = BF16_BYTES_PER_TOKEN * ref_len * 8 / med["prefill_only"][ref_len] / 1e6
-        rate = f"{max(1, round(mbit))}mbit"
+        rate = matched_link_rate(med["prefill_only"][ref_len], ref_len)
     else:
         rate = a.rate
     print(f"link rate {rate} (bf16 KV of {ref_len} tokens ~ its prefill time)", flush=True)
