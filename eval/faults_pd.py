@@ -64,8 +64,9 @@ def main() -> None:
         json.dump(res, f, indent=1)
     print("\n| fault | victim's answer | survivors | pages leaked |\n|---|---|---|---|")
     for r in recs:
-        reason = (r.victim_reason.split("exception ")[-1][:90] if r.victim_status != 200
-                  else "(client left after the first token)").replace("|", "/")
+        reason = ("(client left after the first token)" if r.victim_status == 200 else
+                  "(client closed the connection)" if r.victim_status == -1 else
+                  r.victim_reason.split("exception ")[-1][:100]).replace("|", "/")
         print(f"| {r.fault} | {r.victim_status}: {reason} | {'ok' if r.survivors_ok else 'FAILED'} "
               f"| {r.pages_leaked} |")
     print(f"\nfaults_injected={res['faults_injected']} requests_lost={res['requests_lost']} "

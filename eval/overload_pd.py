@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Overload of a quantized, pipelined PD deployment through the router (issue 9).
 
-1. **Capacity**: a closed-loop flood (``--probe`` requests, all sent at once) measures how many
-   requests per second the deployment completes: ``capacity_rps``. It stands in for the goodput
+1. **Capacity**: a closed-loop flood (``--probe`` requests, all sent at once, default the
+   router's ``--max-concurrent`` so all are admitted) measures how many requests per second the
+   deployment completes: ``capacity_rps``. It stands in for the goodput
    rate (the SLO-free ceiling: goodput under any SLO is at most this), so 2x it is an overload
    under any SLO.
 2. **Overload**: ``--n`` requests with Poisson arrivals at ``--rate-x`` x ``capacity_rps``
@@ -10,6 +11,8 @@
    ``--out`` tokens. The decode pool is small (``--decode-tokens``) so SGLang's decode
    retraction must run on quantized pages
    (``--reserved`` decode tokens per admitted request, SGLang's default is 512).
+   The router admits ``--max-concurrent`` requests and queues ``--queue-size`` more (60 s);
+   the rest get an explicit 429.
 3. **Drain**: every request has an outcome: ``completed`` (200 with all its tokens),
    ``rejected`` (an HTTP error with a message: explicit) or ``lost`` (no answer within
    ``--timeout``, a dropped connection, or a 200 with fewer tokens). Then each server's used KV
@@ -77,12 +80,19 @@ async def _run(url: str, bodies: list[dict], out: int, rate: float | None, timeo
 
 
 def run(model: str, n: int, rate_x: float, prompt: int, out: int, probe: int, decode_tokens: int,
-        reserved: int, timeout: float, log_dir: str | None = None, progress: bool = True) -> dict:
+        reserved: int, timeout: float, max_concurrent: int = 32, queue_size: int = 64,
+        log_dir: str | None = None, progress: bool = True) -> dict:
     page = ["--page-size", str(PAGE_SIZE)]
     # Few reserved decode tokens per admitted request: the decode admits more than its pool can
     # grow into, so running requests outgrow it and SGLang must retract some (quantized pages).
     decode_args = [*page, "--max-total-tokens", str(decode_tokens), "--num-reserved-decode-tokens", str(reserved)]
-    with PDCluster(model, page, decode_args,
+    # The router's admission control: beyond max_concurrent in flight and queue_size waiting it
+    # answers 429 at once. Without it (max_concurrent -1) requests queue in the decode for longer
+    # than SGLang's 300 s bootstrap timeout, the prefill drops them without telling the decode,
+    # and they fail only one decode WAITING_TIMEOUT wave at a time (see eval/RESULTS.md).
+    router_args = ["--max-concurrent-requests", str(max_concurrent), "--queue-size", str(queue_size),
+                   "--queue-timeout-secs", "60"]
+    with PDCluster(model, page, decode_args, router_args=router_args,
                    env={"MEMHA_KV_FORMAT": "fp8_e4m3"},
                    prefill_env={"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
                    log_dir=log_dir) as c:
@@ -105,6 +115,7 @@ def run(model: str, n: int, rate_x: float, prompt: int, out: int, probe: int, de
             "rate_x_capacity": rate_x, "overload_seconds": round(secs, 1),
             "sustained_rps": round(n / secs, 3),  # what the overloaded deployment actually drained "prompt_tokens": prompt,
             "output_tokens": out, "decode_pool_tokens": decode_tokens, "reserved_decode_tokens": reserved,
+            "router_max_concurrent_requests": max_concurrent, "router_queue_size": queue_size,
             "kv_format": "fp8_e4m3",
             "pipeline": True}
 
@@ -115,16 +126,18 @@ def main() -> None:
     ap.add_argument("--rate-x", type=float, default=2.0)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--out", type=int, default=64)
-    ap.add_argument("--probe", type=int, default=100)
+    ap.add_argument("--probe", type=int, default=32)
     ap.add_argument("--decode-tokens", type=int, default=1024)
     ap.add_argument("--reserved", type=int, default=16, help="--num-reserved-decode-tokens of the decode")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--max-concurrent", type=int, default=32, help="router --max-concurrent-requests (-1: off)")
+    ap.add_argument("--queue-size", type=int, default=64, help="router --queue-size")
     ap.add_argument("--json", default="eval/results/overload.json", help="'' to skip writing")
     args = ap.parse_args()
     from sglang_memha.models.tiny_qwen3 import build
 
     res = run(build(), args.n, args.rate_x, args.prompt, args.out, args.probe, args.decode_tokens,
-              args.reserved, args.timeout)
+              args.reserved, args.timeout, args.max_concurrent, args.queue_size)
     print(json.dumps(res, indent=1))
     if args.json:
         with open(args.json, "w") as f:
