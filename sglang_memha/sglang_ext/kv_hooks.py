@@ -14,6 +14,7 @@ a stock-format PD pair logs the same measured-bytes line, for like-for-like comp
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -111,6 +112,12 @@ def cell_size(original, self, kvc, num_layers):
     return quantized + (stock if _eager_decode(kvc.server_args) else 0)  # eager: + the bf16 rows
 
 
+@functools.cache
+def _corrupt_rooms() -> frozenset:
+    """``MEMHA_TEST_CORRUPT_KV_ROOMS``, read once per process (not on every arrival)."""
+    return load_config().test_corrupt_rooms
+
+
 def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     """AFTER ``DecodeTransferQueue._commit_transfer_to_req`` (decode scheduler, once per request
     whose KV arrived): apply the handshake's bridges (fnuz <-> fn) to the prompt's rows, then,
@@ -129,7 +136,7 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
             or req.kv.req_pool_idx is None):
         return result
     slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
-    rooms = load_config().test_corrupt_rooms
+    rooms = _corrupt_rooms()
     if rooms:
         from sglang_memha.sglang_ext.integrity import corrupt_for_test
 
