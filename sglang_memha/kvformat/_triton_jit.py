@@ -53,19 +53,12 @@ def _e4m3_decode(code, BIAS: tl.constexpr):
     return tl.where(code >= 128, -mag, mag)
 
 @triton.jit
-def _e8m0_scale(e):
-    # E8M0 byte (int32 0..255) -> fp32 2^(e - 127) exactly (e = 0: the subnormal 2^-127); 255 -> NaN
-    bits = tl.where(e == 0, 0x400000, tl.where(e == 255, 0x7FC00000, e << 23))
-    return bits.to(tl.float32, bitcast=True)
-
-@triton.jit
 def _quant_row_kernel(
     x_ptr, loc_ptr, data_ptr, scale_ptr,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr,
-    E_ADD: tl.constexpr, E_SUB: tl.constexpr, E_MIN: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr, SMIN_BITS: tl.constexpr,
 ):
-    # fp8 fn / fnuz (E8M0 exponent byte) and int8 (fp32 scale): one scale per (token, head)
+    # fp8 fn / fnuz (bf16 scale) and int8 (fp32 scale): one scale per (token, head)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_D)
@@ -83,16 +76,16 @@ def _quant_row_kernel(
         code = tl.where(y < 0, -q, q) & 0xFF
         tl.store(scale_ptr + slot * ss_t + h * ss_h, scale)
     else:
-        # e = clamp(k + 127, E_MIN, 254), k the smallest with amax <= QMAX 2^k (fp8.e8m0_exponent);
-        # e <= 248 for finite amax, so 2^(127 - e) is a normal fp32 and |x 2^-k| <= QMAX
-        e = ((amax.to(tl.int32, bitcast=True) + E_ADD) >> 23) - E_SUB
-        e = tl.minimum(tl.maximum(e, E_MIN), 254)
-        y = x * _pow2(127 - e)
+        # s = max(bf16_up(fp32(amax / QMAX)), S_MIN) (fp8.fp8_row_scale): round the quotient's bits
+        # up to bf16; r = fp32(1 / s) is finite (s >= 2^-126) and |x r| <= QMAX (1 + 2^-22)
+        sb = (tl.math.div_rn(amax, QMAX).to(tl.int32, bitcast=True) + 0xFFFF) & -65536
+        s = tl.maximum(sb, SMIN_BITS).to(tl.float32, bitcast=True)
+        y = x * tl.math.div_rn(s * 0.0 + 1.0, s)
         if MODE == 1:
             code = _e4m3_encode(y, 8)
         else:
             code = _e4m3_encode(y, 7)
-        tl.store(scale_ptr + slot * ss_t + h * ss_h, e.to(tl.uint8))
+        tl.store(scale_ptr + slot * ss_t + h * ss_h, s.to(tl.bfloat16))
     tl.store(data_ptr + slot * sd_t + h * sd_h + offs, code.to(tl.uint8), mask=mask)
 
 @triton.jit
@@ -185,7 +178,7 @@ def _dequant_kernel(
             s = tl.load(srow)
             val = tl.where(byte >= 128, byte - 256, byte).to(tl.float32) * s
         else:
-            s = _e8m0_scale(tl.load(srow).to(tl.int32))
+            s = tl.load(srow).to(tl.float32)  # bf16 scale, exact in fp32
             if MODE == 1:
                 val = _e4m3_decode(byte, 8) * s
             else:

@@ -47,6 +47,17 @@ def check_input(x: torch.Tensor, spec: FormatSpec, name: str = "x") -> torch.Ten
     return x32
 
 
+def bf16_round(x32: torch.Tensor, up: bool) -> torch.Tensor:
+    """fp32 -> bf16 rounded toward +inf (up) or -inf (down), exactly (bit manipulation).
+    Finite inputs only (inf stays inf; NaN is unspecified)."""
+    bits = x32.contiguous().view(torch.int32)
+    low = bits & 0xFFFF
+    neg = bits < 0
+    bump = (low != 0) & (~neg if up else neg)  # truncation rounds toward zero; bump the magnitude
+    out = (bits & -65536) + bump.to(torch.int32) * 65536
+    return out.view(torch.float32).to(torch.bfloat16)
+
+
 def check_out_dtype(out_dtype: torch.dtype) -> None:
     if out_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"out_dtype={out_dtype}: expected one of bf16, fp16, fp32")

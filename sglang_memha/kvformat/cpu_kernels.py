@@ -24,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 _SRC = os.path.join(os.path.dirname(__file__), "csrc", "fp8_quant.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
@@ -76,7 +76,7 @@ def build(flags: tuple[str, ...] | list[str]) -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+                       ctypes.c_int64, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.memha_fp8_dequant_bf16.restype = None
     lib.memha_fp8_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
@@ -92,14 +92,15 @@ def get_lib() -> ctypes.CDLL | None:
     return _lib
 
 
-def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
+def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int, s_min: float,
                       out: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """Fused fp8 per-(token, kv-head) quantize on CPU.
+    """Fused fp8 per-(token, kv-head) quantize on CPU (the rule of ``fp8._Fp8TokenHead``).
 
-    x: [T, H, D] bf16 or fp32, CPU. out: optional preallocated (data uint8 [T, H, D],
-    scale uint8 E8M0 [T, H, 1]), both contiguous (a pool's slot range). Returns (data, scale,
-    number of bad inputs), or None when this input or machine is not served (caller falls back).
+    x: [T, H, D] bf16 or fp32, CPU. clamp, bias, s_min: the codec's C, exponent bias and smallest
+    scale. out: optional preallocated (data uint8 [T, H, D], scale bf16 [T, H, 1]), both contiguous
+    (a pool's slot range). Returns (data, scale, number of bad inputs), or None when this input or
+    machine is not served (caller falls back).
     """
     if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -110,16 +111,16 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
     t, h, d = x.shape
     if out is None:
         data = torch.empty((t, h, d), dtype=torch.uint8)
-        scale = torch.empty((t, h, 1), dtype=torch.uint8)
+        scale = torch.empty((t, h, 1), dtype=torch.bfloat16)
     else:
         data, scale = out
         if (tuple(data.shape) != (t, h, d) or data.dtype != torch.uint8 or not data.is_contiguous()
-                or tuple(scale.shape) != (t, h, 1) or scale.dtype != torch.uint8
+                or tuple(scale.shape) != (t, h, 1) or scale.dtype != torch.bfloat16
                 or not scale.is_contiguous()):
             raise ValueError(f"out=({tuple(data.shape)} {data.dtype}, {tuple(scale.shape)} {scale.dtype}): "
-                             f"expected contiguous uint8 {(t, h, d)} and uint8 (E8M0) {(t, h, 1)}")
+                             f"expected contiguous uint8 {(t, h, d)} and bf16 {(t, h, 1)}")
     fn = lib.memha_fp8_quant_bf16 if x.dtype == torch.bfloat16 else lib.memha_fp8_quant_f32
-    bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, bias,
+    bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, s_min, bias,
              torch.get_num_threads())
     return data, scale, int(bad)
 
@@ -127,10 +128,10 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int,
 def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int) -> torch.Tensor | None:
     """Fused fp8 per-(token, kv-head) dequantize to bf16 on CPU.
 
-    data: uint8 [T, H, D] codes, scale: uint8 E8M0 [T, H, 1], both CPU. Returns bf16 [T, H, D], or
+    data: uint8 [T, H, D] codes, scale: bf16 [T, H, 1], both CPU. Returns bf16 [T, H, D], or
     None when this input or machine is not served (caller falls back to the torch reference).
     """
-    if data.device.type != "cpu" or scale.device.type != "cpu" or scale.dtype != torch.uint8:
+    if data.device.type != "cpu" or scale.device.type != "cpu" or scale.dtype != torch.bfloat16:
         return None
     lib = get_lib()
     if lib is None:

@@ -6,12 +6,12 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
 * identical where it matters -> ``[]`` (no bridge, bytes are used as they arrive);
 * an exact, cheap difference -> the list of ``Bridge`` steps the receiver applies on arrival:
     - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ``: fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00 one way),
-      per-row E8M0 exponent bytes - 1 / + 1 (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``), value-exact;
+      per-row bf16 scales halved / doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``), value-exact;
     - ``LAYER_TO_TOKEN_SCALE``: a stock SGLang fp8 pool (``fp8_e4m3_tensor``) into our
-      ``fp8_e4m3``: bytes kept, every (token, head) exponent byte set to log2 of the layer scale
-      (``fp8.layer_to_token_scale``); value-exact, and possible only for a power-of-two layer scale
-      (SGLang's default 1.0) -- the descriptor does not carry layer scales, so any other one is
-      refused when the bridge is applied;
+      ``fp8_e4m3``: bytes kept, every (token, head) scale set to the layer scale
+      (``fp8.layer_to_token_scale``); value-exact, and possible only for a layer scale that is a
+      bf16 value (SGLang's default 1.0) -- the descriptor does not carry layer scales, so any other
+      one is refused when the bridge is applied;
     - ``REPAGE``: different page sizes; every format is token-local, so the receiver copies
       token rows (data and scale rows together) into its own pages;
 * anything else -> ``FormatMismatchError`` naming every differing field with both values
@@ -36,7 +36,11 @@ class FormatMismatchError(ValueError):
     def __init__(self, mismatches: list[tuple[str, object, object]]):
         self.mismatches = mismatches
         body = "; ".join(f"{f}: local={a!r} peer={b!r}" for f, a, b in mismatches)
-        super().__init__(f"KV format mismatch with peer (not bridgeable): {body}")
+        hint = ""
+        if any(f == "version" for f, _, _ in mismatches):
+            hint = (f" (KV byte format versions differ; this build reads {sorted(SUPPORTED_VERSIONS)}: "
+                    f"run the same sglang-memha release on prefill and decode)")
+        super().__init__(f"KV format mismatch with peer (not bridgeable): {body}{hint}")
 
 
 class Bridge(str, enum.Enum):

@@ -18,18 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from sglang_memha.kvformat.base import KVCodec, check_input, check_out_dtype
+from sglang_memha.kvformat.base import KVCodec, bf16_round, check_input, check_out_dtype
 from sglang_memha.kvformat.spec import KVFormat
-
-
-def bf16_round(x32: torch.Tensor, up: bool) -> torch.Tensor:
-    """fp32 -> bf16 rounded toward +inf (up) or -inf (down), exactly (bit manipulation)."""
-    bits = x32.contiguous().view(torch.int32)
-    low = bits & 0xFFFF
-    neg = bits < 0
-    bump = (low != 0) & (~neg if up else neg)  # truncation rounds toward zero; bump the magnitude
-    out = (bits & -65536) + bump.to(torch.int32) * 65536
-    return out.view(torch.float32).to(torch.bfloat16)
 
 
 class Int8Codec(KVCodec):

@@ -26,7 +26,7 @@ import enum
 from dataclasses import dataclass
 
 # Version of the byte format as a whole. Bump when any byte of any format changes meaning.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
     (1, "initial: bf16, fp8_e4m3 (fp32 scale per token-head), fp8_e4m3_tensor, "
         "fp8_e4m3fnuz (clamp 224), int8, int4_g32/int4_g64 (asymmetric, bf16 scale+min), bfp8"),
@@ -34,10 +34,15 @@ FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
         "k = e - 127 the smallest integer with amax <= C * 2^k (C = 448 fn, 224 fnuz), e clamped to "
         "[0, 254] (fn) / [1, 254] (fnuz; = the fn byte + 1), codes = RNE(x * 2^-k); replaces the fp32 "
         "amax / C (4 bytes). Other formats unchanged"),
+    (3, "fp8_e4m3 and fp8_e4m3fnuz: the per-token-head scale is one bf16 s = max(bf16 rounded toward "
+        "+inf of fp32(amax / C), S_MIN) (C = 448 fn, 224 fnuz; S_MIN = 2^-126 fn, 2^-125 fnuz), "
+        "codes = RNE(fp32(x * fp32(1 / s))), x = fp8(code) * s; replaces v2's E8M0 byte (2 bytes per "
+        "row instead of 1). Other formats unchanged"),
 )
-# Versions this build reads (handshake accepts a peer whose version is in this set). v1 is refused:
-# its fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32, v2's are 1-byte exponents.
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({2})
+# Versions this build reads (handshake accepts a peer whose version is in this set). v1 and v2 are
+# refused: their fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32 (v1) / 1-byte E8M0 (v2), v3's
+# are 2-byte bf16, so the same format name means other bytes.
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({3})
 
 # Every packed-page segment starts at a multiple of this many bytes.
 PACK_ALIGN = 16
@@ -79,7 +84,7 @@ class FormatSpec:
     bits: int  # stored bits per K/V element
     scale_scope: str  # "none" | "layer" | "token_head" | "group"
     group_size: int | None  # elements sharing one scale entry along head_dim (group scopes)
-    scale_dtype: str  # "none" | "fp32" | "bf16x2" (scale, min) | "e8m0"
+    scale_dtype: str  # "none" | "fp32" | "bf16" | "bf16x2" (scale, min) | "e8m0"
     scale_entry_bytes: int  # bytes of one scale entry
     head_dim_multiple: int  # head_dim must be a multiple of this
     dequant: str  # the dequantization formula, also in the doc
@@ -113,9 +118,9 @@ FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
     s.fmt: s
     for s in (
         FormatSpec(KVFormat.BF16, 16, "none", None, "none", 0, 1, "x = bf16(data)"),
-        FormatSpec(KVFormat.FP8_E4M3, 8, "token_head", None, "e8m0", 1, 1, "x = e4m3fn(data) * 2^(e - 127)"),
+        FormatSpec(KVFormat.FP8_E4M3, 8, "token_head", None, "bf16", 2, 1, "x = e4m3fn(data) * scale"),
         FormatSpec(KVFormat.FP8_E4M3_TENSOR, 8, "layer", None, "fp32", 4, 1, "x = e4m3fn(data) * layer_scale"),
-        FormatSpec(KVFormat.FP8_E4M3FNUZ, 8, "token_head", None, "e8m0", 1, 1, "x = e4m3fnuz(data) * 2^(e - 127)"),
+        FormatSpec(KVFormat.FP8_E4M3FNUZ, 8, "token_head", None, "bf16", 2, 1, "x = e4m3fnuz(data) * scale"),
         FormatSpec(KVFormat.INT8, 8, "token_head", None, "fp32", 4, 1, "x = int8(data) * scale"),
         FormatSpec(KVFormat.INT4_G32, 4, "group", 32, "bf16x2", 4, 32, "x = uint4(data) * scale + min"),
         FormatSpec(KVFormat.INT4_G64, 4, "group", 64, "bf16x2", 4, 64, "x = uint4(data) * scale + min"),

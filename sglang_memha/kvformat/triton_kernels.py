@@ -21,11 +21,11 @@ plain casts; ``codec.quantize_into`` / ``codec.gather_dequantize`` cover them on
 from __future__ import annotations
 
 import functools
+import struct
 
 import torch
 
 from sglang_memha.kvformat.base import get_codec
-from sglang_memha.kvformat.fp8 import e8m0_constants
 from sglang_memha.kvformat.spec import KVFormat, format_spec
 
 TRITON_FORMATS = (
@@ -59,7 +59,8 @@ def _kernels():
 
 
 def _scale_view(fmt: KVFormat, scale_pool: torch.Tensor) -> torch.Tensor:
-    dtype = {"fp32": torch.float32, "bf16x2": torch.bfloat16, "e8m0": torch.uint8}[format_spec(fmt).scale_dtype]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16x2": torch.bfloat16,
+             "e8m0": torch.uint8}[format_spec(fmt).scale_dtype]
     return scale_pool.view(dtype)
 
 
@@ -106,11 +107,10 @@ def quantize_to_slots(
             sv.stride(0), sv.stride(1))
     mode = _MODE[fmt]
     if mode in (0, 1, 2):
-        # fp8: E8M0 exponent rule of the codec (fp8.e8m0_exponent); int8: fp32 amax / 127
-        qmax, e_min = (127.0, 0) if mode == 2 else (get_codec(fmt).clamp, get_codec(fmt).e_min)
-        e_add, e_sub = e8m0_constants(qmax)
-        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax,
-                      E_ADD=e_add, E_SUB=e_sub, E_MIN=e_min)
+        # fp8: bf16 scale rule of the codec (fp8.fp8_row_scale); int8: fp32 amax / 127
+        qmax, s_min = (127.0, 0.0) if mode == 2 else (get_codec(fmt).clamp, get_codec(fmt).s_min)
+        smin_bits = struct.unpack("<i", struct.pack("<f", s_min))[0]
+        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax, SMIN_BITS=smin_bits)
     elif mode == 3:
         gs = format_spec(fmt).group_size
         k_int4[(t, h)](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs)

@@ -22,7 +22,11 @@ belongs to the deployment with an HMAC-SHA256 tag. Prefill: the layout becomes
 ``b"MEMHAT" + tag``, tag over the descriptor and the registration frames that say where KV is
 written (endpoint, port, Mooncake session, KV buffer addresses), so a tag cannot be moved to
 another registration. A missing, unexpected or wrong tag fails the request (decode: before it
-allocates or registers anything; prefill: before it writes a byte). Limit: the prefill's tag is
+allocates or registers anything; prefill: before it writes a byte). Each request's metadata
+message (its bootstrap room and destination pages) carries a ``MEMHAT`` tag over all its frames
+too (``encode_room_tag_frame``); ``check_room_message`` refuses, before SGLang parses it, a
+malformed message, a room naming a decode session that never registered, and (with a secret) a
+room whose tag is missing or wrong: a forged bootstrap room gets no byte. Limit: the prefill's tag is
 static, so a copy of a genuine layout replayed by a host that can also impersonate the prefill's
 bootstrap address passes the decode's check; use network isolation (or TLS) against that.
 """
@@ -56,7 +60,7 @@ def encode_layout(desc: FormatDescriptor, secret: str | None = None) -> str:
 
 def _registration_parts(msg: list[bytes]) -> list[bytes]:
     # SGLang 0.5.23 registration frames 1..4: endpoint, port, Mooncake session id, KV pointers.
-    return [bytes(f) if isinstance(f, (bytes, bytearray)) else b"" for f in msg[1:5]]
+    return _frames(msg[1:5])
 
 
 def encode_tag_frame(desc: FormatDescriptor, msg: list[bytes], secret: str) -> bytes:
@@ -89,6 +93,56 @@ def check_registration_tag(secret: str | None, frame: bytes | None, msg: list[by
     if not hmac.compare_digest(expect.encode(), tag[len(TAG_FRAME_PREFIX):]):
         return (f"decode at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
                 f"(another deployment?); refusing to send it KV")
+    return None
+
+
+# SGLang 0.5.23 per-request metadata frames (``build_receiver_metadata_message``): room,
+# endpoint, port, Mooncake session id, KV indices, aux index, state indices,
+# required_dst_info_num, decode_prefix_len, device KV indices. Our tag frame goes after them.
+_ROOM_FRAMES = 10
+
+
+def encode_room_tag_frame(msg: list[bytes], secret: str) -> bytes:
+    """Decode side: the ``MEMHAT`` frame for one request's metadata ``msg`` (SGLang's frames),
+    tag over all of them: a room cannot be claimed, or its destination pages changed, without
+    the secret."""
+    return TAG_FRAME_PREFIX + _tag(secret, b"memha-room", *_frames(msg[:_ROOM_FRAMES])).encode()
+
+
+def _frames(msg: list[bytes]) -> list[bytes]:
+    return [bytes(f) if isinstance(f, (bytes, bytearray)) else b"" for f in msg]
+
+
+def check_room_message(msg: list[bytes], secret: str | None, registered, rejected) -> str | None:
+    """Prefill side, bootstrap thread: None when SGLang may take this per-request metadata
+    message (room, destination session and pages), else why it is refused (a malformed,
+    unregistered or forged bootstrap room). ``registered``/``rejected``: containers of decode
+    session ids that registered with this prefill / whose registration was refused (SGLang
+    itself fails those rooms with the registration's reason, so they pass here). Never raises."""
+    try:
+        frames = _frames(msg)
+        if len(frames) < 8:
+            return f"malformed KV metadata ({len(frames)} frames, SGLang sends {_ROOM_FRAMES})"
+        room, session = frames[0].decode("ascii"), frames[3].decode("ascii")
+        int(room), int(frames[2]), int(frames[7])
+    except (UnicodeDecodeError, ValueError) as e:
+        return f"malformed KV metadata ({e.__class__.__name__}: {e})"
+    if session not in registered:
+        return (f"bootstrap room {room}: KV metadata names decode session {session!r}, which never "
+                f"registered with this prefill (a forged or stale bootstrap room; a restarted "
+                f"decode re-registers on its next request); refused, no KV is sent for it")
+    if not secret or session in rejected:
+        return None
+    tag = frames[_ROOM_FRAMES] if len(frames) > _ROOM_FRAMES else b""
+    if not tag.startswith(TAG_FRAME_PREFIX):
+        return (f"bootstrap room {room} from decode session {session}: KV metadata without an "
+                f"authentication tag although that decode registered with MEMHA_SHARED_SECRET "
+                f"(a forged bootstrap room?); refused, no KV is sent for it")
+    expect = _tag(secret, b"memha-room", *frames[:_ROOM_FRAMES])
+    if not hmac.compare_digest(expect.encode(), tag[len(TAG_FRAME_PREFIX):]):
+        return (f"bootstrap room {room} from decode session {session}: wrong authentication tag "
+                f"on its KV metadata (a forged bootstrap room, or a changed destination); "
+                f"refused, no KV is sent for it")
     return None
 
 

@@ -97,6 +97,33 @@ class MemhaKVManager(mc.MooncakeKVManager):
                 msg.append(handshake.encode_tag_frame(self.memha_desc, msg, self.memha_secret))
         return msg
 
+    def build_receiver_metadata_message(self, **kwargs):
+        """Decode side, scheduler thread, once per request and prefill rank: SGLang's metadata
+        frames plus, with a shared secret, a ``MEMHAT`` tag over them (the prefill refuses an
+        untagged room from a decode that registered with a tag)."""
+        msg = super().build_receiver_metadata_message(**kwargs)
+        if self.memha_desc is not None and self.memha_secret:
+            msg.append(handshake.encode_room_tag_frame(msg, self.memha_secret))
+        return msg
+
+    def _handle_abort_notification(self, msg) -> bool:
+        """Prefill side, bootstrap thread, every decode message except SGLang's staging ones,
+        before SGLang parses it (True = consumed). Besides SGLang's abort notices, this is the
+        gate for per-request metadata: ``handshake.check_room_message`` refuses a malformed
+        message (SGLang's parser would raise and end the bootstrap thread), a room naming an
+        unregistered decode session, or an untagged / wrongly tagged room when a secret is set.
+        A refused message is logged and dropped: no transfer info, so no byte is written for
+        it, and a genuine message for the same room still goes through. Non-blocking."""
+        if super()._handle_abort_notification(msg):
+            return True
+        if self.disaggregation_mode != DisaggregationMode.PREFILL or not msg or msg[0] == b"None":
+            return False
+        reason = handshake.check_room_message(msg, self.memha_secret if self.memha_desc else None,
+                                              self.decode_kv_args_table, self.state_layout_rejections)
+        if reason is not None:
+            logger.error("sglang-memha: %s", reason)
+        return reason is not None
+
     def _validate_peer_state_layout(self, registration_info):
         """Prefill side, bootstrap thread, once per decode registration. A reason rejects the
         peer: SGLang's transfer worker then fails each of its rooms with that reason."""
@@ -109,6 +136,9 @@ class MemhaKVManager(mc.MooncakeKVManager):
             mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer)
             if mismatch is not None:
                 logger.error("sglang-memha: %s", mismatch)
+            else:  # once per decode; names the session its rooms' metadata must carry
+                logger.warning("sglang-memha: decode at %s registered: session %s", peer,
+                               registration_info.mooncake_session_id)
         return fully_checked, mismatch
 
     # ---- measured bytes --------------------------------------------------------------------

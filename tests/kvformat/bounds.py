@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sglang_memha.kvformat import KVFormat, get_codec
-from sglang_memha.kvformat.fp8 import e8m0_to_f32
+from sglang_memha.kvformat.fp8 import FNUZ_CLAMP, E4M3FN_MAX, S_MIN_FN, S_MIN_FNUZ
 
 
 def max_excess(fmt: KVFormat, x: torch.Tensor, layer_scale: float = 1.0) -> float:
@@ -29,12 +29,14 @@ def max_excess(fmt: KVFormat, x: torch.Tensor, layer_scale: float = 1.0) -> floa
         slack = torch.zeros_like(slack)
     elif fmt in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ):
         # 3 mantissa bits: relative 2^-4 for normals; half the subnormal step below
-        s = e8m0_to_f32(scales)
-        # the E8M0 scale 2^k is the smallest power of two with amax <= C 2^k (or the clamp floor)
-        c = 448.0 if fmt == KVFormat.FP8_E4M3 else 224.0
-        floor = 2.0**-127 if fmt == KVFormat.FP8_E4M3 else 2.0**-126
-        assert bool((amax <= c * s).all()) and bool(((amax > c * s / 2) | (s == floor)).all())
-        sub_half = 2.0**-10 if fmt == KVFormat.FP8_E4M3 else 2.0**-11
+        s = scales.float()
+        fn = fmt == KVFormat.FP8_E4M3
+        c, s_min = (E4M3FN_MAX, S_MIN_FN) if fn else (FNUZ_CLAMP, S_MIN_FNUZ)
+        # the bf16 scale: s = max(bf16_up(fp32(amax / C)), S_MIN), so amax <= C s up to fp32 rounding,
+        # and s exceeds amax / C by at most one bf16 rounding (2^-7) unless it is the floor S_MIN
+        assert bool((amax <= c * s * (1 + 2.0**-22)).all())
+        assert bool(((s <= amax / c * (1 + 2.0**-7) * (1 + 2.0**-22)) | (s == s_min)).all())
+        sub_half = 2.0**-10 if fn else 2.0**-11
         bound = torch.maximum(x32.abs() * 2.0**-4, s * sub_half)
     elif fmt == KVFormat.FP8_E4M3_TENSOR:
         # as fp8_e4m3 with the layer scale; a bf16/fp16 input is divided in its own dtype first

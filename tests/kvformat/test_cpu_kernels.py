@@ -41,9 +41,10 @@ def _inputs(kind: str, dtype: torch.dtype) -> torch.Tensor:
         x[1::7] = -0.0
         x[2::9, :, 7] = 3e5          # one outlier per row: most values go subnormal
         x[3::11] = 448.0              # exact max, ties at the top
-    elif kind == "scale_boundaries":  # amax exactly 448 * 2^k / 224 * 2^k, one ulp either side, tiny
+    elif kind == "scale_boundaries":  # amax exactly 448 * b for a bf16 b (amax / C a bf16), one ulp either side, tiny
         k = torch.randint(-140, 60, (512, 3, 1), generator=g).float()
-        amax = 448.0 * torch.pow(2.0, k)
+        m = torch.randint(0, 128, (512, 3, 1), generator=g).float()
+        amax = 448.0 * (1 + m / 128) * torch.pow(2.0, k)
         step = 1 << 16 if dtype == torch.bfloat16 else 1  # one ulp of the input dtype
         ulp = torch.randint(-1, 2, (512, 3, 1), generator=g).to(torch.int32) * step
         amax = (amax.view(torch.int32) + ulp).view(torch.float32).clamp(max=2.0**64)
@@ -93,7 +94,7 @@ def test_fused_path_still_rejects_bad_input(bad):
 
 def test_kernels_can_be_switched_off():
     code = ("import torch; from sglang_memha.kvformat.cpu_kernels import fp8_quantize_rows; "
-            "assert fp8_quantize_rows(torch.zeros(1, 1, 64), 448.0, 7) is None")
+            "assert fp8_quantize_rows(torch.zeros(1, 1, 64), 448.0, 7, 2.0**-126) is None")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "MEMHA_CPU_KERNELS": "0"})
 
 
@@ -102,7 +103,7 @@ def test_quantize_into_preallocated_buffers(fmt):
     codec = get_codec(fmt)
     x = _inputs("heavy", torch.bfloat16)
     data = torch.full((512, 3, 64), 0xAB, dtype=torch.uint8)
-    scale = torch.full((512, 3, 1), 0xCD, dtype=torch.uint8)
+    scale = torch.full((512, 3, 1), 12.5, dtype=torch.bfloat16)
     got = codec.quantize(x, out=(data, scale))
     d_ref, s_ref = codec.quantize_reference(x)
     assert got[0] is data and got[1] is scale
@@ -114,19 +115,23 @@ def test_quantize_into_rejects_wrong_buffers():
     x = torch.randn(4, 2, 64)
     with pytest.raises(ValueError, match=r"out=\(\(4, 2, 32\) torch.uint8"):
         get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 32, dtype=torch.uint8),
-                                               torch.empty(4, 2, 1, dtype=torch.uint8)))
-    with pytest.raises(ValueError, match=r"\(4, 2, 1\) torch.float32\): expected .* uint8 \(E8M0\)"):
+                                               torch.empty(4, 2, 1, dtype=torch.bfloat16)))
+    with pytest.raises(ValueError, match=r"\(4, 2, 1\) torch.float32\): expected .* bf16 \(4, 2, 1\)"):
         get_codec("fp8_e4m3").quantize(x, out=(torch.empty(4, 2, 64, dtype=torch.uint8), torch.empty(4, 2, 1)))
 
 
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
 def test_fused_dequant_equals_reference_on_every_code(fmt):
-    """All 256 codes (NaN codes included) times all 256 exponent bytes (0: subnormal 2^-127 scale;
-    255: NaN; high bytes overflow bf16 to inf)."""
+    """All 256 codes (NaN codes included) times 1024 bf16 scales spread over all bit patterns
+    (subnormals, S_MIN, large values that overflow bf16 to inf, inf and NaN scales)."""
     codec = get_codec(fmt)
-    codes = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 64).repeat(256, 3, 1)  # [1024, 3, 64]
-    scale = torch.arange(256, dtype=torch.uint8).repeat_interleave(4).reshape(1024, 1, 1).repeat(1, 3, 1)
+    special = [1, 0x80, 0x81, 0x100, 0x3E65, 0x7F7F, 0x7F80, 0x7FC0, 0x8080, 0xFF7F]
+    bits = torch.cat([torch.arange(0, 65536, 64), torch.tensor(special)])
+    scale = bits.to(torch.int32).to(torch.int16).view(torch.bfloat16)  # two's complement wrap is the bit pattern
+    n = scale.numel()
+    codes = torch.arange(256, dtype=torch.uint8).reshape(4, 1, 64).repeat(n, 3, 1)  # [4n, 3, 64]
+    scale = scale.repeat_interleave(4).reshape(4 * n, 1, 1).repeat(1, 3, 1)
     got = codec.dequantize(codes, scale, torch.bfloat16)
     ref = codec.dequantize_reference(codes, scale, torch.bfloat16)
     # NaN codes (never written by our encoders) decode to NaN; NaN payload bits are unspecified.

@@ -65,20 +65,25 @@ def test_unsupported_version_named():
         BASE.check_compatible(peer)
 
 
+@pytest.mark.parametrize("old", [1, 2])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz", "bf16", "int4_g64"])
-def test_v1_peer_refused_both_ways(fmt):
-    """v1 fp8_e4m3 scale rows are 4-byte fp32, v2 rows 1-byte E8M0: same name, other bytes. A v1
-    peer is refused for every format (a version names the byte format as a whole)."""
-    assert FORMAT_VERSION == 2 and 1 not in SUPPORTED_VERSIONS
+def test_older_peers_refused_both_ways(fmt, old):
+    """fp8_e4m3 scale rows are 4-byte fp32 in v1, 1-byte E8M0 in v2, 2-byte bf16 in v3: same name,
+    other bytes. v1 and v2 peers are refused for every format (a version names the byte format
+    as a whole), with both versions in the message."""
+    assert FORMAT_VERSION == 3 and SUPPORTED_VERSIONS == {3}
     local = dataclasses.replace(BASE, fmt=fmt)
     raw = local.to_bytes()
-    assert b'"version":2' in raw
-    v1 = FormatDescriptor.from_bytes(raw.replace(b'"version":2', b'"version":1'))
-    with pytest.raises(FormatMismatchError, match="version: local=2 peer=1") as ei:
-        local.check_compatible(v1)
-    assert ei.value.mismatches == [("version", 2, 1)]
-    with pytest.raises(FormatMismatchError, match="version: local=1 peer=2"):
-        v1.check_compatible(local)
+    assert b'"version":3' in raw
+    peer = FormatDescriptor.from_bytes(raw.replace(b'"version":3', b'"version":%d' % old))
+    with pytest.raises(FormatMismatchError, match=f"version: local=3 peer={old}") as ei:
+        local.check_compatible(peer)
+    assert ei.value.mismatches == [("version", 3, old)]
+    assert str(ei.value) == (f"KV format mismatch with peer (not bridgeable): version: local=3 peer={old} "
+                             f"(KV byte format versions differ; this build reads [3]: run the same "
+                             f"sglang-memha release on prefill and decode)")
+    with pytest.raises(FormatMismatchError, match=f"version: local={old} peer=3"):
+        peer.check_compatible(local)
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,46 @@ def test_tag_cannot_be_moved_to_another_registration_or_descriptor():
     layout = hs.encode_layout(d, "k1")
     forged = layout.replace('"m#1"', '"other#2"')
     assert forged != layout and "wrong authentication tag" in hs.check_layout_tag("k1", forged, "x")
+
+
+# ---- per-request metadata (bootstrap room) gate ----------------------------------------------
+def _room_msg(room=21, session="10.0.0.2:17001", indices=(4, 5, 6)):
+    """The 10 frames SGLang 0.5.23's decode sends per request (build_receiver_metadata_message)."""
+    import numpy as np
+    return [str(room).encode(), b"10.0.0.2", b"17000", session.encode(),
+            np.asarray(indices, np.int32).tobytes(), b"3", b"", b"1", b"0", b""]
+
+
+def test_room_gate_passes_genuine_rooms():
+    msg = _room_msg()
+    assert hs.check_room_message(msg, None, {"10.0.0.2:17001"}, {}) is None
+    tagged = msg + [hs.encode_room_tag_frame(msg, "k1")]
+    assert hs.check_room_message(tagged, "k1", {"10.0.0.2:17001"}, {}) is None
+
+
+def test_room_gate_refuses_unregistered_sessions():
+    reason = hs.check_room_message(_room_msg(session="6.6.6.6:1"), None, {"10.0.0.2:17001"}, {})
+    assert "never registered" in reason and "6.6.6.6:1" in reason and "room 21" in reason
+
+
+@pytest.mark.parametrize("change", ["room", "indices", "session_port", "none", "secret"])
+def test_room_gate_refuses_forged_or_moved_tags(change):
+    genuine = _room_msg()
+    tag = hs.encode_room_tag_frame(genuine, "k2" if change == "secret" else "k1")
+    msg = {"room": _room_msg(room=22), "indices": _room_msg(indices=(7, 8, 9)),
+           "session_port": _room_msg(session="10.0.0.2:17002")}.get(change, genuine)
+    frames = msg if change == "none" else msg + [tag]
+    reason = hs.check_room_message(frames, "k1", {"10.0.0.2:17001", "10.0.0.2:17002"}, {})
+    assert reason is not None and "forged bootstrap room" in reason, reason
+    assert ("without an authentication tag" if change == "none" else "wrong authentication tag") in reason
+
+
+def test_room_gate_leaves_refused_registrations_to_sglang():
+    # SGLang fails such rooms itself, with the registration's reason, and sends no byte
+    assert hs.check_room_message(_room_msg(), "k1", {"10.0.0.2:17001"}, {"10.0.0.2:17001": "x"}) is None
+
+
+@pytest.mark.parametrize("msg", [[], [b"21"], [b"21", b"h", b"p", b"s", b"", b"", b"", b"1"],
+                                 [b"\xff", b"h", b"1", b"s", b"", b"", b"", b"1"], [1, 2, 3, 4, 5, 6, 7, 8]])
+def test_room_gate_malformed_is_a_message_not_a_crash(msg):
+    assert "malformed KV metadata" in hs.check_room_message(msg, None, {"s"}, {})

@@ -30,8 +30,8 @@ def test_kv_bytes_match_measured_smollm2():
     # baseline FINDINGS: 4096 tokens of SmolLM2 KV = 94,371,840 B (23,040 B per token)
     m = load_model("smollm2-135m")
     assert kv_bytes_per_token_model(m, "bf16") == 23040
-    # fp8 with one fp32 scale per (token, head): 30 layers * 2 * 3 * (64 + 4)
-    assert kv_bytes_per_token_model(m, "fp8_e4m3") == 30 * 2 * 3 * 65
+    # fp8 with one bf16 scale per (token, head): 30 layers * 2 * 3 * (64 + 2)
+    assert kv_bytes_per_token_model(m, "fp8_e4m3") == 30 * 2 * 3 * 66
 
 
 def test_causal_attention_flops_hand():
@@ -63,8 +63,8 @@ def test_decode_memory_bound_hand():
     assert cost.D == pytest.approx(36 * 4096 / bw, rel=1e-12)
     lower = (36 * gemm_w * 2 + 4096 * 151936 * 2) / bw
     assert lower < cost.C[1] < lower * 1.01  # + activations and norms, < 1 %
-    # fp8 pool halves attention bytes (plus the E8M0 scale byte): 2 * 8 * (128 + 1) per layer-token
-    assert decode_cost(m, dev, "fp8_e4m3", max_batch=4).D == pytest.approx(36 * 2064 / bw, rel=1e-12)
+    # fp8 pool halves attention bytes (plus the bf16 scale): 2 * 8 * (128 + 2) per layer-token
+    assert decode_cost(m, dev, "fp8_e4m3", max_batch=4).D == pytest.approx(36 * 2080 / bw, rel=1e-12)
 
 
 def test_kv_capacity_hand():
@@ -72,7 +72,7 @@ def test_kv_capacity_hand():
     dev = load_device("h100-sxm")
     usable = 80e9 * 0.88 - m.weight_bytes_total - 2e9
     assert kv_capacity_tokens(m, dev, "bf16") == int(usable // (36 * 4096))
-    assert kv_capacity_tokens(m, dev, "fp8_e4m3") == int(usable // (36 * 2064))
+    assert kv_capacity_tokens(m, dev, "fp8_e4m3") == int(usable // (36 * 2080))
     # a model that does not fit leaves no KV room
     assert kv_capacity_tokens(load_model("qwen3-32b"), load_device("rtx4090"), "bf16") == 0
 
