@@ -5,7 +5,9 @@ trace and writes ``eval/results/goodput.json``, ``goodput.png`` (SLO attainment 
 ``goodput_cdf.png`` (TTFT/TPOT CDFs) and ``goodput_summary.md``. It prints the plan and its time
 estimate before starting. ``--quick``: a smoke run (one trace, stock + memha fp8 pipelined,
 10 requests, 2 rates) into ``goodput_quick.*``. ``--plan-only``: print the plan and exit.
-``--table-from JSON``: print the markdown summary of a results file (and redraw its plots).
+``--table-from JSON``: print the markdown summary of a results file (and redraw its plots);
+``--table-from A.json B.json --out C.json``: merge runs of different traces (e.g. one trace per
+command, to fit a session) into C.json, its summary and plots.
 
 SLOs (per trace, fixed before the sweep from the stock cluster run one request at a time on the
 same link): TTFT <= k_ttft x stock TTFT at the window's p90 prompt length; TPOT <= k_tpot x stock
@@ -71,7 +73,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--plan-only", action="store_true")
     ap.add_argument("--out", help="results JSON (default eval/results/goodput.json, goodput_quick.json)")
     ap.add_argument("--log-dir", default="/tmp/memha-goodput")
-    ap.add_argument("--table-from", metavar="JSON")
+    ap.add_argument("--table-from", metavar="JSON", nargs="+",
+                    help="print the summary of a results file and redraw its plots; with several "
+                         "files (runs of different traces), merge them into --out first")
     a = ap.parse_args(argv)
     if a.quick:
         a.traces = a.traces.split(",")[0]
@@ -126,11 +130,21 @@ def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     out_base = a.out[:-5] if a.out.endswith(".json") else a.out
     if a.table_from:
-        with open(a.table_from) as f:
-            out = json.load(f)
+        parts = []
+        for path in a.table_from:
+            with open(path) as f:
+                parts.append(json.load(f))
+        out = report.merge(parts) if len(parts) > 1 else parts[0]
         report.summarize(out)
-        print(report.markdown_table(out))
-        base = a.table_from[:-5]
+        if len(parts) > 1:
+            out["merged_from"] = [os.path.relpath(p, ROOT) for p in a.table_from]
+            _write(out, a.out)
+        base = out_base if len(parts) > 1 else a.table_from[0][:-5]
+        md = report.markdown_table(out)
+        print(md)
+        if len(parts) > 1:
+            with open(base + "_summary.md", "w") as f:
+                f.write(md + "\n")
         report.plot(out, base + ".png", base + "_cdf.png")
         return
     scaling = Scaling(a.length_scale, max_input=a.max_input, max_output=a.max_output)

@@ -10,6 +10,8 @@ per-request TTFT/TPOT of each goodput run so the plots can be redrawn from the J
 """
 from __future__ import annotations
 
+import json
+
 from eval.goodput.metrics import SLO, goodput
 from eval.goodput.prices import per_dollar
 from eval.goodput.runner import RunPoint
@@ -59,6 +61,37 @@ def ratio(out: dict, trace: str) -> tuple[float | None, str]:
     if sa == "lower_bound" and sb == "lower_bound":
         return None, "unknown (both passed at the top of the tested range)"
     return round(a / b, 4), kind
+
+
+def merge(parts: list[dict]) -> dict:
+    """One results dict from runs of *different* traces (each part: one ``python -m
+    eval.goodput`` output). Per-trace keys are unions; settings must agree (they define the
+    experiment), else ValueError naming the key."""
+    out = json.loads(json.dumps(parts[0]))
+    for part in parts[1:]:
+        for key in ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
+                    "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output"):
+            if part.get(key) != out.get(key):
+                raise ValueError(f"cannot merge: {key} differs ({out.get(key)!r} vs {part.get(key)!r})")
+        dup = set(part["traces"]) & set(out["traces"])
+        if dup:
+            raise ValueError(f"cannot merge: trace(s) {sorted(dup)} in more than one file")
+        for key, value in part.items():
+            if key == "traces":
+                out["traces"] += value
+            elif key == "configs":
+                out["configs"] += [c for c in value if c not in out["configs"]]
+            elif key == "runs":
+                out["runs"] += value
+            elif key == "cdf":
+                out["cdf"].update(value)
+            elif key in ("command", "date"):
+                out[key] = f"{out[key]} ; {value}"
+            elif key in ("wall_s", "estimated_wall_s"):
+                out[key] = out.get(key, 0) + value
+            elif key not in out:
+                out[key] = value
+    return out
 
 
 def summarize(out: dict) -> None:

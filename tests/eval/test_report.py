@@ -93,3 +93,36 @@ def test_ratio_unknown_when_both_pass_everywhere():
         out.update(report.flatten("t", c, [run(c, 1.0, 10), run(c, 1.41, 10)], SLO_, USD, 0.9)[0])
     r, kind = report.ratio(out, "t")
     assert r is None and kind.startswith("unknown")
+
+
+def _trace_out(trace, stock_rates, memha_rates):
+    m = "memha_fp8_pipelined"
+    out = {"traces": [trace], "configs": ["stock_bf16", m], "n_requests": 10, "model": "x", "link_rate": "52mbit",
+           "length_scale": 0.125, "k_ttft": 2.0, "k_tpot": 3.0, "target_attainment": 0.9, "command": f"run {trace}",
+           "date": "d", "wall_s": 10.0, "runs": [{"trace": trace}], "cdf": {trace: {}},
+           f"window_offset_{trace}": 0, f"native_rate_{trace}": 0.5, f"slo_ttft_s_{trace}": 2.0,
+           f"slo_tpot_s_{trace}": 0.1}
+    for c, rates in (("stock_bf16", stock_rates), (m, memha_rates)):
+        pts = [run(c, r, n_good, trace=trace) for r, n_good in rates]
+        out.update(report.flatten(trace, c, pts, SLO_, USD, 0.9)[0])
+    return out
+
+
+def test_merge_of_per_trace_runs_keeps_the_lower_ratio():
+    a = _trace_out("a", [(1.0, 10), (1.41, 5)], [(1.41, 10), (2.0, 5)])  # 1.41x
+    b = _trace_out("b", [(1.0, 10), (1.41, 5)], [(1.0, 10), (1.41, 10), (2.0, 10)])  # >= 2x
+    out = report.merge([a, b])
+    report.summarize(out)
+    assert out["traces"] == ["a", "b"] and len(out["runs"]) == 2 and set(out["cdf"]) == {"a", "b"}
+    assert out["goodput_ratio_a"] == pytest.approx(1.41) and out["goodput_ratio_b"] == pytest.approx(2.0)
+    assert out["goodput_ratio"] == pytest.approx(1.41) and out["goodput_ratio_traces_at_1_5x"] == 1
+    assert out["command"] == "run a ; run b" and out["wall_s"] == 20.0
+    assert "**b**" in report.markdown_table(out)
+
+
+def test_merge_refuses_different_settings_or_a_repeated_trace():
+    a = _trace_out("a", [(1.0, 10)], [(1.0, 10)])
+    with pytest.raises(ValueError, match="k_ttft differs"):
+        report.merge([a, {**_trace_out("b", [(1.0, 10)], [(1.0, 10)]), "k_ttft": 4.0}])
+    with pytest.raises(ValueError, match=r"trace\(s\) \['a'\]"):
+        report.merge([a, _trace_out("a", [(1.0, 10)], [(1.0, 10)])])

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from eval.goodput.workload import Scaling, load_window, window
+from eval.goodput.workload import Scaling, load_window, spread_ties, window
 from eval.sim.trace import TRACES, Trace
 
 
@@ -36,7 +36,7 @@ def test_arrivals_keep_order_and_relative_gaps_at_any_rate():
     assert wl.native_rate == pytest.approx(5 / 9)
     for rate in (0.05, 0.5, 3.0):
         t = wl.arrivals_at(rate)
-        assert t[0] == 0 and np.all(np.diff(t) >= 0)  # order kept, ties kept
+        assert t[0] == 0 and np.all(np.diff(t) > 0)  # order kept (the tie at 4.0 was spread)
         assert (len(t) - 1) / t[-1] == pytest.approx(rate)  # mean rate is the one asked for
         np.testing.assert_allclose(np.diff(t) / t[-1], np.diff(wl.arrival) / wl.arrival[-1])
         assert wl.multiplier(rate) == pytest.approx(rate * 9 / 5)
@@ -44,7 +44,8 @@ def test_arrivals_keep_order_and_relative_gaps_at_any_rate():
 
 def test_window_offset_rebases_time():
     wl = window(_trace(), 3, 2, Scaling(1.0, min_input=1, max_input=10**6))
-    assert wl.arrival.tolist() == [0.0, 2.5, 2.5]
+    # clock resolution 0.5 s (1.0 -> 1.5); the two requests stamped 4.0 become 4.0 and 4.25
+    assert wl.arrival.tolist() == [0.0, 2.5, 2.75]
     assert wl.input_len.tolist() == [40, 2400, 8]
 
 
@@ -67,3 +68,16 @@ def test_vendored_traces_give_sorted_windows(name):
     assert len(wl) == 50 and wl.arrival[0] == 0 and np.all(np.diff(wl.arrival) >= 0)
     assert wl.input_len.min() >= 16 and wl.input_len.max() <= 2048
     assert wl.output_len.min() >= 2 and wl.output_len.max() <= 32
+
+
+def test_spread_ties_hand_computed():
+    # clock 3 s; three requests at 0 -> 0, 1, 2; two at 3 -> 3, 4.5; one at 9 stays
+    assert spread_ties(np.array([0.0, 0.0, 0.0, 3.0, 3.0, 9.0])).tolist() == [0, 1, 2, 3, 4.5, 9]
+    no_ties = np.array([0.0, 0.25, 1.0])
+    assert spread_ties(no_ties).tolist() == no_ties.tolist()
+
+
+def test_mooncake_conversation_bursts_are_spread_within_its_3s_clock():
+    wl = load_window("mooncake_conversation", 20, 0, Scaling())
+    assert np.all(np.diff(wl.arrival) > 0) and wl.arrival[-1] < 6.0  # 10 at 0 s, 10 of 16 at 3 s
+    assert wl.arrival[:10] == pytest.approx(np.arange(10) * 0.3, abs=0.01)  # its clock: 2.997 s
