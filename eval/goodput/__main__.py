@@ -136,13 +136,13 @@ def main(argv: list[str] | None = None) -> None:
                 parts.append(json.load(f))
         out = report.merge(parts) if len(parts) > 1 else parts[0]
         report.summarize(out)
-        if len(parts) > 1:
-            out["merged_from"] = [os.path.relpath(p, ROOT) for p in a.table_from]
-            _write(out, a.out)
-        base = out_base if len(parts) > 1 else a.table_from[0][:-5]
         md = report.markdown_table(out)
         print(md)
-        if len(parts) > 1:
+        base = a.table_from[0][:-5]
+        if len(parts) > 1:  # a new results file: JSON, summary and plots under --out
+            base = out_base
+            out["merged_from"] = [os.path.relpath(p, ROOT) for p in a.table_from]
+            _write(out, a.out)
             with open(base + "_summary.md", "w") as f:
                 f.write(md + "\n")
         report.plot(out, base + ".png", base + "_cdf.png")
