@@ -14,7 +14,7 @@ Modules: ``spec`` (enum, per-format facts, page geometry, version), ``descriptor
 from __future__ import annotations
 
 from sglang_memha.kvformat.base import KVCodec, get_codec
-from sglang_memha.kvformat.descriptor import Bridge, FormatDescriptor, FormatMismatchError
+from sglang_memha.kvformat.descriptor import SENDER_BRIDGES, Bridge, FormatDescriptor, FormatMismatchError
 from sglang_memha.kvformat.spec import (
     FORMAT_SPECS,
     FORMAT_VERSION,
@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT_SPECS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_HISTORY",
+    "SENDER_BRIDGES",
     "Bridge",
     "FormatDescriptor",
     "FormatMismatchError",

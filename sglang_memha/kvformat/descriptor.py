@@ -4,16 +4,24 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
 ``to_bytes()`` to the other. The receiver (decode) calls ``local.check_compatible(peer)``:
 
 * identical where it matters -> ``[]`` (no bridge, bytes are used as they arrive);
-* an exact, cheap difference -> the list of ``Bridge`` steps the receiver applies on arrival:
-    - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ``: fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00 one way),
-      per-row bf16 scales halved / doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``), value-exact;
-    - ``LAYER_TO_TOKEN_SCALE``: a stock SGLang fp8 pool (``fp8_e4m3_tensor``) into our
+* a difference one side can convert -> the list of ``Bridge`` steps; ``SENDER_BRIDGES`` are
+  applied by the prefill while it sends (the wire then carries the decode's format), the others
+  by the decode on arrival:
+    - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ`` (decode): fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00
+      one way), per-row bf16 scales halved / doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``),
+      value-exact;
+    - ``LAYER_TO_TOKEN_SCALE`` (prefill): a stock SGLang fp8 pool (``fp8_e4m3_tensor``) into our
       ``fp8_e4m3``: bytes kept, every (token, head) scale set to the layer scale
       (``fp8.layer_to_token_scale``); value-exact, and possible only for a layer scale that is a
       bf16 value (SGLang's default 1.0) -- the descriptor does not carry layer scales, so any other
       one is refused when the bridge is applied;
-    - ``REPAGE``: different page sizes; every format is token-local, so the receiver copies
-      token rows (data and scale rows together) into its own pages;
+    - ``ENCODE_ON_SEND`` (prefill): a ``bf16`` prefill pool (SGLang's own, or ours) into any
+      other format: the prefill quantizes the pages it sends with the decode's codec (and the
+      decode's K transform, when the prefill has none): phase-wise quantization done at send
+      time; the bytes equal what a prefill pool of the decode's format would hold for the same
+      bf16 K/V;
+    - ``REPAGE``: different page sizes; every format is token-local, so the receiver could copy
+      token rows (data and scale rows together) into its own pages (not on the PD path yet);
 * anything else -> ``FormatMismatchError`` naming every differing field with both values
   (other formats would need a lossy re-quantization, which we refuse to do silently).
 """
@@ -47,7 +55,12 @@ class Bridge(str, enum.Enum):
     FNUZ_TO_FN = "fnuz_to_fn"
     FN_TO_FNUZ = "fn_to_fnuz"
     LAYER_TO_TOKEN_SCALE = "layer_to_token_scale"
+    ENCODE_ON_SEND = "encode_on_send"
     REPAGE = "repage"
+
+
+# Bridges the sender (prefill) applies while sending; the rest are the receiver's.
+SENDER_BRIDGES = frozenset({Bridge.LAYER_TO_TOKEN_SCALE, Bridge.ENCODE_ON_SEND})
 
 
 # (peer format, local format) -> bridge applied by the local (receiving) side
@@ -137,11 +150,17 @@ class FormatDescriptor:
             bad.append(("version", self.version, peer.version))
         if peer.fmt != self.fmt:
             bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
+            if bridge is None and peer.fmt == KVFormat.BF16:
+                bridge = Bridge.ENCODE_ON_SEND
             if bridge is None:
                 bad.append(("fmt", self.fmt.value, peer.fmt.value))
             else:
                 bridges.append(bridge)
+        # Encoding on send applies the receiver's K transform to untransformed bf16 rows.
+        transform_applied = Bridge.ENCODE_ON_SEND in bridges and peer.k_transform == "none"
         for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "layout"):
+            if name == "k_transform" and transform_applied:
+                continue
             a, b = getattr(self, name), getattr(peer, name)
             if a != b:
                 bad.append((name, a, b))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from sglang_memha.kvformat import Bridge, FormatDescriptor, FormatMismatchError
+from sglang_memha.kvformat import SENDER_BRIDGES, Bridge, FormatDescriptor, FormatMismatchError
 
 LAYOUT_PREFIX = "memha/1:"
 AUTH_LAYOUT_PREFIX = "memha/1a:"
@@ -159,14 +159,17 @@ def find_frame(msg: list[bytes]) -> bytes | None:
 
 
 def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> str:
-    return (f"{side} at {peer} sent no sglang-memha KV format descriptor (sglang-memha not "
-            f"installed there, or MEMHA_KV_FORMAT unset); this {local_role} uses "
+    why = ("sglang-memha not installed there, MEMHA_KV_FORMAT unset, or MEMHA_ENCODE_ON_SEND=0 with "
+           "a stock pool" if side == "prefill" else "sglang-memha not installed there, or MEMHA_KV_FORMAT unset")
+    return (f"{side} at {peer} sent no sglang-memha KV format descriptor ({why}); this {local_role} uses "
             f"fmt={local.fmt.value}. Start both servers with the same MEMHA_KV_FORMAT")
 
 
 # Bridges the decode applies in place on arrival (``quant_pool.MemhaQuantKVPool.apply_bridge``):
 # only those whose rows have the same size on both sides can land where Mooncake writes them.
 APPLIED_BRIDGES = frozenset({Bridge.FNUZ_TO_FN, Bridge.FN_TO_FNUZ})
+# ... and those the prefill applies while sending (``transcode``): the wire carries the decode's rows.
+SENDER_APPLIED = SENDER_BRIDGES
 
 
 def _layout_payload(kv_layout: object) -> bytes:
@@ -193,9 +196,19 @@ def _frame_payload(frame: object) -> bytes:
 
 
 def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
-    """Decode side, after ``check_prefill_peer`` returned None: the bridges to apply.
-    A layout that check would not pass raises ``ValueError`` (``FormatMismatchError`` included)."""
-    return local.check_compatible(FormatDescriptor.from_bytes(_layout_payload(kv_layout)))
+    """Decode side, after ``check_prefill_peer`` returned None: the bridges the decode applies on
+    arrival (those the prefill applies while sending are left out). A layout that check would
+    not pass raises ``ValueError`` (``FormatMismatchError`` included)."""
+    bridges = local.check_compatible(FormatDescriptor.from_bytes(_layout_payload(kv_layout)))
+    return [b for b in bridges if b in APPLIED_BRIDGES]
+
+
+def send_target(local: FormatDescriptor, frame: bytes) -> FormatDescriptor | None:
+    """Prefill side, after ``check_decode_peer`` returned None for ``frame``: the decode's
+    descriptor when the prefill must convert what it sends to it (a ``SENDER_APPLIED`` bridge),
+    else None (the pool's rows go as they are)."""
+    decode = FormatDescriptor.from_bytes(_frame_payload(frame))
+    return decode if set(decode.check_compatible(local)) & SENDER_APPLIED else None
 
 
 def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
@@ -203,7 +216,7 @@ def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -
         bridges = receiver.check_compatible(sender)
     except FormatMismatchError as e:
         return f"{where}: {e} (local = decode, peer = prefill)"
-    unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES]
+    unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES | SENDER_APPLIED]
     if unsupported:
         return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
                 f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "

@@ -10,7 +10,7 @@ on our path, closed here (HookRegistry, both servers):
 | target (``sglang.srt.disaggregation.`` ...) | type | why |
 |---|---|---|
 | ``checksum.KvChecksumComputer.compute`` | AROUND | SGLang's digest is a CUDA kernel; CPU page indices get a CRC-32 over every layer's K and V page rows (quantized data with their scales: the raw bytes that crossed the wire), chained layer by layer. CUDA indices keep SGLang's kernel |
-| ``prefill.PrefillBootstrapQueue.__init__``, ``decode.DecodePreallocQueue.__init__`` | AFTER | the layout signature covers ``kv_args.kv_layout``, which only our prefill sets (its format descriptor): both sides now sign ``memha_signature`` (page geometry + descriptor), so equal formats compare; different ones (a bridged fnuz -> fn pair, the eager ablation's pool) are logged once by SGLang and admitted unverified |
+| ``prefill.PrefillBootstrapQueue.__init__``, ``decode.DecodePreallocQueue.__init__`` | AFTER | the layout signature covers ``kv_args.kv_layout``, which only our prefill sets (its format descriptor): both sides now sign ``memha_signature`` (page geometry + descriptor), so equal formats compare; different ones (a bridged fnuz -> fn pair, pages converted on send, the eager ablation's pool) are logged once by SGLang and admitted unverified |
 
 Cost: one gather + CRC per layer buffer per request on each side (zlib's CRC-32, GB/s).
 ``MEMHA_TEST_CORRUPT_KV_ROOMS`` (tests only) flips one byte of a listed room's arrived KV on
@@ -68,7 +68,8 @@ def align_signature(result, queue, *args, **kwargs):
     from sglang_memha.sglang_ext import handshake, state
 
     desc = state.local_descriptor()
-    if getattr(queue, "kv_checksum_signature", 0) and desc is not None:
+    # A described stock pool keeps SGLang's signature: its stock decodes still verify.
+    if getattr(queue, "kv_checksum_signature", 0) and desc is not None and not state.local_is_stock():
         queue.kv_checksum_signature = memha_signature(queue.kv_manager.kv_args,
                                                       handshake.encode_layout(desc))
     return result

@@ -8,6 +8,7 @@
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
 | ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward (``pipeline``) |
+| ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
@@ -154,9 +155,43 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     return result
 
 
+def describe_stock_pool(pool, kvc, *args, **kwargs):
+    """AFTER ``KVCacheConfigurator._build_mha_kv_pool`` (scheduler start-up, once). A prefill
+    whose pool is SGLang's own plain bf16 MHA pool (``MEMHA_KV_FORMAT`` unset) gets a ``bf16``
+    descriptor, so a decode with a ``MEMHA_KV_FORMAT`` accepts it and the sender quantizes the
+    pages it sends into that decode's format (``Bridge.ENCODE_ON_SEND``). Anything else (our
+    pools describe themselves; fp8/fp16 stock pools, HND layouts, MLA) stays undescribed: a memha
+    decode then refuses it with a message. ``MEMHA_ENCODE_ON_SEND=0`` turns this off."""
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from sglang_memha.kvformat import FormatDescriptor
+    from sglang_memha.sglang_ext import state
+
+    cfg = load_config()
+    if (cfg.kv_enabled or not cfg.encode_on_send or type(pool) is not MHATokenToKVPool
+            or getattr(kvc.server_args, "disaggregation_mode", "null") != "prefill"):
+        return pool
+    if (pool.store_dtype != torch.bfloat16 or pool.head_dim != pool.v_head_dim
+            or getattr(pool, "use_hnd", False) or getattr(pool, "kv_cache_layout", "nhd") != "nhd"):
+        logger.warning("sglang-memha: prefill KV pool (%s, head_dim %s/%s) is not a plain bf16 NHD pool: "
+                       "not converted on send (a decode with MEMHA_KV_FORMAT will refuse this prefill; "
+                       "set MEMHA_KV_FORMAT here instead)", pool.store_dtype, pool.head_dim, pool.v_head_dim)
+        return pool
+    desc = FormatDescriptor(fmt="bf16", page_size=pool.page_size, num_kv_heads=pool.head_num,
+                            head_dim=pool.head_dim, num_layers=pool.layer_num,
+                            model_id=model_id(kvc.model_config))
+    state.set_local_descriptor(desc, pool=pool, stock=True)
+    logger.warning("sglang-memha: prefill on SGLang's bf16 KV pool: pages sent to a decode with "
+                   "MEMHA_KV_FORMAT are converted into its format (MEMHA_ENCODE_ON_SEND=0 turns this off)")
+    return pool
+
+
 def register_metrics() -> None:
     """Measured-bytes Mooncake manager (and the handshake, which is inert without a format)."""
     from sglang_memha.sglang_ext import mooncake_conn
+
+    HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", describe_stock_pool, HookType.AFTER)
 
     HookRegistry.register(f"{_MC}.MooncakeKVManager", mooncake_conn.MemhaKVManager, HookType.REPLACE)
     HookRegistry.register(f"{_MC}.MooncakeKVReceiver", mooncake_conn.MemhaKVReceiver, HookType.REPLACE)

@@ -52,6 +52,7 @@ class _RoomStats:
     pages: int = 0
     pipelined_pages: int = 0
     failed_calls: int = 0
+    wire_fmt: str | None = None  # set when pages were converted on send (the decode's format)
 
 
 class _RoomTrackingQueue:
@@ -75,13 +76,22 @@ class MemhaKVManager(mc.MooncakeKVManager):
         self._memha_lock = threading.Lock()
         self._memha_rooms: dict[int, _RoomStats] = {}
         self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
+        # A prefill on SGLang's own pool: described for memha decodes, stock for the others.
+        self.memha_stock = state.local_is_stock()
         self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
+        # prefill: decode session -> its descriptor, when pages must be converted on send
+        self.memha_send_targets: dict[str, object] = {}
+        self.memha_converter = None
         cfg = load_config()
         self.memha_secret = cfg.shared_secret
         if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
             # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
             args.kv_layout = handshake.encode_layout(self.memha_desc, self.memha_secret)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            from sglang_memha.sglang_ext.transcode import Converter
+
+            self.memha_converter = Converter(self.engine, state.local_pool(), self.memha_desc)
         self.memha_pipeline = None
         if cfg.pipeline and self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
             self.memha_pipeline = LayerPipeline(self, cfg.pipeline_min_tokens)
@@ -128,17 +138,27 @@ class MemhaKVManager(mc.MooncakeKVManager):
         """Prefill side, bootstrap thread, once per decode registration. A reason rejects the
         peer: SGLang's transfer worker then fails each of its rooms with that reason."""
         fully_checked, mismatch = super()._validate_peer_state_layout(registration_info)
-        if mismatch is None and self.memha_desc is not None:
+        session = registration_info.mooncake_session_id
+        self.memha_send_targets.pop(session, None)
+        frame = getattr(registration_info, "memha_frame", None)
+        if mismatch is None and self.memha_desc is not None and not (frame is None and self.memha_stock):
             peer = f"{registration_info.endpoint}:{registration_info.dst_port}"
-            frame = getattr(registration_info, "memha_frame", None)
             tag_reason = None if frame is None else handshake.check_registration_tag(
                 self.memha_secret, frame, getattr(registration_info, "memha_msg", []), peer)
             mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer)
             if mismatch is not None:
                 logger.error("sglang-memha: %s", mismatch)
             else:  # once per decode; names the session its rooms' metadata must carry
-                logger.warning("sglang-memha: decode at %s registered: session %s", peer,
-                               registration_info.mooncake_session_id)
+                target = handshake.send_target(self.memha_desc, frame)
+                if target is not None:
+                    mismatch = self._conversion_problem(registration_info, target)
+                    if mismatch is not None:
+                        logger.error("sglang-memha: decode at %s: %s", peer, mismatch)
+                        return fully_checked, mismatch
+                    self.memha_send_targets[session] = target
+                logger.warning("sglang-memha: decode at %s registered: session %s%s", peer, session,
+                               "" if target is None else
+                               f"; pages converted on send {self.memha_desc.fmt.value} -> {target.fmt.value}")
         return fully_checked, mismatch
 
     # ---- measured bytes --------------------------------------------------------------------
@@ -171,10 +191,39 @@ class MemhaKVManager(mc.MooncakeKVManager):
                     return 0
         self._memha_tls.phase = "kv"
         try:
+            target = self.memha_send_targets.get(mooncake_session_id)
+            if target is not None:
+                if stats is not None:
+                    stats.wire_fmt = target.fmt.value
+                return self._send_converted(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                            dst_kv_indices, target, kwargs.get("dst_kv_item_len"))
             return super().send_kvcache(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
                                         dst_kv_indices, *args, **kwargs)
         finally:
             self._memha_tls.phase = None
+
+    def _send_converted(self, session, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices, target,
+                        dst_item_len) -> int:
+        """Pages for a decode whose format the handshake bridged on the sender side
+        (``transcode``); the registration was checked for it (``_conversion_problem``)."""
+        _, _, dst_k, dst_v, _ = self.get_mha_kv_ptrs_with_pp(self.kv_args.kv_data_ptrs, dst_kv_ptrs)
+        return self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
+                                         dst_k, dst_v, dst_kv_indices, int(dst_item_len))
+
+    def _conversion_problem(self, registration_info, target) -> str | None:
+        """Prefill, bootstrap thread: why pages cannot be converted for this decode, or None."""
+        from sglang_memha.sglang_ext.transcode import row_bytes
+
+        layers = self.memha_desc.num_layers
+        want = self.memha_desc.page_size * self.memha_desc.num_kv_heads * row_bytes(target)
+        if self.pp_size != 1 or len(registration_info.dst_kv_ptrs) != 2 * layers:
+            return (f"send-time KV conversion ({self.memha_desc.fmt.value} -> {target.fmt.value}) supports "
+                    f"one pipeline stage and plain MHA KV registrations only; use the same MEMHA_KV_FORMAT "
+                    f"on both servers")
+        if registration_info.dst_kv_item_len != want:
+            return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
+                    f"expected {want}; use the same MEMHA_KV_FORMAT on both servers")
+        return None
 
     def _transfer_data(self, mooncake_session_id, transfer_blocks):
         ret = super()._transfer_data(mooncake_session_id, transfer_blocks)
@@ -205,7 +254,8 @@ class MemhaKVManager(mc.MooncakeKVManager):
         with self._memha_lock:
             stats = self._memha_rooms.pop(room, None)
         if stats is not None:
-            fmt = self.memha_desc.fmt.value if self.memha_desc is not None else "stock"
+            fmt = stats.wire_fmt or (self.memha_desc.fmt.value if self.memha_desc is not None
+                                     and not self.memha_stock else "stock")
             ms = max(stats.ended - stats.started, 0.0) * 1e3
             logger.warning(
                 "sglang-memha transfer room=%s fmt=%s pages=%d pipelined_pages=%d kv_bytes=%d "

@@ -226,6 +226,7 @@ class LayerPipeline:
                     or getattr(reg, "requires_dcp_relayout", False)
                     or reg.dst_attn_tp_size != mgr.attn_tp_size
                     or session in mgr.failed_sessions
+                    or session in mgr.memha_send_targets  # converted on send: the stock path
                     or dst_idx[-1] >= len(info.dst_kv_indices)):
                 return None  # a layout the stock path handles specially: leave it to SGLang
             dst_pages = np.asarray(info.dst_kv_indices, dtype=np.int64)[dst_idx]

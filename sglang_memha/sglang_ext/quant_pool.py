@@ -138,7 +138,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             fmt=self.memha_format, page_size=self.page_size, num_kv_heads=self.head_num,
             head_dim=self.head_dim, num_layers=self.layer_num, model_id=self.memha_model_id,
             k_transform=self.memha_k_transform)
-        state.set_local_descriptor(self.memha_descriptor)
+        state.set_local_descriptor(self.memha_descriptor, pool=self)
         logger.warning(
             "sglang-memha KV pool: format=%s k_transform=%s tokens=%d page_size=%d layers=%d "
             "kv_heads=%d head_dim=%d bytes_per_token=%d (bf16 would be %d)",

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from sglang_memha.kvformat import FORMAT_VERSION, Bridge, FormatDescriptor, FormatMismatchError
+from sglang_memha.kvformat import FORMAT_VERSION, SENDER_BRIDGES, Bridge, FormatDescriptor, FormatMismatchError
 from sglang_memha.kvformat.spec import SUPPORTED_VERSIONS
 
 BASE = FormatDescriptor(fmt="fp8_e4m3", page_size=16, num_kv_heads=8, head_dim=128, num_layers=36,
@@ -35,6 +35,22 @@ def test_identical_needs_no_bridge():
 def test_exact_format_bridges(local_fmt, peer_fmt, bridge):
     local = dataclasses.replace(BASE, fmt=local_fmt)
     assert local.check_compatible(dataclasses.replace(BASE, fmt=peer_fmt)) == [bridge]
+
+
+@pytest.mark.parametrize("local_fmt", ["fp8_e4m3", "fp8_e4m3_tensor", "int8", "int4_g32", "bfp8"])
+def test_bf16_peer_is_encoded_on_send(local_fmt):
+    local = dataclasses.replace(BASE, fmt=local_fmt)
+    assert local.check_compatible(dataclasses.replace(BASE, fmt="bf16")) == [Bridge.ENCODE_ON_SEND]
+    assert Bridge.ENCODE_ON_SEND in SENDER_BRIDGES and Bridge.FNUZ_TO_FN not in SENDER_BRIDGES
+
+
+def test_encode_on_send_applies_the_receivers_k_transform_only_to_untransformed_rows():
+    had = dataclasses.replace(BASE, k_transform="hadamard")
+    assert had.check_compatible(dataclasses.replace(BASE, fmt="bf16")) == [Bridge.ENCODE_ON_SEND]
+    with pytest.raises(FormatMismatchError, match="k_transform: local='none' peer='hadamard'"):
+        BASE.check_compatible(dataclasses.replace(BASE, fmt="bf16", k_transform="hadamard"))
+    with pytest.raises(FormatMismatchError, match="k_transform"):  # data bytes kept: must agree
+        had.check_compatible(dataclasses.replace(BASE, fmt="fp8_e4m3_tensor"))
 
 
 def test_page_size_is_bridgeable():

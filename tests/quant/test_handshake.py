@@ -63,11 +63,27 @@ def test_fnuz_fn_bridge_accepted_other_bridges_refused():
     assert hs.check_prefill_peer(fn, hs.encode_layout(fnuz), "p") is None
     assert hs.bridges_for(fn, hs.encode_layout(fnuz)) == [hs.Bridge.FNUZ_TO_FN]
     assert hs.check_decode_peer(fnuz, hs.encode_frame(fn), "d") is None  # prefill's view of it
-    # Different row sizes (per-layer -> per-token scale) or page sizes cannot land in place.
-    r = hs.check_prefill_peer(fn, hs.encode_layout(desc(fmt="fp8_e4m3_tensor")), "p")
-    assert r is not None and "layer_to_token_scale" in r
+    # Page sizes cannot land in place and are not converted on send.
     r = hs.check_prefill_peer(desc(page_size=16), hs.encode_layout(desc(page_size=32)), "p")
     assert r is not None and "repage" in r
+
+
+@pytest.mark.parametrize("prefill_fmt, decode_fmt", [
+    ("bf16", "fp8_e4m3"), ("bf16", "int4_g64"), ("bf16", "fp8_e4m3_tensor"), ("fp8_e4m3_tensor", "fp8_e4m3")])
+def test_sender_side_bridges_accepted_by_both_sides(prefill_fmt, decode_fmt):
+    """A bf16 prefill (SGLang's pool or ours) quantizes on send; SGLang's per-layer fp8 bytes get
+    per-row scales on send: the decode accepts with nothing to apply, the prefill sees a target."""
+    p, d = desc(fmt=prefill_fmt), desc(fmt=decode_fmt)
+    assert hs.check_prefill_peer(d, hs.encode_layout(p), "p") is None
+    assert hs.bridges_for(d, hs.encode_layout(p)) == []
+    assert hs.check_decode_peer(p, hs.encode_frame(d), "d") is None
+    assert hs.send_target(p, hs.encode_frame(d)) == d
+    assert hs.send_target(d, hs.encode_frame(d)) is None  # same format: rows go as they are
+
+
+def test_lossy_conversions_refused_naming_both_formats():
+    r = hs.check_prefill_peer(desc(fmt="fp8_e4m3"), hs.encode_layout(desc(fmt="int8")), "p")
+    assert r is not None and "fmt: local='fp8_e4m3' peer='int8'" in r
 
 
 # ---- shared secret -----------------------------------------------------------------------------

@@ -59,17 +59,6 @@ def test_mismatch_and_missing_decode_fail_cleanly(trio):
     assert "sent no sglang-memha KV format descriptor" in logs["prefill"]
 
 
-def test_prefill_without_format_is_refused_by_decode(tiny_model, tmp_path):
-    with PDCluster(tiny_model, PAGE, PAGE, decode_env={"MEMHA_KV_FORMAT": "fp8_e4m3"},
-                   log_dir=str(tmp_path), ready="health") as c:
-        status, body = c.direct_generate(PROMPT)
-        assert status >= 400, body
-        assert "sent no sglang-memha KV format descriptor" in str(body)
-        assert "MEMHA_KV_FORMAT" in str(body)
-        assert [used_tokens(u) for u in (c.prefill_url, c.decode_url)] == [0, 0]
-        assert "sent no sglang-memha KV format descriptor" in c.logs()["decode"]
-
-
 def test_unknown_format_name_stops_start_up(tiny_model, tmp_path):
     with pytest.raises(ClusterError) as err:
         with SingleServer(tiny_model, env={"MEMHA_KV_FORMAT": "fp7"}, log_dir=str(tmp_path)):

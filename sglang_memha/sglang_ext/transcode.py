@@ -1,0 +1,159 @@
+"""Send-time conversion: the prefill sends its pages in the *decode's* KV format.
+
+When the handshake finds a sender-side bridge (``kvformat.SENDER_BRIDGES``) between this
+prefill's pool and a decode's, ``MemhaKVManager.send_kvcache`` hands that decode's pages to
+``send_converted`` instead of SGLang's memcpy of pool rows:
+
+    prefill pool rows of the chunk's pages  --convert_rows-->  staging rows (decode's format)
+    staging rows  --Mooncake batch_transfer_sync-->  decode pages (dst_ptr + page * dst_item_len)
+
+* ``ENCODE_ON_SEND``: a bf16 pool (SGLang's own, or ours with ``MEMHA_KV_FORMAT=bf16``) is
+  quantized with the decode's codec (K rotated first when the decode uses a K transform the
+  prefill does not): phase-wise quantization for a prefill that keeps bf16.
+* ``LAYER_TO_TOKEN_SCALE``: an ``fp8_e4m3_tensor`` pool (SGLang's fp8 bytes, one scale per layer)
+  into ``fp8_e4m3``: data bytes kept, every row gets the layer scale as its bf16 scale.
+
+Staging: one byte arena per transfer-worker thread, registered with Mooncake once (re-registered
+only when a larger chunk needs it to grow). A chunk is converted and sent a few layer buffers at
+a time so the arena stays near one buffer's worth of the largest chunk; the measured bytes
+(``MemhaKVManager._transfer_data``) are the decode-format bytes that crossed the wire.
+
+Who calls it: SGLang's prefill transfer worker threads, through ``send_kvcache``, once per chunk
+and decode session. Blocks for the conversion and the transfer, like the stock send.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from sglang_memha.kvformat import Bridge, FormatDescriptor, get_codec
+from sglang_memha.kvformat.fp8 import layer_to_token_scale
+from sglang_memha.kvformat.transforms import apply_k_transform
+
+ARENA_MIN_BYTES = 16 << 20
+
+
+def row_bytes(desc: FormatDescriptor) -> int:
+    """Bytes of one (token, head) pool row ``[data | scale]`` in ``desc``'s format."""
+    from sglang_memha.sglang_ext.quant_pool import RowLayout
+
+    return RowLayout(desc.fmt, desc.head_dim).row_bytes
+
+
+def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescriptor, out: torch.Tensor,
+                 is_key: bool, layer_scale: float = 1.0) -> None:
+    """Rows of ``src``'s pool -> rows of ``dst``'s pool, written into ``out``.
+
+    src_rows: [n, H, row_bytes(src)] uint8 (a bf16 pool's rows viewed as bytes: [n, H, 2*D]).
+    out:      [n, H, row_bytes(dst)] uint8, contiguous.
+    layer_scale: the source pool's layer scale (``fp8_e4m3_tensor`` only).
+    Raises ValueError for a pair no sender bridge covers (the handshake refuses those first).
+    """
+    from sglang_memha.sglang_ext.quant_pool import RowLayout
+
+    bridges = dst.check_compatible(src)
+    layout = RowLayout(dst.fmt, dst.head_dim)
+    data_out, scale_out = layout.split(out)
+    n, h = src_rows.shape[:2]
+    loc = torch.arange(n, device=out.device)
+    if Bridge.ENCODE_ON_SEND in bridges:
+        x = src_rows.contiguous().view(torch.bfloat16).reshape(n, h, src.head_dim)
+        if is_key and src.k_transform == "none" and dst.k_transform != "none":
+            x = apply_k_transform(dst.k_transform, x)
+        codec = get_codec(dst.fmt)
+        if layout.has_layer_scale:
+            codec.quantize_into(x, loc, data_out, None, scale=1.0)
+        else:
+            codec.quantize_into(x, loc, data_out, scale_out)
+    elif Bridge.LAYER_TO_TOKEN_SCALE in bridges:
+        data, scales = layer_to_token_scale(src_rows[..., :layout.data_bytes], layer_scale)
+        data_out.copy_(data)
+        scale_out.copy_(scales.contiguous().view(torch.uint8).reshape(n, h, -1))
+    else:
+        raise ValueError(f"no send-time conversion from {src.fmt.value} to {dst.fmt.value} "
+                         f"(bridges {[b.value for b in bridges]})")
+
+
+class _Arena:
+    """A registered staging buffer of one transfer-worker thread."""
+
+    def __init__(self, engine, device: torch.device, nbytes: int):
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.engine = engine
+        engine.batch_register([self.buf.data_ptr()], [nbytes])
+
+    def release(self) -> None:
+        self.engine.batch_deregister([self.buf.data_ptr()])
+
+
+class Converter:
+    """Per-manager send-time converter; ``send`` is called by transfer-worker threads."""
+
+    def __init__(self, engine, pool, src: FormatDescriptor):
+        self.engine, self.pool, self.src = engine, pool, src
+        self._tls = threading.local()
+
+    def _arena(self, need: int) -> _Arena:
+        arena = getattr(self._tls, "arena", None)
+        if arena is None or arena.buf.numel() < need:
+            if arena is not None:
+                arena.release()
+            arena = _Arena(self.engine, self.pool.k_buffer[0].device, max(need, ARENA_MIN_BYTES))
+            self._tls.arena = arena
+        return arena
+
+    def send(self, transfer, session: str, src_pages: np.ndarray, dst: FormatDescriptor,
+             dst_k_ptrs: list[int], dst_v_ptrs: list[int], dst_pages: np.ndarray,
+             dst_item_len: int) -> int:
+        """Convert the K and V rows of ``src_pages`` (prefill page ids, [n] int) of every layer
+        into ``dst``'s format and write them to ``dst_pages`` ([n] int, same order) of the decode
+        buffers ``dst_k_ptrs``/``dst_v_ptrs`` (one address per layer). ``transfer(session,
+        blocks)`` is the manager's ``_transfer_data``. Returns 0, or its non-zero status."""
+        page = self.src.page_size
+        heads, row = self.src.num_kv_heads, row_bytes(dst)
+        page_bytes = page * heads * row
+        if page_bytes != dst_item_len:
+            raise ValueError(f"decode page of {dst.fmt.value} is {dst_item_len} B, expected "
+                             f"{page} tokens x {heads} heads x {row} B = {page_bytes} B")
+        src_pages = np.asarray(src_pages, dtype=np.int64)
+        dst_pages = np.asarray(dst_pages, dtype=np.int64)
+        n = len(src_pages)
+        if n == 0:
+            return 0
+        dev = self.pool.k_buffer[0].device
+        slots = (torch.as_tensor(src_pages, device=dev)[:, None] * page
+                 + torch.arange(page, device=dev)).reshape(-1)
+        buffers = [(b, True, p) for b, p in zip(self.pool.k_buffer, dst_k_ptrs)] + \
+                  [(b, False, p) for b, p in zip(self.pool.v_buffer, dst_v_ptrs)]
+        chunk_bytes = n * page_bytes
+        per_round = max(1, ARENA_MIN_BYTES // chunk_bytes)
+        arena = self._arena(min(per_round, len(buffers)) * chunk_bytes)
+        # dst runs: consecutive decode pages take one block each
+        breaks = np.flatnonzero(np.diff(dst_pages) != 1) + 1
+        runs = [(int(r[0]), len(r)) for r in np.split(np.arange(n), breaks)]
+        scale = float(getattr(self.pool, "layer_scale", torch.ones(1)))
+        for start in range(0, len(buffers), per_round):
+            blocks = []
+            for i, (buf, is_key, dst_ptr) in enumerate(buffers[start:start + per_round]):
+                out = arena.buf[i * chunk_bytes:(i + 1) * chunk_bytes].view(n * page, heads, row)
+                convert_rows(buf[slots].view(torch.uint8).reshape(n * page, heads, -1), self.src, dst,
+                             out, is_key, scale)
+                base = out.data_ptr()
+                blocks += [(base + first * page_bytes, dst_ptr + int(dst_pages[first]) * dst_item_len,
+                            count * page_bytes) for first, count in runs]
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()
+            ret = transfer(session, blocks)
+            if ret != 0:
+                return ret
+        return 0
+
+    def close(self) -> None:
+        arena = getattr(self._tls, "arena", None)
+        if arena is not None:
+            arena.release()
+
+
+__all__ = ["Converter", "convert_rows", "row_bytes"]

@@ -1,0 +1,163 @@
+"""Send-time conversion (``sglang_ext.transcode``) in-process, with real SGLang pools on CPU.
+
+Reference: a decode-format pool written directly with the same K/V. The rows the converter
+lands in a decode pool must equal, byte for byte, the rows that pool format holds for the same
+bf16 K/V (the wire then carries exactly what a prefill of the decode's format would send).
+The "transfer" memmoves each block, as Mooncake would between registered buffers.
+"""
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from sglang_memha.kvformat import FormatDescriptor, KVFormat
+
+pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
+
+from sglang_memha.sglang_ext import transcode  # noqa: E402
+from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
+from tests.quant.test_quant_pool import _Layer  # noqa: E402
+
+H, D, L, PAGE, SIZE = 2, 64, 3, 16, 256
+
+
+def desc(fmt, k_transform="none"):
+    return FormatDescriptor(fmt=fmt, page_size=PAGE, num_kv_heads=H, head_dim=D, num_layers=L,
+                            model_id="test#0", k_transform=k_transform)
+
+
+def quant_pool(fmt, k_transform="none"):
+    return MemhaQuantKVPool.configured(fmt, k_transform, "test#0")(
+        SIZE, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+        device="cpu", enable_memory_saver=False)
+
+
+def stock_pool():
+    return MHATokenToKVPool(SIZE, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D,
+                            layer_num=L, device="cpu", enable_memory_saver=False)
+
+
+class FakeEngine:
+    def __init__(self):
+        self.registered, self.deregistered = [], []
+
+    def batch_register(self, ptrs, lens):
+        self.registered += list(zip(ptrs, lens))
+
+    def batch_deregister(self, ptrs):
+        self.deregistered += list(ptrs)
+
+
+def memmove_transfer(calls):
+    def transfer(session, blocks):
+        calls.append((session, len(blocks)))
+        for src, dst, n in blocks:
+            ctypes.memmove(dst, src, n)
+        return 0
+    return transfer
+
+
+def write_same_kv(pools, pages, seed=3):
+    """The same bf16 K/V (heavy-ish tails) into ``pages`` of every pool, every layer."""
+    g = torch.Generator().manual_seed(seed)
+    loc = (torch.as_tensor(pages)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
+    for layer in range(L):
+        k = (torch.randn(len(loc), H, D, generator=g) * 4).to(torch.bfloat16)
+        v = (torch.randn(len(loc), H, D, generator=g)).to(torch.bfloat16)
+        k[::7, :, 5] = 80.0  # an outlier channel
+        for p in pools:
+            p.set_kv_buffer(_Layer(layer), loc, k.clone(), v.clone())
+
+
+def send(src_pool, src_desc, dst_pool, dst_desc, src_pages, dst_pages, calls=None):
+    engine = FakeEngine()
+    conv = transcode.Converter(engine, src_pool, src_desc)
+    row = transcode.row_bytes(dst_desc)
+    ret = conv.send(memmove_transfer(calls if calls is not None else []), "sess", np.array(src_pages),
+                    dst_desc, [b.data_ptr() for b in dst_pool.k_buffer], [b.data_ptr() for b in dst_pool.v_buffer],
+                    np.array(dst_pages), PAGE * H * row)
+    conv.close()
+    assert engine.registered and [p for p, _ in engine.registered] == engine.deregistered
+    return ret
+
+
+def rows(pool, pages):
+    loc = (torch.as_tensor(pages)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
+    return [b[loc] for b in (*pool.k_buffer, *pool.v_buffer)]
+
+
+SRC_PAGES, DST_PAGES = [1, 2, 3, 7, 9], [4, 5, 11, 12, 2]  # runs broken on both sides
+
+
+@pytest.mark.parametrize("k_transform", ["none", "hadamard"])
+@pytest.mark.parametrize("fmt", [f for f in KVFormat if f != KVFormat.BF16])
+def test_stock_bf16_pool_encoded_into_decode_format_byte_exact(fmt, k_transform):
+    src, ref, dst = stock_pool(), quant_pool(fmt, k_transform), quant_pool(fmt, k_transform)
+    write_same_kv([src, ref], SRC_PAGES)
+    assert send(src, desc("bf16"), dst, desc(fmt, k_transform), SRC_PAGES, DST_PAGES) == 0
+    for got, want in zip(rows(dst, DST_PAGES), rows(ref, SRC_PAGES)):
+        assert torch.equal(got, want)
+    # pages not addressed stay untouched (zeros)
+    untouched = [p for p in range(SIZE // PAGE) if p not in DST_PAGES]
+    assert all(int(r.sum()) == 0 for r in rows(dst, untouched))
+
+
+def test_memha_bf16_pool_is_a_valid_source_too():
+    src, ref, dst = quant_pool("bf16"), quant_pool("int8"), quant_pool("int8")
+    write_same_kv([src, ref], SRC_PAGES)
+    assert send(src, desc("bf16"), dst, desc("int8"), SRC_PAGES, DST_PAGES) == 0
+    for got, want in zip(rows(dst, DST_PAGES), rows(ref, SRC_PAGES)):
+        assert torch.equal(got, want)
+
+
+def test_layer_scale_pool_gets_per_row_scales_bytes_kept():
+    """fp8_e4m3_tensor (SGLang's fp8 bytes, layer scale 1.0) -> fp8_e4m3: data bytes equal, each
+    row's bf16 scale is 1.0, so the decode reads the same values."""
+    src, dst = quant_pool("fp8_e4m3_tensor"), quant_pool("fp8_e4m3")
+    write_same_kv([src], SRC_PAGES)
+    assert send(src, desc("fp8_e4m3_tensor"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES) == 0
+    for got, want in zip(rows(dst, DST_PAGES), rows(src, SRC_PAGES)):
+        assert torch.equal(got[..., :D], want)
+        assert torch.equal(got[..., D:].contiguous().view(torch.bfloat16),
+                           torch.ones(got.shape[0], H, 1, dtype=torch.bfloat16))
+    for layer in range(L):
+        a = dst.get_key_buffer(layer)[torch.arange(DST_PAGES[0] * PAGE, (DST_PAGES[0] + 1) * PAGE)]
+        b = src.get_key_buffer(layer)[torch.arange(SRC_PAGES[0] * PAGE, (SRC_PAGES[0] + 1) * PAGE)]
+        assert torch.equal(a, b)
+
+
+def test_small_arena_sends_in_rounds_same_bytes(monkeypatch):
+    """An arena smaller than a chunk's 2L buffers: several transfer calls, same result."""
+    monkeypatch.setattr(transcode, "ARENA_MIN_BYTES", 1)
+    src, ref, dst = stock_pool(), quant_pool("fp8_e4m3"), quant_pool("fp8_e4m3")
+    write_same_kv([src, ref], SRC_PAGES)
+    calls = []
+    assert send(src, desc("bf16"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES, calls) == 0
+    assert len(calls) == 2 * L  # one buffer per round
+    # dst runs: [4,5], [11,12], [2] -> 3 blocks per buffer
+    assert all(n == 3 for _, n in calls)
+    for got, want in zip(rows(dst, DST_PAGES), rows(ref, SRC_PAGES)):
+        assert torch.equal(got, want)
+
+
+def test_transfer_failure_status_is_returned():
+    src, dst = stock_pool(), quant_pool("fp8_e4m3")
+    conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
+    ret = conv.send(lambda s, b: -1, "sess", np.array([1]), desc("fp8_e4m3"),
+                    [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer],
+                    np.array([2]), PAGE * H * transcode.row_bytes(desc("fp8_e4m3")))
+    assert ret == -1
+
+
+def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
+    src, dst = stock_pool(), quant_pool("fp8_e4m3")
+    conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
+    with pytest.raises(ValueError, match="decode page of fp8_e4m3 is 100 B"):
+        conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"),
+                  [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer], np.array([2]), 100)
+    out = torch.empty(4, H, transcode.row_bytes(desc("fp8_e4m3")), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="KV format mismatch"):  # int8 -> fp8 would re-quantize
+        transcode.convert_rows(torch.zeros(4, H, D + 2, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
+                               out, True)
