@@ -4,8 +4,10 @@ SGLang 0.5.23 already carries the protocol: the prefill digests the pages it sen
 (``KvChecksumComputer.compute``, after the last chunk's forward) and ships the digest in the
 request's aux metadata with a *layout signature*; the decode digests the same pages of its own
 pool when the request enters its first batch, and on a mismatch aborts the request ("KV checksum
-mismatch", HTTP 500) and frees its pages, before any token is computed from that KV. Two gaps
-on our path, closed here (HookRegistry, both servers):
+mismatch", HTTP 500) and frees its pages, before any token is computed from that KV. On the
+quantized path the decode checks earlier: on arrival, before the request is queued as ready
+(``verify_on_arrival``, attention TP 1). Two gaps on our path, closed here (HookRegistry, both
+servers):
 
 | target (``sglang.srt.disaggregation.`` ...) | type | why |
 |---|---|---|
@@ -73,6 +75,34 @@ def align_signature(result, queue, *args, **kwargs):
         queue.kv_checksum_signature = memha_signature(queue.kv_manager.kv_args,
                                                       handshake.encode_layout(desc))
     return result
+
+
+def verify_on_arrival(scheduler, req) -> str | None:
+    """Decode scheduler, from ``kv_hooks.land_on_arrival`` (AFTER ``_commit_transfer_to_req``,
+    once per request whose KV arrived, before bridges touch the rows and before the request is
+    queued as ready). Digests the request's arrived pages and compares with the prefill's digest;
+    returns the mismatch message (the caller aborts the request, SGLang frees its pages) or
+    None. Marks the request verified, so SGLang's own check at batch entry does not repeat it.
+    With attention TP > 1 the check stays at SGLang's batch entry, where the ranks agree on
+    what to drop (a per-rank abort here could split the ranks' batches). Blocking, ~ms."""
+    from sglang.srt.disaggregation.checksum import page_indices_for_request
+    from sglang.srt.disaggregation.decode import _bootstrap_addr
+
+    computer = getattr(scheduler, "kv_checksum_computer", None)
+    expected = getattr(req, "expected_kv_checksum", 0)
+    if computer is None or not expected or getattr(scheduler, "attn_tp_size", 1) != 1:
+        return None
+    kv_manager = scheduler.disagg_decode_prealloc_queue.kv_manager
+    if not kv_manager.should_verify_kv_checksum(_bootstrap_addr(req)):
+        return None
+    req.expected_kv_checksum = 0
+    pages = page_indices_for_request(scheduler, req, len(req.origin_input_ids),
+                                     start_idx=req.kv.cache_protected_len)
+    actual = computer.compute(pages, None)
+    if actual == expected:
+        return None
+    return (f"KV checksum mismatch req={req.rid} bootstrap_room={req.bootstrap_room} "
+            f"expected={expected:#x} got={actual:#x} (detected on arrival, before decoding)")
 
 
 def corrupt_for_test(pool, slots, room: int, rooms: frozenset[int]) -> None:

@@ -121,9 +121,10 @@ def _corrupt_rooms() -> frozenset:
 
 def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     """AFTER ``DecodeTransferQueue._commit_transfer_to_req`` (decode scheduler, once per request
-    whose KV arrived): apply the handshake's bridges (fnuz <-> fn) to the prompt's rows, then,
-    in the eager ablation, dequantize them into the bf16 buffers. A bridge that refuses the
-    bytes (NaN codes) aborts the request with the reason; the caller then frees its pages."""
+    whose KV arrived): verify the KV checksum when it is on (``integrity.verify_on_arrival``),
+    apply the handshake's bridges (fnuz <-> fn) to the prompt's rows, then, in the eager
+    ablation, dequantize them into the bf16 buffers. A checksum mismatch or a bridge that refuses
+    the bytes (NaN codes) aborts the request with the reason; the caller then frees its pages."""
     from sglang.srt.disaggregation.utils import prepare_abort
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
@@ -137,11 +138,16 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
             or req.kv.req_pool_idx is None):
         return result
     slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
+    from sglang_memha.sglang_ext import integrity
+
     rooms = _corrupt_rooms()
     if rooms:
-        from sglang_memha.sglang_ext.integrity import corrupt_for_test
-
-        corrupt_for_test(pool, slots, req.bootstrap_room, rooms)
+        integrity.corrupt_for_test(pool, slots, req.bootstrap_room, rooms)
+    mismatch = integrity.verify_on_arrival(queue.scheduler, req)
+    if mismatch is not None:  # the wire's bytes, before any bridge rewrites them
+        logger.error("sglang-memha: %s", mismatch)
+        prepare_abort(req, "KV checksum mismatch", status_code=500)
+        return result
     try:
         for bridge in bridges:
             pool.apply_bridge(slots, bridge)

@@ -1,7 +1,7 @@
 """KV checksum on the wire (issue 9): SGLang's ``--disaggregation-enable-kv-checksum`` working
 on CPU and on quantized pools (``sglang_ext.integrity``). A transfer whose bytes were altered
 (one byte flipped on the decode as it arrived, ``MEMHA_TEST_CORRUPT_KV_ROOMS``) is failed with
-"KV checksum mismatch" before any token is decoded from it, its pages are freed, and concurrent
+"KV checksum mismatch" on arrival, before the request is queued for decoding, its pages are freed, and concurrent
 clean requests complete verified."""
 from __future__ import annotations
 
@@ -55,5 +55,7 @@ def test_corrupted_transfer_is_caught_and_others_complete(tiny_model, tmp_path):
         logs = c.logs()
         assert f"corrupted one KV byte of room {bad_room}" in logs["decode"]
         assert logs["decode"].count("KV checksum mismatch req=") == 1
+        # caught as the KV arrived, before the request was queued as ready (not at batch entry)
+        assert "(detected on arrival, before decoding)" in logs["decode"]
         assert "KV checksum skipped" not in logs["decode"]  # both sides signed the same layout
     assert descendants() == []
