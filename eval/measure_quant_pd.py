@@ -39,9 +39,12 @@ H, D, L = 3, 64, 30  # SmolLM2-135M
 
 
 def run_config(model: str, fmt: str | None, prompts: list[list[int]], mem_fraction: float,
-               log_dir: str, eager: bool = False) -> dict:
-    env = {"MEMHA_KV_FORMAT": fmt} if fmt else {}
+               log_dir: str, eager: bool = False, on_send: bool = False) -> dict:
+    """``on_send``: the prefill keeps SGLang's own bf16 pool and converts on send (decode: ``fmt``)."""
+    env = {"MEMHA_KV_FORMAT": fmt} if fmt and not on_send else {}
     decode_env = {"MEMHA_DECODE_DEQUANT": "eager"} if eager else {}
+    if on_send:
+        decode_env["MEMHA_KV_FORMAT"] = fmt
     common = ["--page-size", "16", "--mem-fraction-static", str(mem_fraction)]  # same for all configs
     with PDCluster(model, common, common, env=env, decode_env=decode_env, max_total_tokens=None,
                    log_dir=log_dir) as c:
@@ -66,7 +69,9 @@ def run_config(model: str, fmt: str | None, prompts: list[list[int]], mem_fracti
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--formats", default="fp8_e4m3,int4_g64,int8,fp8_e4m3:eager",
-                    help="comma-separated; FMT:eager = eager-dequant ablation on decode")
+                    help="comma-separated; FMT:eager = eager-dequant ablation on decode; FMT:onsend = "
+                         "prefill on SGLang's bf16 pool, pages converted on send into the decode's FMT")
+    ap.add_argument("--out", default=OUT, help="JSON file to write")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--mem-fraction-static", type=float, default=0.2)
@@ -81,26 +86,28 @@ def main() -> None:
         name = (spec or "stock").replace(":", "_")
         print(f"[{dt.datetime.now():%H:%M:%S}] {name} ...", flush=True)
         runs[name] = run_config(model, fmt or None, prompts, args.mem_fraction_static,
-                                os.path.join(log_root, name), eager=mode == "eager")
+                                os.path.join(log_root, name), eager=mode == "eager", on_send=mode == "onsend")
         print("   ", runs[name], flush=True)
     stock = runs["stock"]
     out = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
            "mem_fraction_static": args.mem_fraction_static, "runs": runs,
            "command": "python eval/measure_quant_pd.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+               f"--{k.replace('_', '-')} {os.path.relpath(v, ROOT) if k == 'out' else v}"
+               for k, v in vars(args).items()),
            "date": dt.date.today().isoformat()}
     for name, r in runs.items():
         if name == "stock":
             continue
-        key = {"fp8_e4m3": "fp8", "int4_g64": "int4", "fp8_e4m3_eager": "fp8_eager"}.get(name, name)
+        key = {"fp8_e4m3": "fp8", "int4_g64": "int4", "fp8_e4m3_eager": "fp8_eager",
+               "fp8_e4m3_onsend": "fp8_onsend", "int4_g64_onsend": "int4_onsend"}.get(name, name)
         out[f"wire_bytes_ratio_{key}"] = round(r["total_bytes"] / stock["total_bytes"], 4)
         out[f"wire_kv_bytes_ratio_{key}"] = round(r["kv_bytes"] / stock["kv_bytes"], 4)
         out[f"pool_capacity_ratio_{key}"] = round(r["decode_tokens_per_gib"] / stock["decode_tokens_per_gib"], 4)
         out[f"pool_tokens_at_same_fraction_ratio_{key}"] = round(
             r["decode_max_total_num_tokens"] / stock["decode_max_total_num_tokens"], 4)
         out[f"pool_capacity_ratio_computed_{key}"] = round(stock["bytes_per_token"] / r["bytes_per_token"], 4)
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: v for k, v in out.items() if "ratio" in k}, indent=1))
 

@@ -82,6 +82,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
         # prefill: decode session -> its descriptor, when pages must be converted on send
         self.memha_send_targets: dict[str, object] = {}
         self.memha_converter = None
+        self.memha_refused_prefills: dict[str, str] = {}  # decode: address -> why its info was refused
         cfg = load_config()
         self.memha_secret = cfg.shared_secret
         if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
@@ -281,6 +282,24 @@ class MemhaKVManager(mc.MooncakeKVManager):
         super()._maybe_ack_drained_abort(room)
 
 
+    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
+        """Decode scheduler, once per prefill address until it answers. SGLang raises here when
+        the prefill's page size, KV dtype or layout differs from this decode's, and the raise
+        ends the decode scheduler (the whole server) over one misconfigured prefill. Here the
+        reason is kept and the address reported not ready: SGLang retries, then aborts that
+        prefill's requests (``MemhaKVReceiver.abort`` gives them the reason); the server and
+        requests from other prefills go on."""
+        try:
+            ready = super().try_ensure_parallel_info(bootstrap_addr)
+            self.memha_refused_prefills.pop(bootstrap_addr, None)  # fixed and restarted
+            return ready
+        except RuntimeError as e:
+            self.memha_refused_prefills[bootstrap_addr] = f"prefill at {bootstrap_addr} refused: {e}"
+            logger.error("sglang-memha: prefill at %s refused (its requests fail, this server goes on): %s",
+                         bootstrap_addr, e)
+            return False
+
+
 class MemhaKVReceiver(mc.MooncakeKVReceiver):
     def init(self, prefill_dp_rank: int):
         """Decode scheduler, once per request before allocation: SGLang's init, then the
@@ -303,6 +322,16 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
         self.conclude_state = KVPoll.Failed
         # Tell the prefill ranks, which would otherwise wait for this request's metadata.
         self.ensure_abort_notified()
+
+    def abort(self):
+        """Decode scheduler: SGLang aborts the requests of a prefill whose info never became
+        ready; for one refused by ``try_ensure_parallel_info`` the failure carries the reason."""
+        reason = getattr(self.kv_mgr, "memha_refused_prefills", {}).get(self.bootstrap_addr)
+        if reason is not None and self.conclude_state != KVPoll.Failed:
+            self.kv_mgr.record_failure(self.bootstrap_room, reason)
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            self.conclude_state = KVPoll.Failed
+        return super().abort()
 
     def failure_exception(self):
         """A failed room never reaches the arrival hook: drop its bridges here (SGLang calls

@@ -53,6 +53,9 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     in_scheduler = "sglang.srt.managers.scheduler" in sys.modules
+    from sglang_memha.sglang_ext import flags
+
+    flags.register()  # launcher only: --memha-* flags, copied into MEMHA_* before spawning
     try:
         cfg = load_config()
     except ValueError as e:

@@ -13,7 +13,7 @@ import pytest
 
 from sglang_memha.testing import PDCluster, SingleServer
 from sglang_memha.testing.cluster import used_tokens
-from sglang_memha.testing.procs import ClusterError
+from sglang_memha.testing.procs import ClusterError, http_json
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.cluster
@@ -65,3 +65,20 @@ def test_unknown_format_name_stops_start_up(tiny_model, tmp_path):
             pass
     text = str(err.value) + open(tmp_path / "server.log").read()
     assert "MEMHA_KV_FORMAT" in text and "fp7" in text and "int4_g64" in text  # lists valid names
+
+
+def test_prefill_with_another_page_size_fails_its_requests_not_the_decode(tiny_model, tmp_path):
+    """Stock SGLang raises in the decode scheduler when a prefill's page size differs (the decode
+    server dies). With the plugin the decode refuses that prefill: its requests fail with
+    SGLang's reason, the decode stays up and keeps serving its healthy prefill's requests."""
+    with PDCluster(tiny_model, ["--page-size", "32"], PAGE, log_dir=str(tmp_path), ready="health") as bad:
+        with PDCluster(tiny_model, PAGE, PAGE, log_dir=str(tmp_path / "good"), ready="health") as good:
+            # the bad prefill's request, aimed at the good cluster's decode
+            body = {**PROMPT, "bootstrap_host": bad.prefill_url.split("//")[1].split(":")[0],
+                    "bootstrap_port": bad.bootstrap_port, "bootstrap_room": 4242}
+            status, resp = http_json(f"{good.decode_url}/generate", body, timeout=120)
+            assert status >= 400, resp
+            assert "Page size mismatch" in str(resp) and "--page-size" in str(resp)
+            assert_ok(good.direct_generate(PROMPT))  # the decode is alive and serves its prefill
+            assert [used_tokens(u) for u in (good.prefill_url, good.decode_url)] == [0, 0]
+            assert "refused (its requests fail, this server goes on)" in good.logs()["decode"]
