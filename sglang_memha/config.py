@@ -10,7 +10,7 @@
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
 | ``MEMHA_PIPELINE_MIN_TOKENS`` | ``256``           | prompts shorter than this are sent whole after the forward (256: the shortest measured, already a gain; see eval/RESULTS.md) |
-| ``MEMHA_ENCODE_ON_SEND`` | ``1``                | prefill on SGLang's own bf16 pool (``MEMHA_KV_FORMAT`` unset): publish its format so a decode with ``MEMHA_KV_FORMAT`` accepts it, and convert the pages it sends into that decode's format. ``0``: behave as stock SGLang (a memha decode refuses it) |
+| ``MEMHA_ENCODE_ON_SEND`` | ``1``                | prefill on SGLang's own bf16 or fp8 pool (``MEMHA_KV_FORMAT`` unset): publish its format so a decode with ``MEMHA_KV_FORMAT`` accepts it, and convert the pages it sends into that decode's format. ``0``: behave as stock SGLang (a memha decode refuses it) |
 | ``MEMHA_SHARED_SECRET`` | unset                 | both servers: the handshake carries HMAC-SHA256 tags with this secret; a peer with another (or no) secret is refused with a message, before any KV byte moves. ``MEMHA_SHARED_SECRET_FILE``: read it from a file instead (first line) |
 | ``MEMHA_TEST_CORRUPT_KV_ROOMS`` | unset           | tests only, decode: comma-separated bootstrap rooms whose arrived KV gets one byte flipped (to show ``--disaggregation-enable-kv-checksum`` catching it) |
 

@@ -8,7 +8,8 @@
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
 | ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward (``pipeline``) |
-| ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) |
+| ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 or fp8 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) |
+| ``disaggregation.prefill.PrefillBootstrapQueue.__init__`` (always) | AFTER | stock fp8 prefill pool: read the model's per-layer K/V scales, which the conversion gives each row |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons.
@@ -163,11 +164,13 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
 
 def describe_stock_pool(pool, kvc, *args, **kwargs):
     """AFTER ``KVCacheConfigurator._build_mha_kv_pool`` (scheduler start-up, once). A prefill
-    whose pool is SGLang's own plain bf16 MHA pool (``MEMHA_KV_FORMAT`` unset) gets a ``bf16``
-    descriptor, so a decode with a ``MEMHA_KV_FORMAT`` accepts it and the sender quantizes the
-    pages it sends into that decode's format (``Bridge.ENCODE_ON_SEND``). Anything else (our
-    pools describe themselves; fp8/fp16 stock pools, HND layouts, MLA) stays undescribed: a memha
-    decode then refuses it with a message. ``MEMHA_ENCODE_ON_SEND=0`` turns this off."""
+    whose pool is SGLang's own plain MHA pool (``MEMHA_KV_FORMAT`` unset) gets a descriptor: a
+    bf16 pool ``bf16``, so the sender quantizes the pages it sends into a memha decode's format
+    (``Bridge.ENCODE_ON_SEND``); an fp8 pool (``--kv-cache-dtype fp8_e4m3``) ``fp8_e4m3_tensor``
+    (its bytes), so an ``fp8_e4m3`` decode gets them with per-row scales
+    (``Bridge.LAYER_TO_TOKEN_SCALE``, scales from ``record_layer_scales``). Anything else (our
+    pools describe themselves; fp16 pools, HND layouts, MLA) stays undescribed: a memha decode
+    then refuses it with a message. ``MEMHA_ENCODE_ON_SEND=0`` turns this off."""
     import torch
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -178,19 +181,52 @@ def describe_stock_pool(pool, kvc, *args, **kwargs):
     if (cfg.kv_enabled or not cfg.encode_on_send or type(pool) is not MHATokenToKVPool
             or getattr(kvc.server_args, "disaggregation_mode", "null") != "prefill"):
         return pool
-    if (pool.store_dtype != torch.bfloat16 or pool.head_dim != pool.v_head_dim
+    fmt = {torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8_e4m3_tensor"}.get(pool.dtype)
+    if (fmt is None or pool.head_dim != pool.v_head_dim
             or getattr(pool, "use_hnd", False) or getattr(pool, "kv_cache_layout", "nhd") != "nhd"):
-        logger.warning("sglang-memha: prefill KV pool (%s, head_dim %s/%s) is not a plain bf16 NHD pool: "
-                       "not converted on send (a decode with MEMHA_KV_FORMAT will refuse this prefill; "
-                       "set MEMHA_KV_FORMAT here instead)", pool.store_dtype, pool.head_dim, pool.v_head_dim)
+        logger.warning("sglang-memha: prefill KV pool (%s, head_dim %s/%s) is not a plain bf16 or fp8_e4m3 "
+                       "NHD pool: not converted on send (a decode with MEMHA_KV_FORMAT will refuse this "
+                       "prefill; set MEMHA_KV_FORMAT here instead)", pool.dtype, pool.head_dim, pool.v_head_dim)
         return pool
-    desc = FormatDescriptor(fmt="bf16", page_size=pool.page_size, num_kv_heads=pool.head_num,
+    desc = FormatDescriptor(fmt=fmt, page_size=pool.page_size, num_kv_heads=pool.head_num,
                             head_dim=pool.head_dim, num_layers=pool.layer_num,
                             model_id=model_id(kvc.model_config))
     state.set_local_descriptor(desc, pool=pool, stock=True)
-    logger.warning("sglang-memha: prefill on SGLang's bf16 KV pool: pages sent to a decode with "
-                   "MEMHA_KV_FORMAT are converted into its format (MEMHA_ENCODE_ON_SEND=0 turns this off)")
+    logger.warning("sglang-memha: prefill on SGLang's %s KV pool: pages sent to a decode with "
+                   "MEMHA_KV_FORMAT are converted into its format (MEMHA_ENCODE_ON_SEND=0 turns this off)",
+                   "fp8" if fmt != "bf16" else "bf16")
     return pool
+
+
+def attention_scales(model) -> dict[int, tuple[float, float]]:
+    """{layer_id: (k_scale, v_scale)} of a model's attention layers (SGLang's ``RadixAttention``:
+    ``k_scale_float`` / ``v_scale_float``, None = 1.0, the scales an fp8 KV pool divides by)."""
+    out = {}
+    for mod in model.modules():
+        if hasattr(mod, "k_scale_float") and isinstance(getattr(mod, "layer_id", None), int):
+            k, v = mod.k_scale_float, mod.v_scale_float
+            out[mod.layer_id] = (1.0 if k is None else float(k), 1.0 if v is None else float(v))
+    return out
+
+
+def record_layer_scales(result, queue, *args, **kwargs):
+    """AFTER ``PrefillBootstrapQueue.__init__`` (prefill start-up, after the model loaded): a
+    described stock fp8 pool stores ``K / k_scale`` per layer; the sender needs those scales to
+    give each row its scale on send (``transcode``). Kept on the pool as ``memha_kv_scales``."""
+    from sglang_memha.sglang_ext import state
+
+    pool = state.local_pool()
+    desc = state.local_descriptor()
+    if not state.local_is_stock() or desc is None or desc.fmt != KVFormat.FP8_E4M3_TENSOR:
+        return result
+    try:
+        scales = attention_scales(queue.scheduler.tp_worker.model_runner.model)
+    except AttributeError as e:
+        logger.error("sglang-memha: cannot read the model's fp8 KV scales (%s): fp8 pages will not be "
+                     "converted on send", e)
+        return result
+    pool.memha_kv_scales = [scales.get(pool.start_layer + i) for i in range(pool.layer_num)]
+    return result
 
 
 def register_metrics() -> None:
@@ -198,6 +234,8 @@ def register_metrics() -> None:
     from sglang_memha.sglang_ext import mooncake_conn
 
     HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", describe_stock_pool, HookType.AFTER)
+    HookRegistry.register("sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.__init__",
+                          record_layer_scales, HookType.AFTER)
 
     HookRegistry.register(f"{_MC}.MooncakeKVManager", mooncake_conn.MemhaKVManager, HookType.REPLACE)
     HookRegistry.register(f"{_MC}.MooncakeKVReceiver", mooncake_conn.MemhaKVReceiver, HookType.REPLACE)

@@ -224,6 +224,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
         if registration_info.dst_kv_item_len != want:
             return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
                     f"expected {want}; use the same MEMHA_KV_FORMAT on both servers")
+        if self.memha_desc.fmt.value == "fp8_e4m3_tensor":
+            from sglang_memha.sglang_ext.transcode import scale_problem
+
+            return scale_problem(state.local_pool())
         return None
 
     def _transfer_data(self, mooncake_session_id, transfer_blocks):

@@ -10,8 +10,10 @@ prefill's pool and a decode's, ``MemhaKVManager.send_kvcache`` hands that decode
 * ``ENCODE_ON_SEND``: a bf16 pool (SGLang's own, or ours with ``MEMHA_KV_FORMAT=bf16``) is
   quantized with the decode's codec (K rotated first when the decode uses a K transform the
   prefill does not): phase-wise quantization for a prefill that keeps bf16.
-* ``LAYER_TO_TOKEN_SCALE``: an ``fp8_e4m3_tensor`` pool (SGLang's fp8 bytes, one scale per layer)
-  into ``fp8_e4m3``: data bytes kept, every row gets the layer scale as its bf16 scale.
+* ``LAYER_TO_TOKEN_SCALE``: an ``fp8_e4m3_tensor`` pool (ours, or SGLang's own fp8 pool: one scale
+  per layer, the model's K/V scales) into ``fp8_e4m3``: data bytes kept, every row gets its
+  layer's scale as its bf16 scale (``layer_scales``; one bf16 cannot hold is refused at
+  registration, ``scale_problem``).
 
 Staging: one byte arena per transfer-worker thread, registered with Mooncake once (re-registered
 only when a larger chunk needs it to grow). A chunk is converted and sent a few layer buffers at
@@ -76,6 +78,28 @@ def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescr
                          f"(bridges {[b.value for b in bridges]})")
 
 
+def layer_scales(pool) -> list[tuple[float, float]]:
+    """(K, V) scale of each pool layer for ``fp8_e4m3_tensor`` rows: a stock fp8 pool's model
+    scales (``kv_hooks.record_layer_scales``; a layer without one: 1.0), else our pool's single
+    ``layer_scale`` (1.0)."""
+    recorded = getattr(pool, "memha_kv_scales", None)
+    if recorded is not None:
+        return [(1.0, 1.0) if s is None else s for s in recorded]
+    s = float(getattr(pool, "layer_scale", torch.ones(1)))
+    return [(s, s)] * len(pool.k_buffer)
+
+
+def scale_problem(pool) -> str | None:
+    """Why per-row bf16 scales cannot hold this pool's layer scales exactly, or None."""
+    for layer, pair in enumerate(layer_scales(pool)):
+        for which, s in zip("KV", pair):
+            if not (0 < s < float("inf")) or float(torch.tensor(s).to(torch.bfloat16)) != s:
+                return (f"layer {layer} {which} scale {s!r} is not a positive bf16 value, so fp8_e4m3 "
+                        f"rows cannot carry it without re-quantizing; use MEMHA_KV_FORMAT=fp8_e4m3 "
+                        f"on the prefill")
+    return None
+
+
 class _Arena:
     """A registered staging buffer of one transfer-worker thread."""
 
@@ -133,13 +157,14 @@ class Converter:
         # dst runs: consecutive decode pages take one block each
         breaks = np.flatnonzero(np.diff(dst_pages) != 1) + 1
         runs = [(int(r[0]), len(r)) for r in np.split(np.arange(n), breaks)]
-        scale = float(getattr(self.pool, "layer_scale", torch.ones(1)))
+        scales = layer_scales(self.pool)
         for start in range(0, len(buffers), per_round):
             blocks = []
             for i, (buf, is_key, dst_ptr) in enumerate(buffers[start:start + per_round]):
+                layer = (start + i) % len(self.pool.k_buffer)
                 out = arena.buf[i * chunk_bytes:(i + 1) * chunk_bytes].view(n * page, heads, row)
                 convert_rows(buf[slots].view(torch.uint8).reshape(n * page, heads, -1), self.src, dst,
-                             out, is_key, scale)
+                             out, is_key, scales[layer][0 if is_key else 1])
                 base = out.data_ptr()
                 blocks += [(base + first * page_bytes, dst_ptr + int(dst_pages[first]) * dst_item_len,
                             count * page_bytes) for first, count in runs]
@@ -156,4 +181,4 @@ class Converter:
             arena.release()
 
 
-__all__ = ["Converter", "convert_rows", "row_bytes"]
+__all__ = ["Converter", "convert_rows", "layer_scales", "row_bytes", "scale_problem"]

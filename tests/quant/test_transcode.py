@@ -161,3 +161,79 @@ def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
     with pytest.raises(ValueError, match="KV format mismatch"):  # int8 -> fp8 would re-quantize
         transcode.convert_rows(torch.zeros(4, H, D + 2, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
                                out, True)
+
+
+def stock_fp8_pool():
+    return MHATokenToKVPool(SIZE, page_size=PAGE, dtype=torch.float8_e4m3fn, head_num=H, head_dim=D,
+                            layer_num=L, device="cpu", enable_memory_saver=False)
+
+
+@pytest.mark.parametrize("scales", [None, [(0.5, 2.0), (1.0, 0.25), (4.0, 1.0)]])
+def test_stock_fp8_pool_bytes_kept_model_scales_per_row(scales):
+    """SGLang's own fp8 pool (``--kv-cache-dtype fp8_e4m3``): data bytes go as they are, each row
+    gets its layer's model scale (the value the pool divided by) as its bf16 scale."""
+    src, dst = stock_fp8_pool(), quant_pool("fp8_e4m3")
+    write_same_kv([src], SRC_PAGES)
+    if scales is not None:
+        src.memha_kv_scales = scales
+    assert transcode.scale_problem(src) is None
+    assert send(src, desc("fp8_e4m3_tensor"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES) == 0
+    pairs = transcode.layer_scales(src)
+    got, want = rows(dst, DST_PAGES), rows(src, SRC_PAGES)
+    for i, (g, w) in enumerate(zip(got, want)):
+        layer, is_v = i % L, i >= L
+        assert torch.equal(g[..., :D], w.view(torch.uint8))
+        assert torch.equal(g[..., D:].contiguous().view(torch.bfloat16),
+                           torch.full((g.shape[0], H, 1), pairs[layer][is_v], dtype=torch.bfloat16))
+
+
+def test_stock_fp8_scale_that_bf16_cannot_hold_is_refused():
+    src = stock_fp8_pool()
+    src.memha_kv_scales = [(1.0, 1.0), (0.3, 1.0), None]
+    reason = transcode.scale_problem(src)
+    assert reason is not None and "layer 1 K scale 0.3" in reason and "MEMHA_KV_FORMAT=fp8_e4m3" in reason
+
+
+def test_stock_pools_described_for_memha_decodes(monkeypatch):
+    from types import SimpleNamespace
+
+    from sglang_memha.sglang_ext import kv_hooks, state
+
+    monkeypatch.delenv("MEMHA_KV_FORMAT", raising=False)
+    monkeypatch.delenv("MEMHA_ENCODE_ON_SEND", raising=False)
+    hf = SimpleNamespace(architectures=["X"], num_hidden_layers=L)
+    kvc = SimpleNamespace(server_args=SimpleNamespace(disaggregation_mode="prefill"),
+                          model_config=SimpleNamespace(hf_config=hf, model_path="/m/tiny"))
+    saved = (state.local_descriptor(), state.local_pool(), state.local_is_stock())
+    try:
+        for pool, fmt in ((stock_pool(), "bf16"), (stock_fp8_pool(), "fp8_e4m3_tensor")):
+            state.set_local_descriptor(None)
+            assert kv_hooks.describe_stock_pool(pool, kvc) is pool
+            d = state.local_descriptor()
+            assert (d.fmt.value, d.page_size, d.num_kv_heads, d.head_dim, d.num_layers) == (fmt, PAGE, H, D, L)
+            assert state.local_is_stock() and state.local_pool() is pool and d.model_id.startswith("tiny#")
+        state.set_local_descriptor(None)
+        fp16 = MHATokenToKVPool(SIZE, page_size=PAGE, dtype=torch.float16, head_num=H, head_dim=D,
+                                layer_num=L, device="cpu", enable_memory_saver=False)
+        kv_hooks.describe_stock_pool(fp16, kvc)  # not convertible: stays undescribed
+        assert state.local_descriptor() is None
+        decode = SimpleNamespace(server_args=SimpleNamespace(disaggregation_mode="decode"), model_config=None)
+        kv_hooks.describe_stock_pool(stock_pool(), decode)  # only prefills are described
+        assert state.local_descriptor() is None
+        monkeypatch.setenv("MEMHA_ENCODE_ON_SEND", "0")
+        kv_hooks.describe_stock_pool(stock_pool(), kvc)
+        assert state.local_descriptor() is None
+    finally:
+        state.set_local_descriptor(saved[0], pool=saved[1], stock=saved[2])
+
+
+def test_attention_scales_read_from_radix_attention_like_modules():
+    from sglang_memha.sglang_ext.kv_hooks import attention_scales
+
+    class Attn(torch.nn.Module):
+        def __init__(self, layer_id, k, v):
+            super().__init__()
+            self.layer_id, self.k_scale_float, self.v_scale_float = layer_id, k, v
+
+    model = torch.nn.Sequential(Attn(0, None, None), torch.nn.Linear(2, 2), Attn(1, 0.5, 2.0))
+    assert attention_scales(model) == {0: (1.0, 1.0), 1: (0.5, 2.0)}
