@@ -20,6 +20,54 @@ fp32 before quantize, dequantize to fp32, ``unrotate``; equal to rotating q; exa
 arithmetic). ``_Konly`` / ``_Vonly`` quantize one of K, V. Texts: pydoc topics and licences
 shipped with the OS (no download).
 
+Candidate-fix modes (emulation only: no codec, wire format or pool implements them yet). Grammar,
+parsed by ``parse_mode``: ``<fmt>[+kmean][+anchor<P>][+had][_Konly|_Vonly]``, flags in that order,
+each at most once; ``<fmt>`` is a registered codec name, ``int4a_g<N>`` or ``int4kivi_t<N>``. The
+K pipeline is: subtract the K mean (kmean) -> subtract the page anchor (anchor) -> rotate (had)
+-> quantize -> dequantize to fp32 -> unrotate -> add the anchor back -> cast to the model dtype.
+kmean, anchor and had act on K only; V is quantized per token in ``<fmt>`` (``int4a_g64`` for
+kivi). Bytes below are per (token, kv-head) at head_dim D = 64, K and V separately; bf16 is 128
++ 128, the shipped int4_g64 is 36 + 36, fp8_e4m3 66 + 66 (``mode_bytes`` computes them, and the
+output records them under ``bytes_per_token_head_d64``).
+
+* ``int4a_g<N>`` (N in 8..128, dividing head_dim): asymmetric int4 per (token, head, group of N):
+  zero = min rounded down to bf16, scale = (max - zero) / 15 rounded up to bf16, codes 0..15,
+  x_hat = code * scale + zero (fp32), so |x - x_hat| <= scale / 2. NOTE: this is the math of the
+  shipped ``int4_g32`` / ``int4_g64`` codecs bit for bit (they are already asymmetric, bf16
+  scale + min); ``int4a`` exists so that the other candidates can compose with it and so that
+  other group sizes (g16) can be tried without a codec. Real implementation: none needed for
+  g32/g64; g16 would be a new format with 2 * 2 * D / 16 scale bytes. Cost: D/2 + 4 D/N bytes:
+  g64 32 + 4 = 36, g32 32 + 8 = 40, g16 32 + 16 = 48.
+* ``+kmean``: per passage (= per request), per layer and per kv-head, the mean of each K channel
+  over all the passage's tokens (fp32 from the exact K, rounded to bf16) is subtracted before
+  quantizing and NOT added back: q . (k - m) = q . k - q . m is a constant per query, to which
+  softmax is invariant, so attention is exact in exact arithmetic (``bf16+kmean`` measures what
+  it costs in bf16 compute). SmolLM2's K has large per-channel biases that otherwise eat the
+  per-token range. Real implementation: prefill computes the mean over the prompt and ships it
+  with the request (a per-request state of L x H_kv x D bf16 = 30 x 3 x 128 B = 11.5 KiB for
+  SmolLM2), decode subtracts the same mean from every generated token's K before quantizing (and
+  from nothing else), and every consumer of the pages (prefix cache, a second decode) must carry
+  that state with them; the mean is over the prompt only, so decode tokens use a stale mean (here
+  the whole passage's, a slight optimism). Cost: 0 bytes per token; 2 D = 128 bytes per
+  (request, layer, kv-head), i.e. 128 / T per token-head amortized (0.25 B at T = 512).
+* ``+anchor<P>`` (``+anchor16``): tokens are split into pages of P positions; the page's first
+  token's K row is kept exact (bf16) and every other token stores quantize(K - K_anchor),
+  dequantized as K_anchor + dequant(...). Token-local within a page, no calibration, no
+  per-request state. Real implementation: a bf16 anchor row per (page, layer, kv-head) in a page
+  side buffer (or the page's first slot stored as bf16), the anchor written when a page's first
+  token is written and read by every dequantize of that page; pages must be aligned to P.
+  Cost: + 2 D / P bytes per token-head for K = +8 B at P = 16 (K 36 -> 44 with int4a_g64);
+  +5.75 B if the anchor's own quantized slot is not stored.
+* ``int4kivi_t<N>`` (``int4kivi_t32``): KIVI-style K: each K channel is quantized asymmetric int4
+  over each block of N consecutive tokens (zero / scale per (block, head, channel), bf16, same
+  rounding as int4a); V per token as ``int4a_g64``. A trailing partial block uses its own stats.
+  Emulation caveat: a block's stats include the block's later tokens; a real implementation
+  keeps the block's tokens in bf16 until the block is full (KIVI's residual), then quantizes it,
+  so it is at least this good but needs a bf16 residual per request. Real implementation: page-
+  local scales (page_size a multiple of N, scales per (page block, head, channel) in a page side
+  buffer), quantize-once-per-full-block on write, a bf16 residual buffer for the open block.
+  Cost: K = D/2 + 4 D / N = 32 + 8 = 40 B (N = 32), 48 B (N = 16); V 36 B.
+
 Writes ``--out`` (eval/results/quality.json): flat keys ``top1_agreement_<cls>`` /
 ``ppl_rel_change_<cls>`` (fractions) for the configuration the product recommends for each class
 (``RECOMMENDED``), measured in the bf16 setting, the same with ``_fp32ref`` in the fp32 setting,
@@ -34,19 +82,26 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sglang_memha.kvformat import FORMAT_VERSION, get_codec, kv_bytes_per_token  # noqa: E402
+from sglang_memha.kvformat import FORMAT_VERSION, format_spec, get_codec, kv_bytes_per_token  # noqa: E402
+from sglang_memha.kvformat.base import bf16_round  # noqa: E402
+from sglang_memha.kvformat.spec import KVFormat  # noqa: E402
 from sglang_memha.kvformat.transforms import rotate, unrotate  # noqa: E402
 
 # the configuration each class ships with (MEMHA_KV_FORMAT + MEMHA_K_TRANSFORM)
 RECOMMENDED = {"fp8": "fp8_e4m3+had", "int8": "int8+had", "int4": "int4_g64+had"}
 MODES = "noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,int8,int8+had,int4_g32+had,int4_g64,int4_g64+had"
+# candidate fixes worth measuring (not run by default; see the module docstring)
+CANDIDATE_MODES = ("bf16+kmean,fp8_e4m3+kmean+had,int4a_g64+kmean+had,int4a_g32+kmean+had,"
+                   "int4a_g64+anchor16+had,int4kivi_t32,int4kivi_t32+had,int4a_g64+kmean+had_Konly")
 
 
 def ulp_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -56,15 +111,223 @@ def ulp_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (b.view(torch.int16).to(torch.int32) + step).to(torch.int16).view(torch.bfloat16).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class ModeSpec:
+    """A parsed mode ``<fmt>[+kmean][+anchor<P>][+had][_Konly|_Vonly]`` (see ``parse_mode``)."""
+
+    fmt: str  # a codec name, "int4a_g<N>", "int4kivi_t<N>", or "noise_ulp"
+    kmean: bool = False
+    anchor: int = 0  # page size of the anchor offset; 0 = off
+    had: bool = False
+    k_only: bool = False
+    v_only: bool = False
+
+    @property
+    def legacy(self) -> bool:
+        """A mode the script had before the candidate modes: run by the original code path."""
+        return self.fmt in _CODEC_NAMES and not self.kmean and not self.anchor
+
+    @property
+    def v_fmt(self) -> str:
+        return "int4a_g64" if self.fmt.startswith("int4kivi_") else self.fmt
+
+
+_CODEC_NAMES = frozenset(f.value for f in KVFormat)
+_INT4A = re.compile(r"int4a_g(\d+)")
+_KIVI = re.compile(r"int4kivi_t(\d+)")
+_ANCHOR = re.compile(r"anchor(\d+)")
+_FLAG_ORDER = ("kmean", "anchor", "had")
+
+
+def parse_mode(mode: str) -> ModeSpec:
+    """Parse a mode name; raises ValueError (with the grammar) on anything else.
+
+    Flags must appear in the canonical order kmean, anchor<P>, had (the order they are applied
+    in), each at most once, so one configuration has one name."""
+    grammar = "expected <fmt>[+kmean][+anchor<P>][+had][_Konly|_Vonly] or noise_ulp"
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"mode {mode!r}: {grammar}")
+    if mode == "noise_ulp":
+        return ModeSpec("noise_ulp")
+    k_only, v_only = mode.endswith("_Konly"), mode.endswith("_Vonly")
+    body = mode[:-6] if (k_only or v_only) else mode
+    fmt, *flags = body.split("+")
+    if fmt in _CODEC_NAMES:
+        pass
+    elif m := _INT4A.fullmatch(fmt):
+        g = int(m.group(1))
+        if g < 8 or g > 128 or g & (g - 1):
+            raise ValueError(f"mode {mode!r}: int4a group {g} must be a power of two in 8..128")
+    elif m := _KIVI.fullmatch(fmt):
+        if int(m.group(1)) < 2:
+            raise ValueError(f"mode {mode!r}: int4kivi block must be >= 2 tokens")
+    else:
+        raise ValueError(f"mode {mode!r}: unknown format {fmt!r} (codecs: {', '.join(sorted(_CODEC_NAMES))}; "
+                         f"or int4a_g<N>, int4kivi_t<N>); {grammar}")
+    kw: dict = {}
+    last = -1
+    for f in flags:
+        if f == "kmean":
+            key, val = "kmean", True
+        elif f == "had":
+            key, val = "had", True
+        elif m := _ANCHOR.fullmatch(f):
+            key, val = "anchor", int(m.group(1))
+            if val < 2:
+                raise ValueError(f"mode {mode!r}: anchor page size must be >= 2")
+        else:
+            raise ValueError(f"mode {mode!r}: unknown flag {f!r}; {grammar}")
+        pos = _FLAG_ORDER.index(key)
+        if key in kw:
+            raise ValueError(f"mode {mode!r}: flag {f!r} given twice")
+        if pos < last:
+            raise ValueError(f"mode {mode!r}: flags out of order; {grammar}")
+        last = pos
+        kw[key] = val
+    spec = ModeSpec(fmt, k_only=k_only, v_only=v_only, **kw)
+    if spec.fmt.startswith("int4kivi_") and spec.anchor:
+        raise ValueError(f"mode {mode!r}: int4kivi (per-channel over token blocks) does not combine with anchor")
+    if spec.v_only and (spec.kmean or spec.anchor or spec.had):
+        raise ValueError(f"mode {mode!r}: kmean / anchor / had act on K only, meaningless with _Vonly")
+    return spec
+
+
+def int4a_fake(x32: torch.Tensor, group: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 quantize -> dequantize of fp32 ``x32`` over groups of ``group`` consecutive
+    elements along ``dim`` (its size must be a multiple of ``group``). Per group: zero = bf16
+    rounded down of min, scale = bf16 rounded up of (max - zero) / 15, code = clamp(RNE((x -
+    zero) / scale), 0, 15), x_hat = code * scale + zero in fp32 (the ``intq._Int4`` math).
+    Returns (x_hat fp32 like x32, scale fp32 broadcastable to x32: the per-element bound is
+    |x - x_hat| <= scale / 2)."""
+    x = x32.float().movedim(dim, -1)
+    n = x.shape[-1]
+    if n % group:
+        raise ValueError(f"int4a: size {n} along dim {dim} is not a multiple of the group {group}")
+    g = x.reshape(*x.shape[:-1], n // group, group)
+    lo = bf16_round(g.amin(-1).contiguous(), up=False).float()[..., None]
+    scale = bf16_round((g.amax(-1) - lo[..., 0]).div(15.0).contiguous(), up=True).float()[..., None]
+    safe = torch.where(scale > 0, scale, 1.0)
+    q = torch.round((g - lo) / safe).clamp_(0, 15)
+    y = (q * scale + lo).reshape(x.shape).movedim(-1, dim)
+    s = scale.expand(g.shape).reshape(x.shape).movedim(-1, dim)
+    return y, s
+
+
+def kivi_k_fake(k32: torch.Tensor, block: int) -> torch.Tensor:
+    """KIVI-style K: [..., T, D] fp32, each channel quantized (``int4a_fake``) over each block of
+    ``block`` consecutive tokens; a trailing partial block uses its own stats."""
+    t = k32.shape[-2]
+    full = t - t % block
+    parts = []
+    if full:
+        parts.append(int4a_fake(k32[..., :full, :], block, dim=-2)[0])
+    if full < t:
+        parts.append(int4a_fake(k32[..., full:, :], t - full, dim=-2)[0])
+    return torch.cat(parts, dim=-2)
+
+
+def _codec_rows(x: torch.Tensor, fmt: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """[B, H, T, D] -> the codec's per-token quantize -> dequantize (to out_dtype)."""
+    codec = get_codec(fmt)
+    b, h, t, d = x.shape
+    rows = x.permute(0, 2, 1, 3).reshape(b * t, h, d)
+    y = codec.dequantize(*codec.quantize(rows), out_dtype)
+    return y.reshape(b, t, h, d).permute(0, 2, 1, 3)
+
+
+def token_fake(x32: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per-token quantize -> dequantize of [B, H, T, D] (fp32 in, fp32 out) in ``fmt`` (a codec
+    name or ``int4a_g<N>``)."""
+    if m := _INT4A.fullmatch(fmt):
+        return int4a_fake(x32, int(m.group(1)))[0]
+    return _codec_rows(x32, fmt, torch.float32)
+
+
+def k_channel_mean(k32: torch.Tensor) -> torch.Tensor:
+    """[..., T, D] -> [..., 1, D]: each channel's mean over tokens in fp32, rounded (RNE) to bf16,
+    returned as fp32."""
+    return k32.float().mean(-2, keepdim=True).to(torch.bfloat16).float()
+
+
+def anchor_rows(x32: torch.Tensor, page: int) -> torch.Tensor:
+    """[..., T, D] -> [..., T, D]: each token's page anchor (the K row of the page's first
+    position, rounded to bf16), pages = consecutive blocks of ``page`` positions."""
+    a = x32[..., ::page, :].to(torch.bfloat16).float()
+    return a.repeat_interleave(page, dim=-2)[..., : x32.shape[-2], :]
+
+
+def fake_k(k: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
+    """The K pipeline of a candidate mode on [B, H, T, D] (model dtype in and out): kmean ->
+    anchor -> rotate -> quantize / dequantize (fp32) -> unrotate -> + anchor."""
+    x = k.float()
+    if spec.kmean:
+        x = x - k_channel_mean(x)  # not added back (softmax is invariant to it)
+    a = None
+    if spec.anchor:
+        a = anchor_rows(x, spec.anchor)
+        x = x - a
+    if spec.had:
+        x = rotate(x)
+    if m := _KIVI.fullmatch(spec.fmt):
+        y = kivi_k_fake(x, int(m.group(1)))
+    else:
+        y = token_fake(x, spec.fmt)
+    if spec.had:
+        y = unrotate(y)
+    if a is not None:
+        y = a + y
+        y[..., :: spec.anchor, :] = a[..., :: spec.anchor, :]  # anchor rows exact
+    return y.to(k.dtype)
+
+
+def fake_v(v: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
+    """V of a candidate mode: plain per-token quantization in ``spec.v_fmt``."""
+    if spec.v_fmt in _CODEC_NAMES:
+        return _codec_rows(v, spec.v_fmt, v.dtype)
+    return token_fake(v.float(), spec.v_fmt).to(v.dtype)
+
+
+def _token_bytes(fmt: str, head_dim: int) -> float:
+    if m := _INT4A.fullmatch(fmt):
+        return head_dim / 2 + 4 * head_dim / int(m.group(1))
+    sp = format_spec(fmt)
+    return sp.data_bytes_per_head(head_dim) + sp.scale_bytes_per_head(head_dim)
+
+
+def mode_bytes(mode: str, head_dim: int = 64, tokens: int = 512) -> dict:
+    """Bytes per (token, kv-head) of K and V for a mode (what a real implementation would store),
+    per-page extras amortized over the page, per-request state amortized over ``tokens``
+    (reported also as ``request_bytes_per_layer_head``). ``noise_ulp`` counts as bf16."""
+    spec = parse_mode(mode)
+    fmt = "bf16" if spec.fmt == "noise_ulp" else spec.fmt
+    if m := _KIVI.fullmatch(fmt):
+        k = head_dim / 2 + 4 * head_dim / int(m.group(1))
+    else:
+        k = _token_bytes(fmt, head_dim)
+    v = _token_bytes(ModeSpec(fmt).v_fmt, head_dim)
+    if spec.v_only:
+        k = 2 * head_dim
+    if spec.k_only:
+        v = 2 * head_dim
+    if spec.anchor:
+        k += 2 * head_dim / spec.anchor  # one bf16 row per page in a side buffer
+    req = 2 * head_dim if spec.kmean else 0
+    k += req / tokens
+    return {"k": k, "v": v, "total": k + v, "vs_bf16": (k + v) / (4 * head_dim),
+            "request_bytes_per_layer_head": req}
+
+
 def fake_quant(mode: str, seed: int = 0):
     """mode -> (fk, fv) acting on [B, H_kv, T, D] tensors in the model's dtype (None = untouched)."""
-    if mode == "noise_ulp":
+    spec = parse_mode(mode)
+    if spec.fmt == "noise_ulp":
         gen = torch.Generator().manual_seed(seed)
         return (lambda k: ulp_noise(k, gen)), (lambda v: ulp_noise(v, gen))
-    k_only, v_only = mode.endswith("_Konly"), mode.endswith("_Vonly")
-    mode = mode.removesuffix("_Konly").removesuffix("_Vonly")
-    fmt, _, tr = mode.partition("+")
-    codec = get_codec(fmt)
+    if not spec.legacy:
+        fk = None if spec.v_only else (lambda k: fake_k(k, spec))
+        fv = None if spec.k_only else (lambda v: fake_v(v, spec))
+        return fk, fv
+    codec = get_codec(spec.fmt)
 
     def q(x, had):
         b, h, t, d = x.shape
@@ -75,8 +338,8 @@ def fake_quant(mode: str, seed: int = 0):
             y = codec.dequantize(*codec.quantize(rows), x.dtype)
         return y.reshape(b, t, h, d).permute(0, 2, 1, 3)
 
-    fk = None if v_only else (lambda k: q(k, tr == "had"))
-    fv = None if k_only else (lambda v: q(v, False))
+    fk = None if spec.v_only else (lambda k: q(k, spec.had))
+    fv = None if spec.k_only else (lambda v: q(v, False))
     return fk, fv
 
 
@@ -127,6 +390,9 @@ def main() -> None:
     ap.add_argument("--modes", default=MODES)
     ap.add_argument("--out", default="eval/results/quality.json")
     args = ap.parse_args()
+    for m in args.modes.split(","):
+        if m:
+            parse_mode(m)  # fail before loading anything
     from transformers import AutoTokenizer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -176,11 +442,11 @@ def main() -> None:
     detail = {}
     for s in settings:
         detail[s] = {m: summarize(r, res[s]["base"]) for m, r in res[s].items()}
-    print(f"\n{'setting':8s} {'mode':22s} {'meanKL':>9s} {'p99KL':>7s} {'top1%':>6s} {'ppl':>7s} {'dppl%':>7s} {'+-se':>6s}")
+    print(f"\n{'setting':8s} {'mode':28s} {'meanKL':>9s} {'p99KL':>7s} {'top1%':>6s} {'ppl':>7s} {'dppl%':>7s} {'+-se':>6s}")
     for s in settings:
         for m, v in detail[s].items():
             se = v["ppl_rel_change_se"] or 0.0
-            print(f"{s:8s} {m:22s} {v['mean_kl']:9.2e} {v['p99_kl']:7.4f} {100 * v['top1_agreement']:6.2f} "
+            print(f"{s:8s} {m:28s} {v['mean_kl']:9.2e} {v['p99_kl']:7.4f} {100 * v['top1_agreement']:6.2f} "
                   f"{v['ppl']:7.3f} {100 * v['ppl_rel_change']:+7.3f} {100 * se:6.3f}")
     out = {}
     for cls, mode in RECOMMENDED.items():
@@ -215,6 +481,7 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (sglang_memha.models.smollm2)",
         "n_passages": len(passages), "len": args.len, "tokens_per_mode": len(passages) * (args.len - 1),
         "passages": [n for n, _ in passages],
+        "bytes_per_token_head_d64": {m: mode_bytes(m, 64, args.len) for m in modes},
         "detail": detail,
         "seconds": time.time() - t0,
         "command": "python eval/quality_offline.py " + " ".join(sys.argv[1:]),
