@@ -41,6 +41,7 @@ class FakeManager:
         self.acks: list[int] = []  # rooms SGLang's drain check was re-run for
         self.poisoned: list[int] = []
         self.failed_sessions: set[str] = set()
+        self.memha_send_targets: dict = {}  # sessions converted on send (none here)
         self.attn_tp_size = 1
         self._memha_tls = threading.local()
         self.fail_layer = fail_layer
@@ -299,6 +300,11 @@ def test_ineligible_requests_are_not_planned():
     req.pending_bootstrap = True
     assert pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[20]), row, PAGE) is None
     req.pending_bootstrap = False
+    mgr.memha_send_targets[SESSION] = object()  # pages converted on send: the stock send's job
+    assert pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[20]), row, PAGE) is None
+    mgr.memha_send_targets.clear()
+    assert pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[20]), row, PAGE) is not None
+    pipe.forget(5)
     mgr.transfer_infos[5][SESSION].is_dummy = True
     assert pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[20]), row, PAGE) is None
     assert mgr.calls == [] and pipe.claim(5, SESSION, np.array([4]), np.array([0]))[0].tolist() == [4]
