@@ -29,12 +29,24 @@ PROMPTS = [
     "and his three daughters. Every morning he walked into the forest with his axe, and every "
     "evening he came back with wood to sell at the market. One winter day, the snow was so deep "
     "that he lost his way among the trees. He walked until night fell, and then he saw a light",
+    "The three primary colors are",
+    "Q: What is the boiling point of water at sea level?\nA:",
+    "import numpy as np\n\ndef normalize(x):\n",
+    "A good breakfast should include",
+    "Translate to French: 'The cat sleeps on the chair.'",
+    "The most important rule of writing clear code is",
 ]
-# format: (min agree, max dlogp). Measured 2026-11-24 (KV format v2): bf16 1.000 / 2e-16 (float
-# rounding of the logprob), fp8_e4m3 0.833 / 0.31, int8 1.000 / 0.14, int4_g64 0.531 / 0.89.
-# Greedy decoding of one request at a time is deterministic here, so margins guard against
-# kernel or format changes, not noise.
-THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.75, 0.6), "int8": (0.95, 0.3), "int4_g64": (0.45, 1.5)}
+# format: (min agree, max dlogp). ``agree`` is a first-divergence statistic, so it is noisy even
+# though greedy decoding here is deterministic: bf16 compute is chaotic, and a near-tie flips
+# with the CPU's vector paths (on one box int8 agreed 1.000 over the first 6 prompts, on another
+# 0.792 with the same code). Model: with a per-step top-1 flip probability p (teacher-forced,
+# offline, eval/results/quality.json: int8 ~3 %, fp8 ~5 %, int4_g64 ~13 %) the expected agree is
+# (1 - (1-p)^16) / (16p) = 0.80 / 0.70 / 0.43, with a standard deviation of ~0.09 over 12
+# prompts; the thresholds sit ~2.5 SD below that. ``dlogp`` (how far the reference token's
+# logprob moved while the tokens agree) is the sharper check of the codec's error.
+# Measured 2026-12-04 (12 prompts): bf16 1.000 / 0, fp8_e4m3 0.786 / 0.34, int8 0.734 / 0.13,
+# int4_g64 0.328 / 1.08.
+THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3), "int4_g64": (0.2, 1.5)}
 
 
 def _run(deploy) -> list[dict]:
