@@ -7,7 +7,9 @@ while the next layers compute (``MEMHA_PIPELINE=1``; ``--no-pipeline`` sends aft
 as stock SGLang does). Prints a few /generate and OpenAI chat
 answers through the router, the bytes each request moved, the plugin line of both schedulers,
 then shuts everything down by PID. Model: the tiny random Qwen3 (built in seconds); pass
-``--model smollm2`` for the real SmolLM2-135M (coherent English).
+``--model smollm2`` for the real SmolLM2-135M (coherent English). ``--prefill-pool stock``
+keeps the prefill on SGLang's own bf16 pool: it then converts the pages it sends into the
+decode's format (``MEMHA_ENCODE_ON_SEND``; no per-layer pipelining on that path).
 """
 from __future__ import annotations
 
@@ -25,10 +27,15 @@ def main() -> None:
     ap.add_argument("--kv-format", default="fp8_e4m3",
                     help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, ...) or 'stock'")
     ap.add_argument("--no-pipeline", action="store_true", help="send each request after its forward")
+    ap.add_argument("--prefill-pool", choices=("format", "stock"), default="format",
+                    help="stock: the prefill keeps SGLang's bf16 pool and converts pages on send")
     args = ap.parse_args()
     env = {} if args.kv_format == "stock" else {"MEMHA_KV_FORMAT": args.kv_format}
-    if env and not args.no_pipeline:
-        # The demo's prompts are short: pipeline them all (the server default skips < 1024 tokens).
+    prefill_env = {}
+    if env and args.prefill_pool == "stock":
+        prefill_env = {"MEMHA_KV_FORMAT": ""}  # SGLang's own pool; the decode keeps the format
+    elif env and not args.no_pipeline:
+        # The demo's prompts are short: pipeline them all (the server default skips < 256 tokens).
         env.update({"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"})
     if args.model == "tiny":
         from sglang_memha.models.tiny_qwen3 import build as get_model
@@ -39,7 +46,7 @@ def main() -> None:
     model = get_model()
     t0 = time.time()
     print(f"starting prefill + decode + router for {model} ...", flush=True)
-    with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"], env=env) as c:
+    with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"], env=env, prefill_env=prefill_env) as c:
         print(f"ready in {time.time() - t0:.0f}s: router {c.url}, prefill {c.prefill_url}, "
               f"decode {c.decode_url}, logs in {c.log_dir}\n")
         for prompt in ["The capital of France is", "Once upon a time, there was a little"]:
@@ -55,7 +62,8 @@ def main() -> None:
         for line in re.findall(r"sglang-memha transfer .*", logs["prefill"])[-3:]:
             print(f"prefill: {line}")
         for role, log in logs.items():
-            for pattern in (r"sglang-memha KV pool: .*", r"sglang-memha active in scheduler .*"):
+            for pattern in (r"sglang-memha KV pool: .*", r"sglang-memha: prefill on SGLang's .*",
+                            r"sglang-memha active in scheduler .*"):
                 m = re.search(pattern, log)
                 if m:
                     print(f"{role}: {m.group(0)}")
