@@ -330,12 +330,12 @@ def fake_quant(mode: str, seed: int = 0):
     codec = get_codec(spec.fmt)
 
     def q(x, had):
+        if not had:
+            return _codec_rows(x, spec.fmt, x.dtype)
         b, h, t, d = x.shape
         rows = x.permute(0, 2, 1, 3).reshape(b * t, h, d)  # -> [tokens, kv_heads, head_dim]
-        if had:  # as the pool: rotate in fp32, quantize, dequantize to fp32, unrotate, cast
-            y = unrotate(codec.dequantize(*codec.quantize(rotate(rows)), torch.float32)).to(x.dtype)
-        else:
-            y = codec.dequantize(*codec.quantize(rows), x.dtype)
+        # as the pool: rotate in fp32, quantize, dequantize to fp32, unrotate, cast
+        y = unrotate(codec.dequantize(*codec.quantize(rotate(rows)), torch.float32)).to(x.dtype)
         return y.reshape(b, t, h, d).permute(0, 2, 1, 3)
 
     fk = None if spec.v_only else (lambda k: q(k, spec.had))

@@ -17,10 +17,11 @@
 The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
 launcher's environment), so setting them on the launch command is enough.
 
-Launch flags (``sglang_ext/flags.py``) write six of them into the launcher's environment before
+Launch flags (``sglang_ext/flags.py``) write seven of them into the launcher's environment before
 any scheduler starts, so this module stays their one reader: ``--memha-kv-format``,
 ``--memha-k-transform``, ``--memha-decode-dequant``, ``--memha-pipeline`` (= ``1``),
-``--memha-pipeline-min-tokens``, ``--memha-shared-secret-file``. A flag overrides its variable.
+``--memha-pipeline-min-tokens``, ``--memha-shared-secret-file``, ``--memha-encode-on-send``. A flag
+overrides its variable.
 """
 from __future__ import annotations
 

@@ -168,8 +168,6 @@ def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> 
 # Bridges the decode applies in place on arrival (``quant_pool.MemhaQuantKVPool.apply_bridge``):
 # only those whose rows have the same size on both sides can land where Mooncake writes them.
 APPLIED_BRIDGES = frozenset({Bridge.FNUZ_TO_FN, Bridge.FN_TO_FNUZ})
-# ... and those the prefill applies while sending (``transcode``): the wire carries the decode's rows.
-SENDER_APPLIED = SENDER_BRIDGES
 
 
 def _layout_payload(kv_layout: object) -> bytes:
@@ -205,10 +203,10 @@ def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
 
 def send_target(local: FormatDescriptor, frame: bytes) -> FormatDescriptor | None:
     """Prefill side, after ``check_decode_peer`` returned None for ``frame``: the decode's
-    descriptor when the prefill must convert what it sends to it (a ``SENDER_APPLIED`` bridge),
+    descriptor when the prefill must convert what it sends to it (a ``SENDER_BRIDGES`` bridge),
     else None (the pool's rows go as they are)."""
     decode = FormatDescriptor.from_bytes(_frame_payload(frame))
-    return decode if set(decode.check_compatible(local)) & SENDER_APPLIED else None
+    return decode if set(decode.check_compatible(local)) & SENDER_BRIDGES else None
 
 
 def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
@@ -216,7 +214,7 @@ def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -
         bridges = receiver.check_compatible(sender)
     except FormatMismatchError as e:
         return f"{where}: {e} (local = decode, peer = prefill)"
-    unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES | SENDER_APPLIED]
+    unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES | SENDER_BRIDGES]
     if unsupported:
         return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
                 f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "

@@ -222,8 +222,8 @@ def record_layer_scales(result, queue, *args, **kwargs):
     try:
         scales = attention_scales(queue.scheduler.tp_worker.model_runner.model)
     except AttributeError as e:
-        logger.error("sglang-memha: cannot read the model's fp8 KV scales (%s): fp8 pages will not be "
-                     "converted on send", e)
+        logger.error("sglang-memha: cannot read the model's fp8 KV scales (%s): decodes asking for "
+                     "fp8_e4m3 rows will be refused", e)
         return result
     pool.memha_kv_scales = [scales.get(pool.start_layer + i) for i in range(pool.layer_num)]
     return result

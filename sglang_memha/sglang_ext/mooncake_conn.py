@@ -37,6 +37,7 @@ from sglang.srt.disaggregation.mooncake import conn as mc
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from sglang_memha.config import load_config
+from sglang_memha.kvformat import KVFormat
 from sglang_memha.sglang_ext import handshake, state
 from sglang_memha.sglang_ext.pipeline import LayerPipeline
 
@@ -224,7 +225,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
         if registration_info.dst_kv_item_len != want:
             return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
                     f"expected {want}; use the same MEMHA_KV_FORMAT on both servers")
-        if self.memha_desc.fmt.value == "fp8_e4m3_tensor":
+        if self.memha_desc.fmt == KVFormat.FP8_E4M3_TENSOR:
             from sglang_memha.sglang_ext.transcode import scale_problem
 
             return scale_problem(state.local_pool())
@@ -284,7 +285,6 @@ class MemhaKVManager(mc.MooncakeKVManager):
         if self.memha_pipeline is not None and self.memha_pipeline.in_flight(room):
             return
         super()._maybe_ack_drained_abort(room)
-
 
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
         """Decode scheduler, once per prefill address until it answers. SGLang raises here when

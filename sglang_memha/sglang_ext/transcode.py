@@ -25,12 +25,14 @@ and decode session. Blocks for the conversion and the transfer, like the stock s
 """
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
 import torch
+from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
 
-from sglang_memha.kvformat import Bridge, FormatDescriptor, get_codec
+from sglang_memha.kvformat import SENDER_BRIDGES, Bridge, FormatDescriptor, get_codec
 from sglang_memha.kvformat.fp8 import layer_to_token_scale
 from sglang_memha.kvformat.transforms import apply_k_transform
 
@@ -55,12 +57,12 @@ def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescr
     """
     from sglang_memha.sglang_ext.quant_pool import RowLayout
 
-    bridges = dst.check_compatible(src)
+    bridge = sender_bridge(src, dst)
     layout = RowLayout(dst.fmt, dst.head_dim)
     data_out, scale_out = layout.split(out)
     n, h = src_rows.shape[:2]
     loc = torch.arange(n, device=out.device)
-    if Bridge.ENCODE_ON_SEND in bridges:
+    if bridge == Bridge.ENCODE_ON_SEND:
         x = src_rows.contiguous().view(torch.bfloat16).reshape(n, h, src.head_dim)
         if is_key and src.k_transform == "none" and dst.k_transform != "none":
             x = apply_k_transform(dst.k_transform, x)
@@ -69,13 +71,20 @@ def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescr
             codec.quantize_into(x, loc, data_out, None, scale=1.0)
         else:
             codec.quantize_into(x, loc, data_out, scale_out)
-    elif Bridge.LAYER_TO_TOKEN_SCALE in bridges:
+    else:  # Bridge.LAYER_TO_TOKEN_SCALE
         data, scales = layer_to_token_scale(src_rows[..., :layout.data_bytes], layer_scale)
         data_out.copy_(data)
         scale_out.copy_(scales.contiguous().view(torch.uint8).reshape(n, h, -1))
-    else:
-        raise ValueError(f"no send-time conversion from {src.fmt.value} to {dst.fmt.value} "
-                         f"(bridges {[b.value for b in bridges]})")
+
+
+@functools.cache
+def sender_bridge(src: FormatDescriptor, dst: FormatDescriptor) -> Bridge:
+    """The sender-side bridge from ``src``'s rows to ``dst``'s (judged once per pair: every
+    chunk of every request converts 2 x layers buffers). ValueError for a pair none covers."""
+    bridges = [b for b in dst.check_compatible(src) if b in SENDER_BRIDGES]
+    if not bridges:
+        raise ValueError(f"no send-time conversion from {src.fmt.value} to {dst.fmt.value}")
+    return bridges[0]
 
 
 def layer_scales(pool) -> list[tuple[float, float]]:
@@ -90,7 +99,11 @@ def layer_scales(pool) -> list[tuple[float, float]]:
 
 
 def scale_problem(pool) -> str | None:
-    """Why per-row bf16 scales cannot hold this pool's layer scales exactly, or None."""
+    """Why per-row bf16 scales cannot hold this pool's layer scales exactly, or None. A stock
+    pool (no ``layer_scale`` of ours) whose model scales were never read has no known scales."""
+    if getattr(pool, "memha_kv_scales", None) is None and not hasattr(pool, "layer_scale"):
+        return ("the model's fp8 K/V scales could not be read at start-up (see the prefill's log), so "
+                "its fp8 rows cannot be given their scales; use MEMHA_KV_FORMAT=fp8_e4m3 on the prefill")
     for layer, pair in enumerate(layer_scales(pool)):
         for which, s in zip("KV", pair):
             if not (0 < s < float("inf")) or float(torch.tensor(s).to(torch.bfloat16)) != s:
@@ -154,9 +167,8 @@ class Converter:
         chunk_bytes = n * page_bytes
         per_round = max(1, ARENA_MIN_BYTES // chunk_bytes)
         arena = self._arena(min(per_round, len(buffers)) * chunk_bytes)
-        # dst runs: consecutive decode pages take one block each
-        breaks = np.flatnonzero(np.diff(dst_pages) != 1) + 1
-        runs = [(int(r[0]), len(r)) for r in np.split(np.arange(n), breaks)]
+        # staging pages are in order, so a run of consecutive decode pages is one block
+        runs = [(int(s[0]), len(s)) for s in group_concurrent_contiguous(np.arange(n), dst_pages)[0]]
         scales = layer_scales(self.pool)
         for start in range(0, len(buffers), per_round):
             blocks = []
@@ -181,4 +193,4 @@ class Converter:
             arena.release()
 
 
-__all__ = ["Converter", "convert_rows", "layer_scales", "row_bytes", "scale_problem"]
+__all__ = ["Converter", "convert_rows", "layer_scales", "row_bytes", "scale_problem", "sender_bridge"]

@@ -168,14 +168,14 @@ def stock_fp8_pool():
                             layer_num=L, device="cpu", enable_memory_saver=False)
 
 
-@pytest.mark.parametrize("scales", [None, [(0.5, 2.0), (1.0, 0.25), (4.0, 1.0)]])
+@pytest.mark.parametrize("scales", [[None] * L, [(0.5, 2.0), (1.0, 0.25), (4.0, 1.0)]])
 def test_stock_fp8_pool_bytes_kept_model_scales_per_row(scales):
     """SGLang's own fp8 pool (``--kv-cache-dtype fp8_e4m3``): data bytes go as they are, each row
-    gets its layer's model scale (the value the pool divided by) as its bf16 scale."""
+    gets its layer's model scale (the value the pool divided by; None: the layer has none, 1.0)
+    as its bf16 scale."""
     src, dst = stock_fp8_pool(), quant_pool("fp8_e4m3")
     write_same_kv([src], SRC_PAGES)
-    if scales is not None:
-        src.memha_kv_scales = scales
+    src.memha_kv_scales = scales
     assert transcode.scale_problem(src) is None
     assert send(src, desc("fp8_e4m3_tensor"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES) == 0
     pairs = transcode.layer_scales(src)
@@ -189,6 +189,8 @@ def test_stock_fp8_pool_bytes_kept_model_scales_per_row(scales):
 
 def test_stock_fp8_scale_that_bf16_cannot_hold_is_refused():
     src = stock_fp8_pool()
+    unread = transcode.scale_problem(src)  # model scales never recorded: not guessed as 1.0
+    assert unread is not None and "could not be read" in unread
     src.memha_kv_scales = [(1.0, 1.0), (0.3, 1.0), None]
     reason = transcode.scale_problem(src)
     assert reason is not None and "layer 1 K scale 0.3" in reason and "MEMHA_KV_FORMAT=fp8_e4m3" in reason
