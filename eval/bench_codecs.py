@@ -7,6 +7,7 @@ it), against memcpy of a bf16 tensor of the same size (``dst.copy_(src)``). Best
 The GPU section (Triton kernels) runs only where CUDA exists.
 
     python eval/bench_codecs.py [--tokens 32768] [--reps 7] [--runs 3] [--out eval/results/codecs.json]
+    python eval/bench_codecs.py --gpu-only     # on a CUDA machine: eval/results/codecs_gpu.json
 
 The machine is shared: ``--runs`` repeats the CPU measurement (each run records the 1-minute load
 average before it); the JSON's headline ratios are the median run's, with the range over runs.
@@ -98,32 +99,76 @@ def cpu_throughput(tokens: int, reps: int) -> dict:
     return res
 
 
-def gpu_throughput(tokens: int, reps: int) -> dict | None:
+GPU_LAUNCH_SHAPES = ((8, 4), (16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))  # (rows/program, warps)
+
+
+def gpu_throughput(tokens: int, shapes=GPU_LAUNCH_SHAPES) -> dict | None:
+    """Triton kernels vs a device-to-device copy, timed with ``triton.testing.do_bench`` (median).
+
+    Bandwidth counts bytes read + written: quantize reads the bf16 tensor and writes data + scale
+    rows; dequantize the reverse. ``*_vs_memcpy_bw`` divides by ``dst.copy_(src)``'s read + write
+    bandwidth on the same tensor, measured in the same run. Each kernel is timed at every
+    ``rows_per_program`` option and the best is kept (the option is recorded)."""
     if not torch.cuda.is_available():
         return None
+    from triton.testing import do_bench
+
     from sglang_memha.kvformat import page_geometry
     from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, dequantize_pages, quantize_to_slots
 
-    dev, page = "cuda", 16
-    x = torch.randn(tokens, 8, 128, device=dev).to(torch.bfloat16)
+    dev, page, heads, dim = "cuda", 16, 8, 128
+    x = torch.randn(tokens, heads, dim, device=dev).to(torch.bfloat16)
     nbytes = x.numel() * 2
     dst = torch.empty_like(x)
-    sync = torch.cuda.synchronize
-    memcpy_s = timed(lambda: dst.copy_(x), reps, sync)
-    res = {"device": torch.cuda.get_device_name(), "memcpy_GBps": 2 * nbytes / memcpy_s / 1e9}
+    bench = lambda fn: do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3  # noqa: E731  (s)
+    memcpy_bw = 2 * nbytes / bench(lambda: dst.copy_(x))
+    res = {"device": torch.cuda.get_device_name(), "memcpy_GBps": memcpy_bw / 1e9, "tokens": tokens,
+           "kv_heads": heads, "head_dim": dim, "page_size": page, "timer": "triton.testing.do_bench median"}
     loc = torch.arange(tokens, device=dev)
     pages = torch.arange(tokens // page, device=dev)
     for f in TRITON_FORMATS:
-        g = page_geometry(f, page, 8, 128)
-        dp = torch.empty(tokens, 8, g.data_bytes_per_head, dtype=torch.uint8, device=dev)
-        sp = torch.empty(tokens, 8, g.scale_bytes_per_head, dtype=torch.uint8, device=dev)
-        tq = timed(lambda: quantize_to_slots(f, x, loc, dp, sp), reps, sync)
-        td = timed(lambda: dequantize_pages(f, dp, sp, pages, page, 128), reps, sync)
+        g = page_geometry(f, page, heads, dim)
+        dp = torch.empty(tokens, heads, g.data_bytes_per_head, dtype=torch.uint8, device=dev)
+        sp = torch.empty(tokens, heads, g.scale_bytes_per_head, dtype=torch.uint8, device=dev)
         moved = nbytes + dp.numel() + sp.numel()  # bytes read + written
-        res[f.value] = {"quant_GBps_moved": moved / tq / 1e9, "dequant_GBps_moved": moved / td / 1e9,
-                        "quant_vs_memcpy_bw": (moved / tq) / (2 * nbytes / memcpy_s),
-                        "dequant_vs_memcpy_bw": (moved / td) / (2 * nbytes / memcpy_s)}
+        def kernels(hw=None):
+            tq = {sh: bench(lambda: quantize_to_slots(f, x, loc, dp, sp, rows_per_program=sh[0], num_warps=sh[1],
+                                                      hw_fp8=hw)) for sh in shapes}
+            td = {sh: bench(lambda: dequantize_pages(f, dp, sp, pages, page, dim, rows_per_program=sh[0],
+                                                     num_warps=sh[1], hw_fp8=hw)) for sh in shapes}
+            return tq, td
+
+        tq, td = kernels()
+        rq, rd = min(tq, key=tq.get), min(td, key=td.get)
+        res[f.value] = {"quant_GBps_moved": moved / tq[rq] / 1e9, "dequant_GBps_moved": moved / td[rd] / 1e9,
+                        "quant_vs_memcpy_bw": moved / tq[rq] / memcpy_bw, "dequant_vs_memcpy_bw": moved / td[rd] / memcpy_bw,
+                        "quant_launch": list(rq), "dequant_launch": list(rd),
+                        "quant_vs_memcpy_bw_by_launch": {f"{r}x{w}": moved / v / memcpy_bw for (r, w), v in tq.items()},
+                        "dequant_vs_memcpy_bw_by_launch": {f"{r}x{w}": moved / v / memcpy_bw for (r, w), v in td.items()}}
+        print(f"{f.value:14s} quantize {res[f.value]['quant_vs_memcpy_bw']:.3f} of copy bw (rows x warps {rq}), "
+              f"dequantize {res[f.value]['dequant_vs_memcpy_bw']:.3f} ({rd})", flush=True)
+        if f == "fp8_e4m3":
+            iq, idq = kernels(hw=False)
+            res[f.value]["integer_encoder"] = {"quant_vs_memcpy_bw": moved / min(iq.values()) / memcpy_bw,
+                                               "dequant_vs_memcpy_bw": moved / min(idq.values()) / memcpy_bw}
+            print(f"{'  integer path':14s} quantize {res[f.value]['integer_encoder']['quant_vs_memcpy_bw']:.3f}, "
+                  f"dequantize {res[f.value]['integer_encoder']['dequant_vs_memcpy_bw']:.3f}", flush=True)
     return res
+
+
+def gpu_main(args) -> None:
+    """``--gpu-only``: the Triton section alone (the lent GPU's host CPU is not this machine)."""
+    gpu = gpu_throughput(args.gpu_tokens)
+    if gpu is None:
+        sys.exit("--gpu-only: CUDA is not available here")
+    out = {"device": gpu["device"], "format_version": FORMAT_VERSION,
+           "quant_vs_memcpy_gpu": gpu["fp8_e4m3"]["quant_vs_memcpy_bw"],
+           "dequant_vs_memcpy_gpu": gpu["fp8_e4m3"]["dequant_vs_memcpy_bw"],
+           "env": {"torch": torch.__version__, "triton": __import__("triton").__version__}, "gpu": gpu}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print(f"device {gpu['device']}: copy {gpu['memcpy_GBps']:.0f} GB/s (read + write); wrote {args.out}")
 
 
 def main() -> None:
@@ -131,8 +176,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768)  # 64 MiB bf16: beyond the caches
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--runs", type=int, default=3, help="repeat the CPU measurement; headline = median run")
-    ap.add_argument("--out", default="eval/results/codecs.json")
+    ap.add_argument("--out", default=None, help="default eval/results/codecs.json (codecs_gpu.json with --gpu-only)")
+    ap.add_argument("--gpu-only", action="store_true", help="only the Triton kernels on CUDA")
+    ap.add_argument("--gpu-tokens", type=int, default=1 << 18, help="tokens x 8 heads x 128 (512 MiB bf16 at 2^18)")
     args = ap.parse_args()
+    if args.gpu_only:
+        args.out = args.out or "eval/results/codecs_gpu.json"
+        return gpu_main(args)
+    args.out = args.out or "eval/results/codecs.json"
     sizes = bytes_table()
     runs = []
     for i in range(args.runs):
@@ -145,7 +196,7 @@ def main() -> None:
     ranked = sorted(runs, key=lambda r: r["fp8_e4m3"]["quant_into_vs_memcpy"])
     cpu = ranked[len(ranked) // 2]
     span = lambda f, k: [min(r[f][k] for r in runs), max(r[f][k] for r in runs)]  # noqa: E731
-    gpu = gpu_throughput(args.tokens * 2, args.reps)
+    gpu = gpu_throughput(args.gpu_tokens)
     out = {
         "fp8_bytes_ratio": kv_bytes_per_token("fp8_e4m3", 8, 128) / kv_bytes_per_token("bf16", 8, 128),
         # head_dim 64 (SmolLM2, the tiny Qwen3): wire bytes and pool capacity (tokens per byte) vs bf16

@@ -53,112 +53,128 @@ def _e4m3_decode(code, BIAS: tl.constexpr):
     return tl.where(code >= 128, -mag, mag)
 
 @triton.jit
+def _rows(N, H: tl.constexpr, ROWS: tl.constexpr):
+    # this program's ROWS rows of the flattened [T * H] (token, head) grid -> (mask, t, h), int64
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    return rows < N, (rows // H).to(tl.int64), (rows % H).to(tl.int64)
+
+@triton.jit
 def _quant_row_kernel(
-    x_ptr, loc_ptr, data_ptr, scale_ptr,
+    x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr, SMIN_BITS: tl.constexpr,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr,
+    SMIN_BITS: tl.constexpr, ROWS: tl.constexpr, HW_FP8: tl.constexpr,
 ):
-    # fp8 fn / fnuz (bf16 scale) and int8 (fp32 scale): one scale per (token, head)
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    x = tl.load(x_ptr + t * sx_t + h * sx_h + offs, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    slot = tl.load(loc_ptr + t)
+    # fp8 fn / fnuz (bf16 scale) and int8 (fp32 scale): one scale per (token, head); a tile is
+    # [ROWS, BLOCK_D] (one (token, head) row alone is 128-256 B: too little work per program)
+    rmask, t, h = _rows(N, H, ROWS)
+    offs = tl.arange(0, BLOCK_D)[None, :]
+    mask = rmask[:, None] & (offs < D)
+    x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None] + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)
+    slot = tl.load(loc_ptr + t, mask=rmask, other=0)
+    srow = scale_ptr + slot * ss_t + h * ss_h
     if MODE == 2:
-        scale = tl.math.div_rn(amax, QMAX)
-        safe = tl.where(scale > 0, scale, 1.0)
+        scale = tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX)
+        safe = tl.where(scale > 0, scale, 1.0)[:, None]
         y = tl.math.div_rn(x, tl.zeros_like(x) + safe)
-        y = tl.where(scale > 0, y, 0.0)
+        y = tl.where(scale[:, None] > 0, y, 0.0)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         q = tl.minimum(_rne(tl.abs(y)), 127)
         code = tl.where(y < 0, -q, q) & 0xFF
-        tl.store(scale_ptr + slot * ss_t + h * ss_h, scale)
+        tl.store(srow, scale, mask=rmask)
     else:
         # s = max(bf16_up(fp32(amax / QMAX)), S_MIN) (fp8.fp8_row_scale): round the quotient's bits
         # up to bf16; r = fp32(1 / s) is finite (s >= 2^-126) and |x r| <= QMAX (1 + 2^-22)
-        sb = (tl.math.div_rn(amax, QMAX).to(tl.int32, bitcast=True) + 0xFFFF) & -65536
+        sb = (tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.int32, bitcast=True) + 0xFFFF) & -65536
         s = tl.maximum(sb, SMIN_BITS).to(tl.float32, bitcast=True)
-        y = x * tl.math.div_rn(s * 0.0 + 1.0, s)
+        y = x * tl.math.div_rn(s * 0.0 + 1.0, s)[:, None]
         if MODE == 1:
             code = _e4m3_encode(y, 8)
+        elif HW_FP8:
+            # the GPU's own RNE conversion (satfinite; |y| <= 448 (1 + 2^-22) rounds to 448 anyway);
+            # the codec writes every zero, -0 included, as 0x00
+            code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            code = tl.where(code == 0x80, 0, code)
         else:
             code = _e4m3_encode(y, 7)
-        tl.store(scale_ptr + slot * ss_t + h * ss_h, s.to(tl.bfloat16))
-    tl.store(data_ptr + slot * sd_t + h * sd_h + offs, code.to(tl.uint8), mask=mask)
+        tl.store(srow, s.to(tl.bfloat16), mask=rmask)
+    tl.store(data_ptr + (slot * sd_t + h * sd_h)[:, None] + offs, code.to(tl.uint8), mask=mask)
 
 @triton.jit
 def _quant_int4_kernel(
-    x_ptr, loc_ptr, data_ptr, scale_ptr,
+    x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
-    NG: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr,
+    H: tl.constexpr, NG: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
+    # tile [ROWS, groups, GS / 2]: even and odd elements of a group loaded apart, packed lo | hi << 4
+    rmask, t, h = _rows(N, H, ROWS)
     HALF: tl.constexpr = GS // 2
-    gi = tl.arange(0, NG_P2)[:, None]
-    pi = tl.arange(0, HALF)[None, :]
-    mask = (gi < NG) & (pi < HALF)
-    base = x_ptr + t * sx_t + h * sx_h + gi * GS + 2 * pi
+    gi = tl.arange(0, NG_P2)[None, :, None]
+    pi = tl.arange(0, HALF)[None, None, :]
+    mask = rmask[:, None, None] & (gi < NG) & (pi < HALF)
+    base = x_ptr + (t * sx_t + h * sx_h)[:, None, None] + gi * GS + 2 * pi
     xe = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     xo = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
     inf = float("inf")
-    lo = tl.minimum(tl.min(tl.where(mask, xe, inf), axis=1), tl.min(tl.where(mask, xo, inf), axis=1))
-    hi = tl.maximum(tl.max(tl.where(mask, xe, -inf), axis=1), tl.max(tl.where(mask, xo, -inf), axis=1))
-    g1 = tl.arange(0, NG_P2)
-    lo = tl.where(g1 < NG, lo, 0.0)
-    hi = tl.where(g1 < NG, hi, 0.0)
-    lo_b = _bf16_directed(lo, False)
+    lo = tl.minimum(tl.min(tl.where(mask, xe, inf), axis=2), tl.min(tl.where(mask, xo, inf), axis=2))
+    hi = tl.maximum(tl.max(tl.where(mask, xe, -inf), axis=2), tl.max(tl.where(mask, xo, -inf), axis=2))
+    g1 = tl.arange(0, NG_P2)[None, :]
+    valid = rmask[:, None] & (g1 < NG)
+    lo = tl.where(valid, lo, 0.0)
+    hi = tl.where(valid, hi, 0.0)
+    lo_b = _bf16_directed(tl.where(lo == 0.0, 0.0, lo), False)  # a zero min is +0 (spec), never -0
     s_b = _bf16_directed(tl.math.div_rn(hi - lo_b, tl.zeros_like(hi) + 15.0), True)
-    safe = tl.where(s_b > 0, s_b, 1.0)[:, None]
-    qe = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xe - lo_b[:, None], safe + tl.zeros_like(xe)), 0.0)), 15)
-    qo = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xo - lo_b[:, None], safe + tl.zeros_like(xo)), 0.0)), 15)
+    s_b = tl.where(s_b == 0.0, 0.0, s_b)
+    safe = tl.where(s_b > 0, s_b, 1.0)[:, :, None]
+    qe = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xe - lo_b[:, :, None], safe + tl.zeros_like(xe)), 0.0)), 15)
+    qo = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xo - lo_b[:, :, None], safe + tl.zeros_like(xo)), 0.0)), 15)
     byte = (qe | (qo << 4)).to(tl.uint8)
-    slot = tl.load(loc_ptr + t)
-    tl.store(data_ptr + slot * sd_t + h * sd_h + gi * HALF + pi, byte, mask=mask)
-    sp = scale_ptr + slot * ss_t + h * ss_h + g1 * 2
-    tl.store(sp, s_b.to(tl.bfloat16), mask=g1 < NG)
-    tl.store(sp + 1, lo_b.to(tl.bfloat16), mask=g1 < NG)
+    slot = tl.load(loc_ptr + t, mask=rmask, other=0)
+    tl.store(data_ptr + (slot * sd_t + h * sd_h)[:, None, None] + gi * HALF + pi, byte, mask=mask)
+    sp = scale_ptr + (slot * ss_t + h * ss_h)[:, None] + g1 * 2
+    tl.store(sp, s_b.to(tl.bfloat16), mask=valid)
+    tl.store(sp + 1, lo_b.to(tl.bfloat16), mask=valid)
 
 @triton.jit
 def _quant_bfp8_kernel(
-    x_ptr, loc_ptr, data_ptr, scale_ptr,
+    x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
-    NB: tl.constexpr, NB_P2: tl.constexpr,
+    H: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ROWS: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    bi = tl.arange(0, NB_P2)[:, None]
-    ei = tl.arange(0, 16)[None, :]
-    mask = (bi < NB) & (ei < 16)
-    x = tl.load(x_ptr + t * sx_t + h * sx_h + bi * 16 + ei, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
+    # tile [ROWS, blocks, 16]
+    rmask, t, h = _rows(N, H, ROWS)
+    bi = tl.arange(0, NB_P2)[None, :, None]
+    ei = tl.arange(0, 16)[None, None, :]
+    mask = rmask[:, None, None] & (bi < NB) & (ei < 16)
+    x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None, None] + bi * 16 + ei, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=2)
     exp = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # = floor(log2 amax) + 127; 0 if tiny/zero
-    shift = (133 - exp)[:, None]
+    shift = (133 - exp)[:, :, None]
     half = shift >> 1
     mag = tl.minimum(_rne(tl.abs(x) * _pow2(half) * _pow2(shift - half)), 127)
     neg = (x < 0) & (mag > 0)
     byte = (mag | (neg.to(tl.int32) << 7)).to(tl.uint8)
-    slot = tl.load(loc_ptr + t)
-    tl.store(data_ptr + slot * sd_t + h * sd_h + bi * 16 + ei, byte, mask=mask)
-    b1 = tl.arange(0, NB_P2)
-    tl.store(scale_ptr + slot * ss_t + h * ss_h + b1, exp.to(tl.uint8), mask=b1 < NB)
+    slot = tl.load(loc_ptr + t, mask=rmask, other=0)
+    tl.store(data_ptr + (slot * sd_t + h * sd_h)[:, None, None] + bi * 16 + ei, byte, mask=mask)
+    b1 = tl.arange(0, NB_P2)[None, :]
+    tl.store(scale_ptr + (slot * ss_t + h * ss_h)[:, None] + b1, exp.to(tl.uint8), mask=rmask[:, None] & (b1 < NB))
 
 @triton.jit
 def _dequant_kernel(
-    data_ptr, scale_ptr, page_ptr, out_ptr,
+    data_ptr, scale_ptr, page_ptr, out_ptr, N,
     sd_t, sd_h, ss_t, ss_h, so_t, so_h,
-    PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, GS: tl.constexpr,
+    H: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
+    GS: tl.constexpr, ROWS: tl.constexpr, HW_FP8: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    h = tl.program_id(1)
-    page = tl.load(page_ptr + r // PAGE).to(tl.int64)
+    # tile [ROWS, BLOCK_D] of the output's flattened [n * H] rows; row r of page page_ids[r // PAGE]
+    rmask, r, h = _rows(N, H, ROWS)
+    page = tl.load(page_ptr + r // PAGE, mask=rmask, other=0).to(tl.int64)
     slot = page * PAGE + r % PAGE
-    offs = tl.arange(0, BLOCK_D)
-    mask = offs < D
-    drow = data_ptr + slot * sd_t + h * sd_h
-    srow = scale_ptr + slot * ss_t + h * ss_h
+    offs = tl.arange(0, BLOCK_D)[None, :]
+    mask = rmask[:, None] & (offs < D)
+    drow = data_ptr + (slot * sd_t + h * sd_h)[:, None]
+    srow = scale_ptr + (slot * ss_t + h * ss_h)[:, None]
     if MODE == 3:
         byte = tl.load(drow + offs // 2, mask=mask, other=0).to(tl.int32)
         q = tl.where((offs & 1) == 0, byte & 0xF, byte >> 4).to(tl.float32)
@@ -175,12 +191,14 @@ def _dequant_kernel(
     else:
         byte = tl.load(drow + offs, mask=mask, other=0).to(tl.int32)
         if MODE == 2:
-            s = tl.load(srow)
+            s = tl.load(srow, mask=rmask[:, None], other=0.0)
             val = tl.where(byte >= 128, byte - 256, byte).to(tl.float32) * s
         else:
-            s = tl.load(srow).to(tl.float32)  # bf16 scale, exact in fp32
+            s = tl.load(srow, mask=rmask[:, None], other=0.0).to(tl.float32)  # bf16 scale, exact in fp32
             if MODE == 1:
                 val = _e4m3_decode(byte, 8) * s
+            elif HW_FP8:
+                val = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * s  # exact
             else:
                 val = _e4m3_decode(byte, 7) * s
-    tl.store(out_ptr + r * so_t + h * so_h + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (r * so_t + h * so_h)[:, None] + offs, val.to(out_ptr.dtype.element_ty), mask=mask)

@@ -6,6 +6,7 @@ int8   scale = amax_row / 127 (fp32); q = clamp(round_half_even(x / scale), -127
 int4   per group of G (32 or 64) consecutive elements of head_dim:
        min_b   = bf16 rounded toward -inf of min(group)
        scale_b = bf16 rounded toward +inf of (max(group) - min_b) / 15   (fp32 arithmetic)
+       (a zero min_b or scale_b is +0, never -0)
        q       = clamp(round_half_even((x - min_b) / scale_b), 0, 15)   (0 when scale_b == 0)
        x_hat   = q * scale_b + min_b.   |x - x_hat| <= scale_b / 2.
        Two codes per byte: element 2i in the low nibble, element 2i+1 in the high nibble.
@@ -45,6 +46,10 @@ class Int8Codec(KVCodec):
         return (data.view(torch.int8).float() * scales).to(out_dtype)
 
 
+def _plus_zero(x32: torch.Tensor) -> torch.Tensor:
+    return torch.where(x32 == 0, 0.0, x32)
+
+
 class _Int4(KVCodec):
     group: int
     scale_dtype = torch.bfloat16
@@ -56,9 +61,11 @@ class _Int4(KVCodec):
         x32 = check_input(x, self.spec)
         t, h, d = x32.shape
         g = x32.reshape(t, h, d // self.group, self.group)
-        lo = bf16_round(g.amin(-1), up=False)
+        # Zeros are +0: which zero a min or max of {-0, +0} returns is up to the implementation
+        # (torch, Triton on GPU differ), so the spec fixes it and both write 0x0000.
+        lo = bf16_round(_plus_zero(g.amin(-1)), up=False)
         lo32 = lo.float()
-        scale = bf16_round((g.amax(-1) - lo32) / 15.0, up=True)
+        scale = bf16_round(_plus_zero((g.amax(-1) - lo32) / 15.0), up=True)
         s32 = scale.float()
         safe = torch.where(s32 > 0, s32, 1.0)[..., None]
         q = torch.round((g - lo32[..., None]) / safe).clamp_(0, 15).to(torch.uint8).reshape(t, h, d)

@@ -37,7 +37,8 @@ FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
     (3, "fp8_e4m3 and fp8_e4m3fnuz: the per-token-head scale is one bf16 s = max(bf16 rounded toward "
         "+inf of fp32(amax / C), S_MIN) (C = 448 fn, 224 fnuz; S_MIN = 2^-126 fn, 2^-125 fnuz), "
         "codes = RNE(fp32(x * fp32(1 / s))), x = fp8(code) * s; replaces v2's E8M0 byte (2 bytes per "
-        "row instead of 1). Other formats unchanged"),
+        "row instead of 1). Other formats unchanged. int4 encoders write a zero min_b / scale_b as +0 "
+        "(before 2026-12 one could write -0; decoding is the same, so no version bump)"),
 )
 # Versions this build reads (handshake accepts a peer whose version is in this set). v1 and v2 are
 # refused: their fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32 (v1) / 1-byte E8M0 (v2), v3's

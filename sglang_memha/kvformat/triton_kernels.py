@@ -1,8 +1,10 @@
 """Triton kernels: quantize-on-write into pool slots, and dequantize a gather of pages.
 
 Same bytes as the torch codecs (bit-exact quantize; dequantize equal up to fp32 FMA contraction
-in int4's ``q * scale + min``). Every rounding is written out in integer arithmetic (no reliance
-on a backend's fp8 conversion instructions), so the kernels also run under TRITON_INTERPRET=1.
+in int4's ``q * scale + min``). Every rounding is also written out in integer arithmetic, so the
+kernels run under TRITON_INTERPRET=1 and on GPUs without fp8 instructions; on sm_89+ fp8_e4m3 uses
+the hardware conversions instead (the integer encoder costs ~30 ALU ops per element, which made
+the kernel compute-bound at ~0.57 of copy bandwidth on an H200).
 
 Launchers check shapes, dtypes and devices first. Triton is imported lazily: this module can be
 imported without it, and the launchers raise ``RuntimeError`` when it is missing.
@@ -21,6 +23,7 @@ plain casts; ``codec.quantize_into`` / ``codec.gather_dequantize`` cover them on
 from __future__ import annotations
 
 import functools
+import os
 import struct
 
 import torch
@@ -32,6 +35,10 @@ TRITON_FORMATS = (
     KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ, KVFormat.INT8,
     KVFormat.INT4_G32, KVFormat.INT4_G64, KVFormat.BFP8,
 )
+# (token, head) rows per program. One row is 64-256 B of bf16: one program per row leaves the GPU
+# launch-bound, so a program takes a tile of rows (measured choice: eval/bench_codecs.py --gpu-only
+# sweeps it and records the best)
+ROWS_PER_PROGRAM = 16
 # kernel MODE per format: 0 fp8 fn, 1 fp8 fnuz, 2 int8, 3 int4, 4 bfp8
 _MODE = {
     KVFormat.FP8_E4M3: 0, KVFormat.FP8_E4M3FNUZ: 1, KVFormat.INT8: 2,
@@ -79,11 +86,35 @@ def _check_pools(fmt: KVFormat, head_dim: int, data_pool: torch.Tensor, scale_po
         raise ValueError(f"data_pool {tuple(data_pool.shape)} and scale_pool {tuple(scale_pool.shape)} differ in slots/heads")
 
 
+@functools.cache
+def _sm89(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def _hw_fp8(device: torch.device, hw_fp8: bool | None) -> bool:
+    """Use the GPU's e4m3fn conversion instructions (sm_89+) instead of the integer-arithmetic
+    encoder? Same bytes either way (a GPU test checks both); None: wherever available."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return False
+    ok = _sm89(device.index if device.index is not None else torch.cuda.current_device())
+    if hw_fp8 and not ok:
+        raise ValueError(f"hw_fp8=True: {torch.cuda.get_device_name(device)} has no fp8 conversion instructions (sm_89+)")
+    return ok if hw_fp8 is None else bool(hw_fp8)
+
+
+def _check_rows(rows_per_program: int) -> None:
+    if not isinstance(rows_per_program, int) or rows_per_program < 1 or rows_per_program & (rows_per_program - 1):
+        raise ValueError(f"rows_per_program={rows_per_program!r}: expected a power of two >= 1")
+
+
 def quantize_to_slots(
-    fmt: str | KVFormat, x: torch.Tensor, loc: torch.Tensor, data_pool: torch.Tensor, scale_pool: torch.Tensor
+    fmt: str | KVFormat, x: torch.Tensor, loc: torch.Tensor, data_pool: torch.Tensor, scale_pool: torch.Tensor,
+    rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = 4, hw_fp8: bool | None = None,
 ) -> None:
     """Triton quantize-on-write; same result as ``get_codec(fmt).quantize_into`` (no finiteness
-    check on GPU: callers validate upstream or accept saturation of +-inf; NaN is undefined)."""
+    check on GPU: callers validate upstream or accept saturation of +-inf; NaN is undefined).
+    ``rows_per_program``, ``num_warps``: launch shape (tuning knobs, not results); ``hw_fp8``:
+    fp8_e4m3 through the GPU's conversion instructions (None: where available)."""
     fmt = KVFormat.parse(fmt)
     if fmt not in TRITON_FORMATS:
         raise ValueError(f"fmt={fmt.value}: Triton kernels cover {[f.value for f in TRITON_FORMATS]}")
@@ -100,22 +131,26 @@ def quantize_to_slots(
     devs = {x.device, loc.device, data_pool.device, scale_pool.device}
     if len(devs) != 1:
         raise ValueError(f"x, loc, data_pool, scale_pool must share one device, got {devs}")
+    _check_rows(rows_per_program)
     if t == 0:
         return
     sv = _scale_view(fmt, scale_pool)
-    args = (x, loc, data_pool, sv, x.stride(0), x.stride(1), data_pool.stride(0), data_pool.stride(1),
+    args = (x, loc, data_pool, sv, t * h, x.stride(0), x.stride(1), data_pool.stride(0), data_pool.stride(1),
             sv.stride(0), sv.stride(1))
+    grid = (triton.cdiv(t * h, rows_per_program),)
+    common = {"H": h, "ROWS": rows_per_program, "num_warps": num_warps}
     mode = _MODE[fmt]
     if mode in (0, 1, 2):
         # fp8: bf16 scale rule of the codec (fp8.fp8_row_scale); int8: fp32 amax / 127
         qmax, s_min = (127.0, 0.0) if mode == 2 else (get_codec(fmt).clamp, get_codec(fmt).s_min)
         smin_bits = struct.unpack("<i", struct.pack("<f", s_min))[0]
-        k_row[(t, h)](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax, SMIN_BITS=smin_bits)
+        k_row[grid](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax, SMIN_BITS=smin_bits,
+                      HW_FP8=_hw_fp8(x.device, hw_fp8), **common)
     elif mode == 3:
         gs = format_spec(fmt).group_size
-        k_int4[(t, h)](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs)
+        k_int4[grid](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs, **common)
     else:
-        k_bfp8[(t, h)](*args, NB=d // 16, NB_P2=triton.next_power_of_2(d // 16))
+        k_bfp8[grid](*args, NB=d // 16, NB_P2=triton.next_power_of_2(d // 16), **common)
 
 
 def dequantize_pages(
@@ -126,6 +161,9 @@ def dequantize_pages(
     page_size: int,
     head_dim: int,
     out_dtype: torch.dtype = torch.bfloat16,
+    rows_per_program: int = ROWS_PER_PROGRAM,
+    num_warps: int = 4,
+    hw_fp8: bool | None = None,
 ) -> torch.Tensor:
     """Triton gather + dequantize of whole pages -> [len(page_ids) * page_size, H, head_dim]."""
     fmt = KVFormat.parse(fmt)
@@ -139,6 +177,7 @@ def dequantize_pages(
         raise ValueError(f"out_dtype={out_dtype}: expected bf16, fp16 or fp32")
     if not isinstance(page_size, int) or page_size <= 0:
         raise ValueError(f"page_size={page_size!r}: expected a positive int")
+    _check_rows(rows_per_program)
     n = page_ids.numel() * page_size
     h = data_pool.shape[1]
     out = torch.empty((n, h, head_dim), dtype=out_dtype, device=data_pool.device)
@@ -146,9 +185,10 @@ def dequantize_pages(
         return out
     sv = _scale_view(fmt, scale_pool)
     gs = format_spec(fmt).group_size or 1
-    k_deq[(n, h)](
-        data_pool, sv, page_ids, out,
+    k_deq[(triton.cdiv(n * h, rows_per_program),)](
+        data_pool, sv, page_ids, out, n * h,
         data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1), out.stride(0), out.stride(1),
-        PAGE=page_size, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODE[fmt], GS=gs,
+        H=h, PAGE=page_size, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODE[fmt], GS=gs,
+        ROWS=rows_per_program, HW_FP8=_hw_fp8(data_pool.device, hw_fp8), num_warps=num_warps,
     )
     return out

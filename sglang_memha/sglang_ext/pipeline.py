@@ -30,7 +30,8 @@ Data flow in one prefill scheduler process::
 
 So completion stays SGLang's: the aux metadata and ``Success`` go out after the last chunk's
 send, i.e. only after every layer of every chunk landed. On CPU a layer's writes are finished
-when ``set_kv_buffer`` returns; a GPU build would record a CUDA event there instead (not built).
+when ``set_kv_buffer`` returns; on a GPU the listener records a CUDA event there and the sender
+thread waits on it before reading the pages (``layer_signal.LayerWritten``).
 """
 from __future__ import annotations
 
@@ -40,9 +41,12 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
+
+from sglang_memha.sglang_ext.layer_signal import LayerWritten
 
 logger = logging.getLogger("sglang_memha")
 
@@ -99,12 +103,17 @@ class RequestPlan:
 class BatchPlan:
     reqs: list[RequestPlan]
     workers: list["_SessionWorker"]
+    device: torch.device | None = None  # the KV pool's; "cuda" makes each layer signal an event
 
     def layer_written(self, layer: int) -> None:
         """Called by ``MemhaQuantKVPool.set_kv_buffer`` (scheduler thread, once per layer per
-        forward) after layer ``layer``'s rows are written; never blocks."""
+        forward) after layer ``layer``'s writes were issued; never blocks. On GPU the writes may
+        still be queued on the stream: the marker lets the sender wait for them."""
+        marker = LayerWritten.record(layer, self.device)
+        if marker is None:
+            return  # CUDA graph capture: left unsignalled, sent whole after the forward
         for w in self.workers:
-            w.queue.put(("layer", self, layer))
+            w.queue.put(("layer", self, marker))
 
 
 @dataclass
@@ -131,21 +140,23 @@ class _SessionWorker:
     def _run(self) -> None:
         pending = None
         while True:
-            kind, plan, layer = pending or self.queue.get()
+            kind, plan, marker = pending or self.queue.get()
             pending = None
             try:
                 if kind == "layer":
-                    layers = [layer]
-                    while True:  # coalesce the layers of this forward that are already written
+                    markers = [marker]
+                    while True:  # coalesce the layers of this forward that are already signalled
                         try:
                             nxt = self.queue.get_nowait()
                         except queue.Empty:
                             break
                         if nxt[0] == "layer" and nxt[1] is plan:
-                            layers.append(nxt[2])
+                            markers.append(nxt[2])
                         else:
                             pending = nxt
                             break
+                    markers[-1].wait()  # one stream: the newest event covers the older ones
+                    layers = [m.layer for m in markers]
                     for rp, s in self._mine(plan):
                         self.pipe._send_layers(rp, s, layers)
             except Exception as e:  # never let the thread die: fail the plans it was serving
@@ -364,6 +375,7 @@ def around_run_batch(original, scheduler, batch, *args, **kwargs):
             plan = None
     if plan is None:
         return original(scheduler, batch, *args, **kwargs)
+    plan.device = getattr(pool, "device", None)
     pool.memha_layer_listener = plan.layer_written
     try:
         return original(scheduler, batch, *args, **kwargs)

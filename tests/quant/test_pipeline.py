@@ -171,6 +171,41 @@ def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
     _assert_landed(mgr, src_pages, dst_pages)
 
 
+def test_sender_waits_for_the_layer_marker_before_reading_pages(monkeypatch):
+    """On GPU a layer's writes may still be queued when it is signalled: the sender must wait on
+    the marker (a CUDA event there) before any byte of that layer goes to the transfer engine."""
+    from sglang_memha.sglang_ext import pipeline
+
+    gate, waited = threading.Event(), []
+
+    class GatedMarker:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def wait(self):
+            waited.append(self.layer)
+            assert gate.wait(10)
+
+    monkeypatch.setattr(pipeline.LayerWritten, "record", classmethod(lambda cls, layer, dev: GatedMarker(layer)))
+    mgr = FakeManager()
+    pipe = LayerPipeline(mgr, min_tokens=0)
+    src_pages, dst_pages = [5, 6], [1, 2]
+    mgr.add_room(9, dst_pages)
+    req, row = _req(9, _slots(src_pages, 32), 32)
+    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
+    plan.layer_written(0)
+    while not waited:
+        threading.Event().wait(0.005)
+    threading.Event().wait(0.05)
+    assert mgr.calls == []  # blocked on the marker: nothing read yet
+    gate.set()
+    for layer in range(1, LAYERS):
+        plan.layer_written(layer)
+    pipe.close(plan)
+    assert plan.reqs[0].done.wait(10) and plan.reqs[0].complete
+    _assert_landed(mgr, src_pages, dst_pages)
+
+
 def test_chunked_prefill_partial_page_is_resent_by_the_later_chunk():
     """Chunk 1 writes tokens [0, 40): pages 0, 1 and half of 2; SGLang sends pages 0-1 after it
     (page-aligned down). Chunk 2 writes [40, 70), completing page 2; its plan ships page 2 again
