@@ -12,7 +12,7 @@ date -u | tee "$out/device.txt"
 nvidia-smi -L | tee -a "$out/device.txt"
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee -a "$out/device.txt"
-timeout 300 $py -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/kvformat/test_triton.py tests/quant/test_layer_signal.py \
+timeout 300 $py -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/kvformat/test_triton.py tests/kvformat/test_codecs_cuda.py tests/quant/test_layer_signal.py \
   >"$out/pytest_gpu.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$out/pytest_gpu.log"
 timeout 240 $py eval/bench_codecs.py --gpu-only --out "$out/codecs_gpu.json" 2>&1 | tee "$out/bench_codecs_gpu.log"

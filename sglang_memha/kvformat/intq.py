@@ -34,7 +34,7 @@ class Int8Codec(KVCodec):
 
     def quantize(self, x):
         x32 = check_input(x, self.spec)
-        scale = x32.abs().amax(-1, keepdim=True) / 127.0
+        scale = div_rn(x32.abs().amax(-1, keepdim=True), 127.0)
         safe = torch.where(scale > 0, scale, 1.0)
         q = torch.round(x32 / safe).clamp_(-127, 127)
         return q.to(torch.int8).view(torch.uint8), scale
@@ -44,6 +44,13 @@ class Int8Codec(KVCodec):
         self.check_data(data, scales)
         check_out_dtype(out_dtype)
         return (data.view(torch.int8).float() * scales).to(out_dtype)
+
+
+def div_rn(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b correctly rounded on every device: torch on CUDA turns a division by a Python scalar
+    into a multiplication by its reciprocal (off by an ulp at times: a GPU run found int8 and int4
+    scales differing from CPU's); a tensor divisor is a true division."""
+    return torch.div(a, torch.full_like(a, b))
 
 
 def _plus_zero(x32: torch.Tensor) -> torch.Tensor:
@@ -65,7 +72,7 @@ class _Int4(KVCodec):
         # (torch, Triton on GPU differ), so the spec fixes it and both write 0x0000.
         lo = bf16_round(_plus_zero(g.amin(-1)), up=False)
         lo32 = lo.float()
-        scale = bf16_round(_plus_zero((g.amax(-1) - lo32) / 15.0), up=True)
+        scale = bf16_round(_plus_zero(div_rn(g.amax(-1) - lo32, 15.0)), up=True)
         s32 = scale.float()
         safe = torch.where(s32 > 0, s32, 1.0)[..., None]
         q = torch.round((g - lo32[..., None]) / safe).clamp_(0, 15).to(torch.uint8).reshape(t, h, d)
