@@ -367,6 +367,35 @@ def load_model(path: str, dtype: torch.dtype):
     return model
 
 
+def add_k_bias(model, mult: float, calib_ids: torch.Tensor) -> dict:
+    """Stress case for issue 7 ("a model family known to be fragile under fp8 KV (large K
+    biases)"): no such model (Qwen2 has k_proj biases of tens to hundreds where K is O(1)) can be
+    had offline here, so SmolLM2 gets one. Per layer, k_proj's output gets a bias of
+    ``mult x RMS(K of that layer)`` on channels D/2 - 2 and D/2 - 1 of every kv head: the lowest
+    RoPE frequencies (HF rotate_half pairs c with c + D/2), which barely rotate over 512 positions,
+    so the bias stays a near-constant large channel, the shape reported for such models. RMS from
+    one forward on ``calib_ids`` (text outside every scored window). The model changes, so the
+    baseline is this biased model with exact K/V; modes compare K/V formats on the same model."""
+    rms, hooks = [], []
+    for layer in model.model.layers:
+        hooks.append(layer.self_attn.k_proj.register_forward_hook(
+            lambda mod, inp, out: rms.append(out.float().pow(2).mean().sqrt().item())))
+    with torch.no_grad():
+        model(calib_ids[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for layer, r in zip(model.model.layers, rms):
+        proj = layer.self_attn.k_proj
+        bias = torch.zeros(proj.out_features, dtype=proj.weight.dtype)
+        for h in range(proj.out_features // d):
+            bias[h * d + d // 2 - 2: h * d + d // 2] = mult * r
+        proj.bias = torch.nn.Parameter(bias, requires_grad=False)
+    return {"mult": mult, "channels_per_kv_head": [d // 2 - 2, d // 2 - 1], "k_rms_per_layer": rms,
+            "calibration_tokens": int(calib_ids.numel())}
+
+
 def summarize(r: dict, base: dict) -> dict:
     """Pooled over tokens; ``*_se``: standard errors across passages (each passage's mean as one
     sample: tokens of one passage are not independent), ppl's by the delta method."""
@@ -389,6 +418,9 @@ def main() -> None:
     ap.add_argument("--settings", default="bf16,fp32")
     ap.add_argument("--modes", default=MODES)
     ap.add_argument("--out", default="eval/results/quality.json")
+    ap.add_argument("--k-bias-stress", type=float, default=0.0, metavar="B",
+                    help="stress case: give k_proj a bias of B x the layer's K RMS on 2 channels per kv head "
+                         "(see add_k_bias); flat keys are then prefixed stress_kbias_")
     args = ap.parse_args()
     for m in args.modes.split(","):
         if m:
@@ -418,6 +450,11 @@ def main() -> None:
         ids = tok(txt).input_ids
         if len(ids) >= args.len + 64:
             passages.append((name, torch.tensor(ids[64:64 + args.len])))
+    stress = None
+    if args.k_bias_stress:
+        # K RMS from the text before the scored window of the first passage (not scored anywhere)
+        calib = torch.tensor(tok(texts(args.n)[0][1]).input_ids[:64])
+        stress = {s: add_k_bias(m, args.k_bias_stress, calib) for s, m in models.items()}
     modes = [m for m in args.modes.split(",") if m]
     res = {s: {m: {"kl": [], "top1": [], "nll": []} for m in ["base"] + modes} for s in settings}
     cross = {"top1": []}  # bf16 baseline vs fp32 baseline (what bf16 compute itself costs)
@@ -486,6 +523,10 @@ def main() -> None:
         "seconds": time.time() - t0,
         "command": "python eval/quality_offline.py " + " ".join(sys.argv[1:]),
     })
+    if stress:  # not the product's figures: keep the issue's flat keys for quality.json alone
+        out = {(f"stress_kbias_{k}" if k.startswith(("top1_", "ppl_")) else k): v for k, v in out.items()}
+        out["k_bias_stress"] = stress
+        out["model"] += f" with a synthetic k_proj bias of {args.k_bias_stress:g} x K RMS (add_k_bias)"
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)
