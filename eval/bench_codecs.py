@@ -133,9 +133,9 @@ def gpu_throughput(tokens: int, shapes=GPU_LAUNCH_SHAPES) -> dict | None:
         moved = nbytes + dp.numel() + sp.numel()  # bytes read + written
         def kernels(hw=None):
             tq = {sh: bench(lambda: quantize_to_slots(f, x, loc, dp, sp, rows_per_program=sh[0], num_warps=sh[1],
-                                                      hw_fp8=hw)) for sh in shapes}
+                                                      hw=hw)) for sh in shapes}
             td = {sh: bench(lambda: dequantize_pages(f, dp, sp, pages, page, dim, rows_per_program=sh[0],
-                                                     num_warps=sh[1], hw_fp8=hw)) for sh in shapes}
+                                                     num_warps=sh[1], hw=hw)) for sh in shapes}
             return tq, td
 
         tq, td = kernels()

@@ -5,6 +5,7 @@ Kept apart so that ``triton_kernels`` imports without Triton; jit functions must
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -20,6 +21,14 @@ def _rne(t):
     fi = f.to(tl.int32)
     up = (d > 0.5) | ((d == 0.5) & ((fi & 1) == 1))
     return fi + up.to(tl.int32)
+
+@triton.jit
+def _round(t, HW: tl.constexpr):
+    # round half to even of t >= 0 -> int32: the GPU's cvt.rni, or _rne's integer arithmetic
+    if HW:
+        return libdevice.rint(t).to(tl.int32)
+    else:
+        return _rne(t)
 
 @triton.jit
 def _bf16_directed(v, UP: tl.constexpr):
@@ -63,7 +72,7 @@ def _quant_row_kernel(
     x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
     H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr, QMAX: tl.constexpr,
-    SMIN_BITS: tl.constexpr, ROWS: tl.constexpr, HW_FP8: tl.constexpr,
+    SMIN_BITS: tl.constexpr, ROWS: tl.constexpr, HW: tl.constexpr,
 ):
     # fp8 fn / fnuz (bf16 scale) and int8 (fp32 scale): one scale per (token, head); a tile is
     # [ROWS, BLOCK_D] (one (token, head) row alone is 128-256 B: too little work per program)
@@ -80,7 +89,7 @@ def _quant_row_kernel(
         y = tl.math.div_rn(x, tl.zeros_like(x) + safe)
         y = tl.where(scale[:, None] > 0, y, 0.0)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        q = tl.minimum(_rne(tl.abs(y)), 127)
+        q = tl.minimum(_round(tl.abs(y), HW), 127)
         code = tl.where(y < 0, -q, q) & 0xFF
         tl.store(srow, scale, mask=rmask)
     else:
@@ -89,13 +98,17 @@ def _quant_row_kernel(
         sb = (tl.math.div_rn(amax, tl.zeros_like(amax) + QMAX).to(tl.int32, bitcast=True) + 0xFFFF) & -65536
         s = tl.maximum(sb, SMIN_BITS).to(tl.float32, bitcast=True)
         y = x * tl.math.div_rn(s * 0.0 + 1.0, s)[:, None]
-        if MODE == 1:
-            code = _e4m3_encode(y, 8)
-        elif HW_FP8:
-            # the GPU's own RNE conversion (satfinite; |y| <= 448 (1 + 2^-22) rounds to 448 anyway);
-            # the codec writes every zero, -0 included, as 0x00
+        if HW:
+            # the GPU's own RNE e4m3fn conversion (satfinite; |y| <= C (1 + 2^-22) rounds to C
+            # anyway). fnuz (C = 224) is fn's grid halved: fnuz_code(y) == fn_code(2 y), the
+            # doubling exact, so rounding decisions are the same. Every zero, -0 included, is 0x00
+            # (fnuz has no -0: 0x80 is its NaN)
+            if MODE == 1:
+                y = y * 2.0
             code = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
             code = tl.where(code == 0x80, 0, code)
+        elif MODE == 1:
+            code = _e4m3_encode(y, 8)
         else:
             code = _e4m3_encode(y, 7)
         tl.store(srow, s.to(tl.bfloat16), mask=rmask)
@@ -106,16 +119,19 @@ def _quant_int4_kernel(
     x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
     H: tl.constexpr, NG: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr, ROWS: tl.constexpr,
+    HW: tl.constexpr,
 ):
-    # tile [ROWS, groups, GS / 2]: even and odd elements of a group loaded apart, packed lo | hi << 4
+    # tile [ROWS, groups, GS] loaded contiguously, split into even and odd elements [ROWS, groups,
+    # GS / 2], packed lo | hi << 4
     rmask, t, h = _rows(N, H, ROWS)
     HALF: tl.constexpr = GS // 2
     gi = tl.arange(0, NG_P2)[None, :, None]
     pi = tl.arange(0, HALF)[None, None, :]
     mask = rmask[:, None, None] & (gi < NG) & (pi < HALF)
-    base = x_ptr + (t * sx_t + h * sx_h)[:, None, None] + gi * GS + 2 * pi
-    xe = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    xo = tl.load(base + 1, mask=mask, other=0.0).to(tl.float32)
+    ei = tl.arange(0, GS)[None, None, :]
+    x = tl.load(x_ptr + (t * sx_t + h * sx_h)[:, None, None] + gi * GS + ei,
+                mask=rmask[:, None, None] & (gi < NG) & (ei < GS), other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, (ROWS, NG_P2, HALF, 2)))
     inf = float("inf")
     lo = tl.minimum(tl.min(tl.where(mask, xe, inf), axis=2), tl.min(tl.where(mask, xo, inf), axis=2))
     hi = tl.maximum(tl.max(tl.where(mask, xe, -inf), axis=2), tl.max(tl.where(mask, xo, -inf), axis=2))
@@ -127,8 +143,8 @@ def _quant_int4_kernel(
     s_b = _bf16_directed(tl.math.div_rn(hi - lo_b, tl.zeros_like(hi) + 15.0), True)
     s_b = tl.where(s_b == 0.0, 0.0, s_b)
     safe = tl.where(s_b > 0, s_b, 1.0)[:, :, None]
-    qe = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xe - lo_b[:, :, None], safe + tl.zeros_like(xe)), 0.0)), 15)
-    qo = tl.minimum(_rne(tl.maximum(tl.math.div_rn(xo - lo_b[:, :, None], safe + tl.zeros_like(xo)), 0.0)), 15)
+    qe = tl.minimum(_round(tl.maximum(tl.math.div_rn(xe - lo_b[:, :, None], safe + tl.zeros_like(xe)), 0.0), HW), 15)
+    qo = tl.minimum(_round(tl.maximum(tl.math.div_rn(xo - lo_b[:, :, None], safe + tl.zeros_like(xo)), 0.0), HW), 15)
     byte = (qe | (qo << 4)).to(tl.uint8)
     slot = tl.load(loc_ptr + t, mask=rmask, other=0)
     tl.store(data_ptr + (slot * sd_t + h * sd_h)[:, None, None] + gi * HALF + pi, byte, mask=mask)
@@ -140,7 +156,7 @@ def _quant_int4_kernel(
 def _quant_bfp8_kernel(
     x_ptr, loc_ptr, data_ptr, scale_ptr, N,
     sx_t, sx_h, sd_t, sd_h, ss_t, ss_h,
-    H: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ROWS: tl.constexpr,
+    H: tl.constexpr, NB: tl.constexpr, NB_P2: tl.constexpr, ROWS: tl.constexpr, HW: tl.constexpr,
 ):
     # tile [ROWS, blocks, 16]
     rmask, t, h = _rows(N, H, ROWS)
@@ -152,7 +168,7 @@ def _quant_bfp8_kernel(
     exp = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # = floor(log2 amax) + 127; 0 if tiny/zero
     shift = (133 - exp)[:, :, None]
     half = shift >> 1
-    mag = tl.minimum(_rne(tl.abs(x) * _pow2(half) * _pow2(shift - half)), 127)
+    mag = tl.minimum(_round(tl.abs(x) * _pow2(half) * _pow2(shift - half), HW), 127)
     neg = (x < 0) & (mag > 0)
     byte = (mag | (neg.to(tl.int32) << 7)).to(tl.uint8)
     slot = tl.load(loc_ptr + t, mask=rmask, other=0)
@@ -165,7 +181,7 @@ def _dequant_kernel(
     data_ptr, scale_ptr, page_ptr, out_ptr, N,
     sd_t, sd_h, ss_t, ss_h, so_t, so_h,
     H: tl.constexpr, PAGE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, MODE: tl.constexpr,
-    GS: tl.constexpr, ROWS: tl.constexpr, HW_FP8: tl.constexpr,
+    GS: tl.constexpr, ROWS: tl.constexpr, HW: tl.constexpr,
 ):
     # tile [ROWS, BLOCK_D] of the output's flattened [n * H] rows; row r of page page_ids[r // PAGE]
     rmask, r, h = _rows(N, H, ROWS)
@@ -175,14 +191,8 @@ def _dequant_kernel(
     mask = rmask[:, None] & (offs < D)
     drow = data_ptr + (slot * sd_t + h * sd_h)[:, None]
     srow = scale_ptr + (slot * ss_t + h * ss_h)[:, None]
-    if MODE == 3:
-        byte = tl.load(drow + offs // 2, mask=mask, other=0).to(tl.int32)
-        q = tl.where((offs & 1) == 0, byte & 0xF, byte >> 4).to(tl.float32)
-        g = offs // GS
-        s = tl.load(srow + 2 * g, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(srow + 2 * g + 1, mask=mask, other=0.0).to(tl.float32)
-        val = q * s + z
-    elif MODE == 4:
+    # int4 (MODE 3) has its own kernel, _dequant_int4_kernel
+    if MODE == 4:
         byte = tl.load(drow + offs, mask=mask, other=0).to(tl.int32)
         e = tl.load(srow + offs // 16, mask=mask, other=0).to(tl.int32) - 133
         half = e >> 1
@@ -195,10 +205,45 @@ def _dequant_kernel(
             val = tl.where(byte >= 128, byte - 256, byte).to(tl.float32) * s
         else:
             s = tl.load(srow, mask=rmask[:, None], other=0.0).to(tl.float32)  # bf16 scale, exact in fp32
-            if MODE == 1:
+            if HW:
+                val = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)  # exact
+                if MODE == 1:
+                    # fnuz = fn / 2 except 0x7F / 0xFF (fn's NaN, fnuz's +-240; never written by
+                    # the encoder, decoded as the integer decoder does)
+                    val = tl.where((byte & 0x7F) == 0x7F, tl.where(byte >= 128, -240.0, 240.0), val * 0.5)
+                val = val * s
+            elif MODE == 1:
                 val = _e4m3_decode(byte, 8) * s
-            elif HW_FP8:
-                val = byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32) * s  # exact
             else:
                 val = _e4m3_decode(byte, 7) * s
     tl.store(out_ptr + (r * so_t + h * so_h)[:, None] + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _dequant_int4_kernel(
+    data_ptr, scale_ptr, page_ptr, out_ptr, N,
+    sd_t, sd_h, ss_t, ss_h, so_t, so_h,
+    H: tl.constexpr, PAGE: tl.constexpr, NG: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    # tile [ROWS, groups, GS / 2] of code bytes: each group's (scale, min) loaded once, not per
+    # element; low and high nibbles joined back into element order (2i, 2i + 1)
+    rmask, r, h = _rows(N, H, ROWS)
+    HALF: tl.constexpr = GS // 2
+    page = tl.load(page_ptr + r // PAGE, mask=rmask, other=0).to(tl.int64)
+    slot = page * PAGE + r % PAGE
+    gi = tl.arange(0, NG_P2)[None, :, None]
+    pi = tl.arange(0, HALF)[None, None, :]
+    gmask3 = rmask[:, None, None] & (gi < NG)
+    byte = tl.load(data_ptr + (slot * sd_t + h * sd_h)[:, None, None] + gi * HALF + pi,
+                   mask=gmask3 & (pi < HALF), other=0).to(tl.int32)
+    g1 = tl.arange(0, NG_P2)[None, :]
+    srow = scale_ptr + (slot * ss_t + h * ss_h)[:, None] + g1 * 2
+    gmask = rmask[:, None] & (g1 < NG)
+    s = tl.load(srow, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+    z = tl.load(srow + 1, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+    lo = (byte & 0xF).to(tl.float32) * s + z
+    hi = (byte >> 4).to(tl.float32) * s + z
+    val = tl.reshape(tl.join(lo, hi), (ROWS, NG_P2, GS))
+    ei = tl.arange(0, GS)[None, None, :]
+    tl.store(out_ptr + (r * so_t + h * so_h)[:, None, None] + gi * GS + ei,
+             val.to(out_ptr.dtype.element_ty), mask=gmask3 & (ei < GS))

@@ -2,9 +2,10 @@
 
 Same bytes as the torch codecs (bit-exact quantize; dequantize equal up to fp32 FMA contraction
 in int4's ``q * scale + min``). Every rounding is also written out in integer arithmetic, so the
-kernels run under TRITON_INTERPRET=1 and on GPUs without fp8 instructions; on sm_89+ fp8_e4m3 uses
-the hardware conversions instead (the integer encoder costs ~30 ALU ops per element, which made
-the kernel compute-bound at ~0.57 of copy bandwidth on an H200).
+kernels run under TRITON_INTERPRET=1 and on GPUs without fp8 instructions; on sm_89+ fp8 uses the
+hardware e4m3fn conversions and rounding uses cvt.rni instead (``hw``; the integer fp8 encoder
+costs ~30 ALU ops per element, which made the kernel compute-bound at ~0.57 of copy bandwidth on
+an H200).
 
 Launchers check shapes, dtypes and devices first. Triton is imported lazily: this module can be
 imported without it, and the launchers raise ``RuntimeError`` when it is missing.
@@ -62,7 +63,8 @@ def _kernels():
         from sglang_memha.kvformat import _triton_jit as j
     except ImportError as e:
         raise RuntimeError("sglang_memha.kvformat.triton_kernels needs the `triton` package") from e
-    return triton, j._quant_row_kernel, j._quant_int4_kernel, j._quant_bfp8_kernel, j._dequant_kernel
+    return (triton, j._quant_row_kernel, j._quant_int4_kernel, j._quant_bfp8_kernel, j._dequant_kernel,
+            j._dequant_int4_kernel)
 
 
 def _scale_view(fmt: KVFormat, scale_pool: torch.Tensor) -> torch.Tensor:
@@ -91,15 +93,16 @@ def _sm89(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
-def _hw_fp8(device: torch.device, hw_fp8: bool | None) -> bool:
-    """Use the GPU's e4m3fn conversion instructions (sm_89+) instead of the integer-arithmetic
-    encoder? Same bytes either way (a GPU test checks both); None: wherever available."""
+def _hw(device: torch.device, hw: bool | None) -> bool:
+    """Use the GPU's own instructions (e4m3fn conversions, sm_89+; cvt.rni rounding) instead of
+    the integer-arithmetic versions? Same bytes either way (GPU tests check both); None: wherever
+    available."""
     if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return False
     ok = _sm89(device.index if device.index is not None else torch.cuda.current_device())
-    if hw_fp8 and not ok:
-        raise ValueError(f"hw_fp8=True: {torch.cuda.get_device_name(device)} has no fp8 conversion instructions (sm_89+)")
-    return ok if hw_fp8 is None else bool(hw_fp8)
+    if hw and not ok:
+        raise ValueError(f"hw=True: {torch.cuda.get_device_name(device)} has no fp8 conversion instructions (sm_89+)")
+    return ok if hw is None else bool(hw)
 
 
 def _check_rows(rows_per_program: int) -> None:
@@ -109,16 +112,16 @@ def _check_rows(rows_per_program: int) -> None:
 
 def quantize_to_slots(
     fmt: str | KVFormat, x: torch.Tensor, loc: torch.Tensor, data_pool: torch.Tensor, scale_pool: torch.Tensor,
-    rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = 4, hw_fp8: bool | None = None,
+    rows_per_program: int = ROWS_PER_PROGRAM, num_warps: int = 4, hw: bool | None = None,
 ) -> None:
     """Triton quantize-on-write; same result as ``get_codec(fmt).quantize_into`` (no finiteness
     check on GPU: callers validate upstream or accept saturation of +-inf; NaN is undefined).
-    ``rows_per_program``, ``num_warps``: launch shape (tuning knobs, not results); ``hw_fp8``:
-    fp8_e4m3 through the GPU's conversion instructions (None: where available)."""
+    ``rows_per_program``, ``num_warps``: launch shape (tuning knobs, not results); ``hw``: the
+    GPU's fp8 conversion and rounding instructions (None: where available; ``_hw``)."""
     fmt = KVFormat.parse(fmt)
     if fmt not in TRITON_FORMATS:
         raise ValueError(f"fmt={fmt.value}: Triton kernels cover {[f.value for f in TRITON_FORMATS]}")
-    triton, k_row, k_int4, k_bfp8, _ = _kernels()
+    triton, k_row, k_int4, k_bfp8, _, _ = _kernels()
     if x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.stride(-1) != 1:
         raise ValueError(f"x={tuple(x.shape)} {x.dtype}: expected [T, H, D] bf16/fp16/fp32, last dim contiguous")
     t, h, d = x.shape
@@ -138,14 +141,13 @@ def quantize_to_slots(
     args = (x, loc, data_pool, sv, t * h, x.stride(0), x.stride(1), data_pool.stride(0), data_pool.stride(1),
             sv.stride(0), sv.stride(1))
     grid = (triton.cdiv(t * h, rows_per_program),)
-    common = {"H": h, "ROWS": rows_per_program, "num_warps": num_warps}
+    common = {"H": h, "ROWS": rows_per_program, "num_warps": num_warps, "HW": _hw(x.device, hw)}
     mode = _MODE[fmt]
     if mode in (0, 1, 2):
         # fp8: bf16 scale rule of the codec (fp8.fp8_row_scale); int8: fp32 amax / 127
         qmax, s_min = (127.0, 0.0) if mode == 2 else (get_codec(fmt).clamp, get_codec(fmt).s_min)
         smin_bits = struct.unpack("<i", struct.pack("<f", s_min))[0]
-        k_row[grid](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax, SMIN_BITS=smin_bits,
-                      HW_FP8=_hw_fp8(x.device, hw_fp8), **common)
+        k_row[grid](*args, D=d, BLOCK_D=triton.next_power_of_2(d), MODE=mode, QMAX=qmax, SMIN_BITS=smin_bits, **common)
     elif mode == 3:
         gs = format_spec(fmt).group_size
         k_int4[grid](*args, NG=d // gs, NG_P2=triton.next_power_of_2(d // gs), GS=gs, **common)
@@ -163,13 +165,13 @@ def dequantize_pages(
     out_dtype: torch.dtype = torch.bfloat16,
     rows_per_program: int = ROWS_PER_PROGRAM,
     num_warps: int = 4,
-    hw_fp8: bool | None = None,
+    hw: bool | None = None,
 ) -> torch.Tensor:
     """Triton gather + dequantize of whole pages -> [len(page_ids) * page_size, H, head_dim]."""
     fmt = KVFormat.parse(fmt)
     if fmt not in TRITON_FORMATS:
         raise ValueError(f"fmt={fmt.value}: Triton kernels cover {[f.value for f in TRITON_FORMATS]}")
-    triton, _, _, _, k_deq = _kernels()
+    triton, _, _, _, k_deq, k_deq_int4 = _kernels()
     _check_pools(fmt, head_dim, data_pool, scale_pool)
     if page_ids.dim() != 1 or page_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"page_ids={tuple(page_ids.shape)} {page_ids.dtype}: expected 1-D int32/int64")
@@ -185,10 +187,19 @@ def dequantize_pages(
         return out
     sv = _scale_view(fmt, scale_pool)
     gs = format_spec(fmt).group_size or 1
-    k_deq[(triton.cdiv(n * h, rows_per_program),)](
+    grid = (triton.cdiv(n * h, rows_per_program),)
+    if _MODE[fmt] == 3:
+        k_deq_int4[grid](
+            data_pool, sv, page_ids, out, n * h,
+            data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1), out.stride(0), out.stride(1),
+            H=h, PAGE=page_size, NG=head_dim // gs, NG_P2=triton.next_power_of_2(head_dim // gs), GS=gs,
+            ROWS=rows_per_program, num_warps=num_warps,
+        )
+        return out
+    k_deq[grid](
         data_pool, sv, page_ids, out, n * h,
         data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1), out.stride(0), out.stride(1),
         H=h, PAGE=page_size, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODE[fmt], GS=gs,
-        ROWS=rows_per_program, HW_FP8=_hw_fp8(data_pool.device, hw_fp8), num_warps=num_warps,
+        ROWS=rows_per_program, HW=_hw(data_pool.device, hw), num_warps=num_warps,
     )
     return out

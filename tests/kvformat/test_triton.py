@@ -18,7 +18,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def compare(fmt, head_dim: int, device: str, tokens: int = 6, heads: int = 2, page: int = 4,
-            dtype: torch.dtype = torch.bfloat16, rows: int = 16, hw_fp8: bool | None = None) -> None:
+            dtype: torch.dtype = torch.bfloat16, rows: int = 16, hw: bool | None = None) -> None:
     """Triton bytes == torch codec bytes; ``rows`` (rows per program) so that the row tiles
     end both inside and at the edge of the [tokens * heads] grid."""
     codec = get_codec(fmt)
@@ -40,13 +40,13 @@ def compare(fmt, head_dim: int, device: str, tokens: int = 6, heads: int = 2, pa
     loc = torch.randperm(slots, generator=g)[:tokens]
     codec.quantize_into(x, loc, *pools)
     dev_pools = [torch.zeros_like(p, device=device) for p in pools]
-    quantize_to_slots(fmt, x.to(device), loc.to(device), *dev_pools, rows_per_program=rows, hw_fp8=hw_fp8)
+    quantize_to_slots(fmt, x.to(device), loc.to(device), *dev_pools, rows_per_program=rows, hw=hw)
     assert torch.equal(dev_pools[0].cpu(), pools[0]), f"{fmt} data bytes differ"
     assert torch.equal(dev_pools[1].cpu(), pools[1]), f"{fmt} scale bytes differ"
     pages = torch.tensor([2, 0, 3])
     ref = codec.gather_dequantize(*pools, pages, page, torch.float32)
     got = dequantize_pages(fmt, *dev_pools, pages.to(device), page, head_dim, torch.float32, rows_per_program=rows,
-                           hw_fp8=hw_fp8).cpu()
+                           hw=hw).cpu()
     # int4's q * scale + min may be FMA-contracted on GPU: 1 ulp of fp32
     assert torch.allclose(got, ref, rtol=2.0**-22, atol=0), f"{fmt} dequant differs"
 
@@ -95,38 +95,43 @@ def test_launchers_check_arguments():
 def test_kernels_on_gpu_match_torch_bytes(fmt, head_dim, dtype, rows):
     # 61 tokens x 8 heads = 488 rows: the last tile of 16 or 64 rows is partial
     compare(fmt, head_dim, "cuda", tokens=61, heads=8, page=16, dtype=dtype, rows=rows)
-    if fmt == KVFormat.FP8_E4M3:  # also the integer encoder the interpreter runs
-        compare(fmt, head_dim, "cuda", tokens=61, heads=8, page=16, dtype=dtype, rows=rows, hw_fp8=False)
+    # also the integer-arithmetic rounding and fp8 encoding the interpreter (and older GPUs) run
+    compare(fmt, head_dim, "cuda", tokens=61, heads=8, page=16, dtype=dtype, rows=rows, hw=False)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
-@pytest.mark.parametrize("hw_fp8", [True, False], ids=["hw", "integer"])
-def test_fp8_every_code_and_every_tie_on_gpu(hw_fp8):
-    """fp8_e4m3 through the GPU's conversion instructions and through the integer encoder: every
-    finite e4m3fn value and every midpoint between neighbours (RNE ties) give the codec's bytes.
-    Each row holds 448, so its scale is exactly 1 and x is encoded as is."""
-    if torch.cuda.get_device_capability() < (8, 9) and hw_fp8:
+@pytest.mark.parametrize("hw", [True, False], ids=["hw", "integer"])
+@pytest.mark.parametrize("fmt", [KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ], ids=str)
+def test_fp8_every_code_and_every_tie_on_gpu(fmt, hw):
+    """fp8 through the GPU's e4m3fn conversion instructions and through the integer encoder:
+    every value the format writes and every midpoint between neighbours (RNE ties), positive and
+    negative, give the codec's bytes. Each row holds C (448 fn, 224 fnuz), so its scale is exactly
+    1 and x is encoded as is."""
+    if torch.cuda.get_device_capability() < (8, 9) and hw:
         pytest.skip("no fp8 conversion instructions before sm_89")
+    c = get_codec(fmt).clamp
     vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     vals = vals[torch.isfinite(vals)].unique()  # 253 values (-0 == 0)
+    if fmt == KVFormat.FP8_E4M3FNUZ:
+        vals = vals / 2  # fnuz's grid, up to its clamp 224
     mids = (vals[1:] + vals[:-1]) / 2  # exact in fp32 (4 significant bits)
     x = torch.cat([vals, mids])
     rows = -(-x.numel() // 127)
     x = torch.cat([x, torch.zeros(rows * 127 - x.numel())]).reshape(rows, 1, 127)
-    x = torch.cat([x, torch.full((rows, 1, 1), 448.0)], dim=2)  # head_dim 128
-    compare_rows(KVFormat.FP8_E4M3, x, hw_fp8)
+    x = torch.cat([x, torch.full((rows, 1, 1), c)], dim=2)  # head_dim 128
+    compare_rows(fmt, x, hw)
 
 
-def compare_rows(fmt, x: torch.Tensor, hw_fp8) -> None:
+def compare_rows(fmt, x: torch.Tensor, hw) -> None:
     codec = get_codec(fmt)
     geo = page_geometry(fmt, 1, x.shape[1], x.shape[2])
     loc = torch.arange(x.shape[0])
     pools = [torch.zeros(x.shape[0], x.shape[1], n, dtype=torch.uint8) for n in (geo.data_bytes_per_head, geo.scale_bytes_per_head)]
     codec.quantize_into(x, loc, *pools)
     dev = [p.cuda() * 0 for p in pools]
-    quantize_to_slots(fmt, x.cuda(), loc.cuda(), *dev, hw_fp8=hw_fp8)
+    quantize_to_slots(fmt, x.cuda(), loc.cuda(), *dev, hw=hw)
     assert torch.equal(dev[0].cpu(), pools[0]) and torch.equal(dev[1].cpu(), pools[1])
-    got = dequantize_pages(fmt, *dev, loc.cuda(), 1, x.shape[2], torch.float32, hw_fp8=hw_fp8).cpu()
+    got = dequantize_pages(fmt, *dev, loc.cuda(), 1, x.shape[2], torch.float32, hw=hw).cpu()
     assert torch.equal(got, codec.gather_dequantize(*pools, loc, 1, torch.float32))
