@@ -142,6 +142,16 @@ def test_whole_forward_pipelined_then_claimed():
     assert status == 0 and rest_s.tolist() == src_pages
 
 
+def _two_page_plan(mgr):
+    """Room 9: one 32-token request on prefill pages 5, 6 -> decode pages 1, 2, planned."""
+    pipe = LayerPipeline(mgr, min_tokens=0)
+    src_pages, dst_pages = [5, 6], [1, 2]
+    mgr.add_room(9, dst_pages)
+    req, row = _req(9, _slots(src_pages, 32), 32)
+    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
+    return pipe, plan, src_pages, dst_pages
+
+
 def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
     """While layer 0 is on the wire, layers 1 and 2 are written: they share the next call."""
     mgr = FakeManager()
@@ -154,11 +164,7 @@ def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
         return copy(session, blocks)
 
     mgr._transfer_data = slow_first_call
-    pipe = LayerPipeline(mgr, min_tokens=0)
-    src_pages, dst_pages = [5, 6], [1, 2]
-    mgr.add_room(9, dst_pages)
-    req, row = _req(9, _slots(src_pages, 32), 32)
-    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
+    pipe, plan, src_pages, dst_pages = _two_page_plan(mgr)
     plan.layer_written(0)
     while plan.workers[0].queue.qsize():  # the sender took layer 0 and is blocked in its call
         threading.Event().wait(0.005)
@@ -188,11 +194,7 @@ def test_sender_waits_for_the_layer_marker_before_reading_pages(monkeypatch):
 
     monkeypatch.setattr(pipeline.LayerWritten, "record", classmethod(lambda cls, layer, dev: GatedMarker(layer)))
     mgr = FakeManager()
-    pipe = LayerPipeline(mgr, min_tokens=0)
-    src_pages, dst_pages = [5, 6], [1, 2]
-    mgr.add_room(9, dst_pages)
-    req, row = _req(9, _slots(src_pages, 32), 32)
-    plan = pipe.plan_batch(SimpleNamespace(reqs=[req], prefix_lens=[0], extend_lens=[32]), row, PAGE)
+    pipe, plan, src_pages, dst_pages = _two_page_plan(mgr)
     plan.layer_written(0)
     while not waited:
         threading.Event().wait(0.005)
