@@ -119,7 +119,9 @@ def token_map(src_pages, positions, dst_pages, src_page_size: int, dst_page_size
 
 def runs(src_rows: np.ndarray, dst_rows: np.ndarray) -> np.ndarray:
     """``[r, 3]`` int64 ``(first src row, first dst row, count)``: maximal runs where both
-    ``src_rows`` and ``dst_rows`` ([n] int) advance by one."""
+    ``src_rows`` and ``dst_rows`` ([n] int) advance by one. The grouping of SGLang's
+    ``group_concurrent_contiguous`` (tested equal), without its per-member lists: here the
+    members are token rows, 16-32x more than pages."""
     s = np.asarray(src_rows, dtype=np.int64)
     d = np.asarray(dst_rows, dtype=np.int64)
     if len(s) == 0:

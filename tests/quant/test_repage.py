@@ -132,3 +132,16 @@ def test_transfer_info_keeps_decode_pages_and_gets_positions():
     assert info.memha_decode_pages.tolist() == [5, 2, 9, 10]
     assert info.dst_kv_indices.tolist() == list(range(8))
     assert plain.dst_kv_indices is pages and not hasattr(plain, "memha_decode_pages")
+
+
+def test_runs_group_like_sglangs_contiguous_grouping():
+    """Same grouping as SGLang's ``group_concurrent_contiguous`` (which the page-level paths
+    use; ``runs`` is its vectorised form for token rows, without per-member lists)."""
+    utils = pytest.importorskip("sglang.srt.disaggregation.common.utils")
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        src = np.cumsum(rng.integers(1, 3, size=60))
+        dst = np.cumsum(rng.choice([1, 1, 1, 5], size=60))
+        src_groups, dst_groups = utils.group_concurrent_contiguous(src, dst)
+        want = [(s[0], d[0], len(s)) for s, d in zip(src_groups, dst_groups)]
+        assert [tuple(int(x) for x in r) for r in repage.runs(src, dst)] == want
