@@ -5,8 +5,8 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
 
 * identical where it matters -> ``[]`` (no bridge, bytes are used as they arrive);
 * a difference one side can convert -> the list of ``Bridge`` steps; ``SENDER_BRIDGES`` are
-  applied by the prefill while it sends (the wire then carries the decode's format), the others
-  by the decode on arrival:
+  applied by the prefill while it sends (the wire then carries the decode's rows, in its pages),
+  the others by the decode on arrival:
     - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ`` (decode): fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00
       one way), per-row bf16 scales halved / doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``),
       value-exact;

@@ -222,9 +222,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
         else:
             info = self.transfer_infos.get(self._memha_tls.room, {}).get(session)
             dst_pages = getattr(info, "memha_decode_pages", None)
-            if dst_pages is None:
-                logger.error("sglang-memha: room %s: no decode pages recorded for re-paged session %s",
-                             self._memha_tls.room, session)
+            if dst_pages is None or info.dst_device_kv_indices is not None:
+                logger.error("sglang-memha: room %s: re-paged session %s has %s", self._memha_tls.room, session,
+                             "no recorded decode pages" if dst_pages is None else
+                             "HiSparse device pages, which are not re-paged")
                 return -1
             try:
                 tokens = repage.token_map(prefill_kv_indices, dst_kv_indices, dst_pages, src_p, dst_p,
@@ -261,6 +262,8 @@ class MemhaKVManager(mc.MooncakeKVManager):
             return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
                     f"expected {want} ({target.page_size} tokens); {fix}")
         if target.page_size != local.page_size:
+            if getattr(registration_info, "requires_dcp_relayout", False):
+                return f"{what}: not combined with a DCP relayout of the decode's KV; {fix}"
             states = getattr(self.kv_args, "state_types", None) or []
             if states:
                 return (f"{what}: this prefill's KV has state components "
@@ -343,8 +346,11 @@ class MemhaKVManager(mc.MooncakeKVManager):
             ready = super().try_ensure_parallel_info(bootstrap_addr)
         except RuntimeError as e:
             prefill_page = repage.prefill_page_size(str(e))
-            if self.memha_desc is None or prefill_page is None:
+            if prefill_page is None:
                 return self._refuse_prefill(bootstrap_addr, str(e))
+            if self.memha_desc is None:
+                return self._refuse_prefill(bootstrap_addr, f"{e} (sglang-memha re-pages only for a decode "
+                                                            f"with MEMHA_KV_FORMAT set)")
             return self._accept_repaged(bootstrap_addr, prefill_page)
         self.memha_refused_prefills.pop(bootstrap_addr, None)  # fixed and restarted
         return ready

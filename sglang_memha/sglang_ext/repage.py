@@ -20,7 +20,7 @@ How the bridge rides on SGLang (0.5.23, ``srt/disaggregation/``):
   prefill's page size, then accepts the prefill only when ``acceptance_problem`` finds nothing
   (the per-request descriptor verdict still judges the formats).
 * prefill: the transfer worker slices the destination by the chunk's prefill-page slice
-  (``req.dst_kv_indices[kv_chunk.index_slice]``, ``mooncake/conn.py:2624``) and truncates, or
+  (``req.dst_kv_indices[kv_chunk.index_slice]``, ``mooncake/conn.py:2623``) and truncates, or
   skips, a chunk whose slice is longer than what it finds there. For a repaged decode session
   ``TransferInfo.dst_kv_indices`` therefore holds *prefill page positions*
   (``virtual_positions``; the decode's list is kept as ``.memha_decode_pages``), so the worker's
