@@ -180,8 +180,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
 
     def send_kvcache(self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
                      *args, **kwargs):
-        """Transfer worker, once per chunk and decode session. With the pipeline on, pages a
-        per-layer plan already shipped are waited for and left out (``LayerPipeline.claim``)."""
+        """Transfer worker, once per chunk and decode session; blocks for the transfer. With the
+        pipeline on, pages a per-layer plan already shipped are waited for and left out
+        (``LayerPipeline.claim``). A decode session with a send target (another format or page
+        size) goes to ``_send_converted``; the pipeline never plans those."""
         stats = self._room_stats()
         target = self.memha_send_targets.get(mooncake_session_id)
         if stats is not None:
