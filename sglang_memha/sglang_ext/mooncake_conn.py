@@ -18,6 +18,9 @@ ZMQ registration and metadata messages) is SGLang's; we only add to it:
   concludes, one log line ``sglang-memha transfer room=... fmt=... pages=... kv_bytes=...
   total_bytes=... transfer_ms=... status=...`` is written (WARNING, so it survives any
   ``--log-level``).
+* **Send-time bridges**: a decode in another format (``transcode``) or with another page size
+  (``repage``) gets its pages converted / re-paged by ``_send_converted``; the decode accepts a
+  prefill with another page size in ``try_ensure_parallel_info`` (``_accept_repaged``).
 The sender is not replaced here: ``cpu_compat`` owns that REPLACE (one owner per target).
 
 All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
