@@ -5,8 +5,8 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
 
 * identical where it matters -> ``[]`` (no bridge, bytes are used as they arrive);
 * a difference one side can convert -> the list of ``Bridge`` steps; ``SENDER_BRIDGES`` are
-  applied by the prefill while it sends (the wire then carries the decode's format), the others
-  by the decode on arrival:
+  applied by the prefill while it sends (the wire then carries the decode's rows, in its pages),
+  the others by the decode on arrival:
     - ``FNUZ_TO_FN`` / ``FN_TO_FNUZ`` (decode): fp8 e4m3fnuz <-> e4m3fn, bytes kept (0x80 -> 0x00
       one way), per-row bf16 scales halved / doubled (``fp8.fnuz_to_fn`` / ``fp8.fn_to_fnuz``),
       value-exact;
@@ -20,8 +20,10 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
       decode's K transform, when the prefill has none): phase-wise quantization done at send
       time; the bytes equal what a prefill pool of the decode's format would hold for the same
       bf16 K/V;
-    - ``REPAGE``: different page sizes; every format is token-local, so the receiver could copy
-      token rows (data and scale rows together) into its own pages (not on the PD path yet);
+    - ``REPAGE`` (prefill): different page sizes; every format is token-local (a row of one
+      (token, head) holds its data and scale), so the prefill writes each token's rows to the
+      decode slot that token has in the decode's pages (``sglang_ext.repage``); combines with a
+      format bridge;
 * anything else -> ``FormatMismatchError`` naming every differing field with both values
   (other formats would need a lossy re-quantization, which we refuse to do silently).
 """
@@ -60,7 +62,7 @@ class Bridge(str, enum.Enum):
 
 
 # Bridges the sender (prefill) applies while sending; the rest are the receiver's.
-SENDER_BRIDGES = frozenset({Bridge.LAYER_TO_TOKEN_SCALE, Bridge.ENCODE_ON_SEND})
+SENDER_BRIDGES = frozenset({Bridge.LAYER_TO_TOKEN_SCALE, Bridge.ENCODE_ON_SEND, Bridge.REPAGE})
 
 
 # (peer format, local format) -> bridge applied by the local (receiving) side

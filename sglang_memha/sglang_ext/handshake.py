@@ -193,6 +193,15 @@ def _frame_payload(frame: object) -> bytes:
     return bytes(frame)[len(FRAME_PREFIX):]
 
 
+def layout_descriptor(kv_layout: object) -> FormatDescriptor | None:
+    """The descriptor a prefill's ``kv_layout`` carries, or None when it carries none (or a
+    malformed one; ``check_prefill_peer`` names that per request). Never raises."""
+    try:
+        return FormatDescriptor.from_bytes(_layout_payload(kv_layout))
+    except ValueError:
+        return None
+
+
 def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
     """Decode side, after ``check_prefill_peer`` returned None: the bridges the decode applies on
     arrival (those the prefill applies while sending are left out). A layout that check would
@@ -203,8 +212,8 @@ def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
 
 def send_target(local: FormatDescriptor, frame: bytes) -> FormatDescriptor | None:
     """Prefill side, after ``check_decode_peer`` returned None for ``frame``: the decode's
-    descriptor when the prefill must convert what it sends to it (a ``SENDER_BRIDGES`` bridge),
-    else None (the pool's rows go as they are)."""
+    descriptor when the prefill must convert or re-page what it sends to it (a
+    ``SENDER_BRIDGES`` bridge), else None (the pool's rows go as they are)."""
     decode = FormatDescriptor.from_bytes(_frame_payload(frame))
     return decode if set(decode.check_compatible(local)) & SENDER_BRIDGES else None
 
@@ -213,7 +222,10 @@ def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -
     try:
         bridges = receiver.check_compatible(sender)
     except FormatMismatchError as e:
-        return f"{where}: {e} (local = decode, peer = prefill)"
+        pages = ("" if receiver.page_size == sender.page_size else
+                 f"; page_size: decode={receiver.page_size} prefill={sender.page_size} (re-paging alone "
+                 f"would be bridged)")
+        return f"{where}: {e} (local = decode, peer = prefill){pages}"
     unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES | SENDER_BRIDGES]
     if unsupported:
         return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="

@@ -6,6 +6,7 @@
 | ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` | AROUND | bytes per token from the format, so the same memory holds ~2x (fp8) to ~3.5x (int4) tokens |
 | ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
 | ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
+| ``disaggregation.mooncake.conn.TransferInfo.from_zmq``             | AROUND  | a decode with another page size: its pages kept aside, the worker slices prefill page positions (``repage``) |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
 | ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward (``pipeline``) |
 | ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 or fp8 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) |
@@ -240,6 +241,8 @@ def register_metrics() -> None:
     HookRegistry.register(f"{_MC}.MooncakeKVManager", mooncake_conn.MemhaKVManager, HookType.REPLACE)
     HookRegistry.register(f"{_MC}.MooncakeKVReceiver", mooncake_conn.MemhaKVReceiver, HookType.REPLACE)
     HookRegistry.register(f"{_MC}.KVArgsRegisterInfo.from_zmq", mooncake_conn.attach_memha_frame,
+                          HookType.AROUND)
+    HookRegistry.register(f"{_MC}.TransferInfo.from_zmq", mooncake_conn.virtualize_repaged_destination,
                           HookType.AROUND)
 
 

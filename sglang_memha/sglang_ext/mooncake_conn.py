@@ -18,6 +18,9 @@ ZMQ registration and metadata messages) is SGLang's; we only add to it:
   concludes, one log line ``sglang-memha transfer room=... fmt=... pages=... kv_bytes=...
   total_bytes=... transfer_ms=... status=...`` is written (WARNING, so it survives any
   ``--log-level``).
+* **Send-time bridges**: a decode in another format (``transcode``) or with another page size
+  (``repage``) gets its pages converted / re-paged by ``_send_converted``; the decode accepts a
+  prefill with another page size in ``try_ensure_parallel_info`` (``_accept_repaged``).
 The sender is not replaced here: ``cpu_compat`` owns that REPLACE (one owner per target).
 
 All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
@@ -38,7 +41,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from sglang_memha.config import load_config
 from sglang_memha.kvformat import KVFormat
-from sglang_memha.sglang_ext import handshake, state
+from sglang_memha.sglang_ext import handshake, repage, state
 from sglang_memha.sglang_ext.pipeline import LayerPipeline
 
 logger = logging.getLogger("sglang_memha")
@@ -57,7 +60,8 @@ class _RoomStats:
 
 
 class _RoomTrackingQueue:
-    """Wraps a transfer worker's queue so the worker thread knows which room it serves."""
+    """Wraps a transfer worker's queue so the worker thread knows which room it serves, and how
+    many tokens the chunk holds (a re-paged send writes exactly those)."""
 
     def __init__(self, queue, tls: threading.local):
         self._queue, self._tls = queue, tls
@@ -65,6 +69,7 @@ class _RoomTrackingQueue:
     def get(self, *args, **kwargs):
         chunk = self._queue.get(*args, **kwargs)
         self._tls.room = getattr(chunk, "room", None)
+        self._tls.chunk_tokens = getattr(chunk, "num_kv_tokens", None)
         return chunk
 
     def __getattr__(self, name):
@@ -142,6 +147,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
         fully_checked, mismatch = super()._validate_peer_state_layout(registration_info)
         session = registration_info.mooncake_session_id
         self.memha_send_targets.pop(session, None)
+        repage.forget_session(session)
         frame = getattr(registration_info, "memha_frame", None)
         if mismatch is None and self.memha_desc is not None and not (frame is None and self.memha_stock):
             peer = f"{registration_info.endpoint}:{registration_info.dst_port}"
@@ -158,9 +164,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
                         logger.error("sglang-memha: decode at %s: %s", peer, mismatch)
                         return fully_checked, mismatch
                     self.memha_send_targets[session] = target
+                    if target.page_size != self.memha_desc.page_size:
+                        repage.register_session(session, self.memha_desc.page_size, target.page_size)
                 logger.warning("sglang-memha: decode at %s registered: session %s%s", peer, session,
-                               "" if target is None else
-                               f"; pages converted on send {self.memha_desc.fmt.value} -> {target.fmt.value}")
+                               _target_note(self.memha_desc, target))
         return fully_checked, mismatch
 
     # ---- measured bytes --------------------------------------------------------------------
@@ -176,13 +183,16 @@ class MemhaKVManager(mc.MooncakeKVManager):
 
     def send_kvcache(self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
                      *args, **kwargs):
-        """Transfer worker, once per chunk and decode session. With the pipeline on, pages a
-        per-layer plan already shipped are waited for and left out (``LayerPipeline.claim``)."""
+        """Transfer worker, once per chunk and decode session; blocks for the transfer. With the
+        pipeline on, pages a per-layer plan already shipped are waited for and left out
+        (``LayerPipeline.claim``). A decode session with a send target (another format or page
+        size) goes to ``_send_converted``; the pipeline never plans those."""
         stats = self._room_stats()
+        target = self.memha_send_targets.get(mooncake_session_id)
         if stats is not None:
             asked = len(prefill_kv_indices)
             stats.pages += asked
-            if self.memha_pipeline is not None:
+            if self.memha_pipeline is not None and target is None:  # plans skip converted sessions
                 prefill_kv_indices, dst_kv_indices, status = self.memha_pipeline.claim(
                     self._memha_tls.room, mooncake_session_id, np.asarray(prefill_kv_indices),
                     np.asarray(dst_kv_indices))
@@ -193,7 +203,6 @@ class MemhaKVManager(mc.MooncakeKVManager):
                     return 0
         self._memha_tls.phase = "kv"
         try:
-            target = self.memha_send_targets.get(mooncake_session_id)
             if target is not None:
                 if stats is not None:
                     stats.wire_fmt = target.fmt.value
@@ -206,25 +215,69 @@ class MemhaKVManager(mc.MooncakeKVManager):
 
     def _send_converted(self, session, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices, target,
                         dst_item_len) -> int:
-        """Pages for a decode whose format the handshake bridged on the sender side
-        (``transcode``); the registration was checked for it (``_conversion_problem``)."""
-        _, _, dst_k, dst_v, _ = self.get_mha_kv_ptrs_with_pp(self.kv_args.kv_data_ptrs, dst_kv_ptrs)
-        return self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
-                                         dst_k, dst_v, dst_kv_indices, int(dst_item_len))
+        """Pages for a decode the handshake bridged on the sender side: another format
+        (``transcode``), another page size (``repage``), or both; the registration was checked
+        for it (``_conversion_problem``). For a re-paged session ``dst_kv_indices`` are the
+        chunk's page positions (``repage.virtual_positions``), mapped here through the decode's
+        own pages."""
+        src_p, dst_p = self.memha_desc.page_size, target.page_size
+        if src_p == dst_p:
+            tokens = repage.token_map(prefill_kv_indices, np.arange(len(prefill_kv_indices)),
+                                      dst_kv_indices, src_p, dst_p)
+        else:
+            info = self.transfer_infos.get(self._memha_tls.room, {}).get(session)
+            dst_pages = getattr(info, "memha_decode_pages", None)
+            if dst_pages is None or info.dst_device_kv_indices is not None:
+                logger.error("sglang-memha: room %s: re-paged session %s has %s", self._memha_tls.room, session,
+                             "no recorded decode pages" if dst_pages is None else
+                             "HiSparse device pages, which are not re-paged")
+                return -1
+            try:
+                tokens = repage.token_map(prefill_kv_indices, dst_kv_indices, dst_pages, src_p, dst_p,
+                                          getattr(self._memha_tls, "chunk_tokens", None))
+            except ValueError as e:
+                logger.error("sglang-memha: room %s: %s", self._memha_tls.room, e)
+                return -1
+        _, _, dst_k, dst_v, layers = self.get_mha_kv_ptrs_with_pp(self.kv_args.kv_data_ptrs, dst_kv_ptrs)
+        if target.fmt != self.memha_desc.fmt:
+            return self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
+                                             dst_k, dst_v, repage.runs(tokens.staged_rows, tokens.dst_slots),
+                                             int(dst_item_len))
+        # same format, another page size: the pool's rows go as they are, token by token
+        row_runs = repage.runs(tokens.src_slots, tokens.dst_slots)
+        src_k, src_v = self.kv_args.kv_data_ptrs[:layers], self.kv_args.kv_data_ptrs[layers:2 * layers]
+        lens = self.kv_args.kv_item_lens
+        blocks = []
+        for i, (src, dst) in enumerate(zip([*src_k, *src_v], [*dst_k, *dst_v])):
+            blocks += repage.blocks(row_runs, src, dst, lens[i] // src_p, int(dst_item_len) // dst_p)
+        return self._transfer_data(session, blocks)
 
     def _conversion_problem(self, registration_info, target) -> str | None:
         """Prefill, bootstrap thread: why pages cannot be converted for this decode, or None."""
         from sglang_memha.sglang_ext.transcode import row_bytes
 
-        layers = self.memha_desc.num_layers
-        want = self.memha_desc.page_size * self.memha_desc.num_kv_heads * row_bytes(target)
+        layers, local = self.memha_desc.num_layers, self.memha_desc
+        what = _target_note(local, target).removeprefix("; ")
+        fix = ("use the same MEMHA_KV_FORMAT and --page-size on both servers"
+               if target.page_size != local.page_size else "use the same MEMHA_KV_FORMAT on both servers")
+        want = target.page_size * target.num_kv_heads * row_bytes(target)
         if self.pp_size != 1 or len(registration_info.dst_kv_ptrs) != 2 * layers:
-            return (f"send-time KV conversion ({self.memha_desc.fmt.value} -> {target.fmt.value}) supports "
-                    f"one pipeline stage and plain MHA KV registrations only; use the same MEMHA_KV_FORMAT "
-                    f"on both servers")
+            return (f"{what}: supported for one pipeline stage and plain MHA KV registrations only; {fix}")
         if registration_info.dst_kv_item_len != want:
             return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
-                    f"expected {want}; use the same MEMHA_KV_FORMAT on both servers")
+                    f"expected {want} ({target.page_size} tokens); {fix}")
+        if target.page_size != local.page_size:
+            if getattr(registration_info, "requires_dcp_relayout", False):
+                return f"{what}: not combined with a DCP relayout of the decode's KV; {fix}"
+            states = getattr(self.kv_args, "state_types", None) or []
+            if states:
+                return (f"{what}: this prefill's KV has state components "
+                        f"{[getattr(t, 'value', t) for t in states]}, which are not re-paged; {fix}")
+            token_bytes = want // target.page_size
+            if target.fmt == local.fmt and any(n != local.page_size * token_bytes
+                                               for n in self.kv_args.kv_item_lens):
+                return (f"{what}: prefill pages of {sorted(set(self.kv_args.kv_item_lens))} B are not "
+                        f"{local.page_size} tokens of the decode's {token_bytes} B rows; {fix}")
         if self.memha_desc.fmt == KVFormat.FP8_E4M3_TENSOR:
             from sglang_memha.sglang_ext.transcode import scale_problem
 
@@ -289,19 +342,65 @@ class MemhaKVManager(mc.MooncakeKVManager):
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
         """Decode scheduler, once per prefill address until it answers. SGLang raises here when
         the prefill's page size, KV dtype or layout differs from this decode's, and the raise
-        ends the decode scheduler (the whole server) over one misconfigured prefill. Here the
-        reason is kept and the address reported not ready: SGLang retries, then aborts that
-        prefill's requests (``MemhaKVReceiver.abort`` gives them the reason); the server and
-        requests from other prefills go on."""
+        ends the decode scheduler (the whole server) over one misconfigured prefill. Here a
+        page-size difference that the prefill re-pages is accepted (``_accept_repaged``); any
+        other refusal is kept and the address reported not ready: SGLang retries, then aborts
+        that prefill's requests (``MemhaKVReceiver.abort`` gives them the reason); the server
+        and requests from other prefills go on. Blocks only on SGLang's bootstrap GET (5 s)."""
         try:
             ready = super().try_ensure_parallel_info(bootstrap_addr)
-            self.memha_refused_prefills.pop(bootstrap_addr, None)  # fixed and restarted
-            return ready
         except RuntimeError as e:
-            self.memha_refused_prefills[bootstrap_addr] = f"prefill at {bootstrap_addr} refused: {e}"
-            logger.error("sglang-memha: prefill at %s refused (its requests fail, this server goes on): %s",
-                         bootstrap_addr, e)
+            prefill_page = repage.prefill_page_size(str(e))
+            if prefill_page is None:
+                return self._refuse_prefill(bootstrap_addr, str(e))
+            if self.memha_desc is None:
+                return self._refuse_prefill(bootstrap_addr, f"{e} (sglang-memha re-pages only for a decode "
+                                                            f"with MEMHA_KV_FORMAT set)")
+            return self._accept_repaged(bootstrap_addr, prefill_page)
+        self.memha_refused_prefills.pop(bootstrap_addr, None)  # fixed and restarted
+        return ready
+
+    def _accept_repaged(self, bootstrap_addr: str, prefill_page: int) -> bool:
+        """Decode scheduler: SGLang's checks again with the prefill's page size
+        (``repage.PageSizeProbe``), then ``repage.acceptance_problem``; only an accepted prefill's
+        info is published to SGLang. Formats are judged per request (``MemhaKVReceiver.init``)."""
+        probe = repage.PageSizeProbe(self, prefill_page)
+        stock = MemhaKVManager.__bases__[0].try_ensure_parallel_info  # SGLang's (the module name is ours now)
+        try:
+            ready = stock(probe, bootstrap_addr)
+        except Exception as e:  # noqa: BLE001 - any raise here would end the decode scheduler
+            return self._refuse_prefill(bootstrap_addr, f"{type(e).__name__}: {e}")
+        if not ready:
             return False
+        info = probe.prefill_info_table[bootstrap_addr]
+        desc = handshake.layout_descriptor(getattr(info, "kv_layout", None))
+        problem = repage.acceptance_problem(self.kv_args.page_size, prefill_page, desc,
+                                            _decode_radix_cache(), getattr(self.kv_args, "state_types", None),
+                                            bootstrap_addr)
+        if problem is not None:
+            return self._refuse_prefill(bootstrap_addr, problem)
+        self.memha_refused_prefills.pop(bootstrap_addr, None)
+        self.prefill_info_table[bootstrap_addr] = info
+        logger.warning("sglang-memha: prefill at %s has page_size=%d, this decode %d: it re-pages what "
+                       "it sends", bootstrap_addr, prefill_page, self.kv_args.page_size)
+        return True
+
+    def _refuse_prefill(self, bootstrap_addr: str, reason: str) -> bool:
+        self.memha_refused_prefills[bootstrap_addr] = f"prefill at {bootstrap_addr} refused: {reason}"
+        logger.error("sglang-memha: prefill at %s refused (its requests fail, this server goes on): %s",
+                     bootstrap_addr, reason)
+        return False
+
+
+def _decode_radix_cache() -> bool:
+    """``--disaggregation-decode-enable-radix-cache`` of this (decode) process; True when it
+    cannot be read (the stricter answer: never raise in ``try_ensure_parallel_info``)."""
+    try:
+        from sglang.srt.runtime_context import get_disagg
+
+        return bool(get_disagg().disaggregation_decode_enable_radix_cache)
+    except Exception:  # noqa: BLE001 - an unpublished config must not end the scheduler
+        return True
 
 
 class MemhaKVReceiver(mc.MooncakeKVReceiver):
@@ -343,6 +442,32 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
         if isinstance(self.kv_mgr, MemhaKVManager):
             self.kv_mgr.memha_bridges.pop(self.bootstrap_room, None)
         return super().failure_exception()
+
+
+def _target_note(local, target) -> str:
+    """How this prefill's pages reach a decode described by ``target`` (None: as they are)."""
+    if target is None:
+        return ""
+    notes = []
+    if target.fmt != local.fmt:
+        notes.append(f"pages converted on send {local.fmt.value} -> {target.fmt.value}")
+    if target.page_size != local.page_size:
+        notes.append(f"re-paged on send, page_size {local.page_size} -> {target.page_size}")
+    return "; " + "; ".join(notes)
+
+
+def virtualize_repaged_destination(original, cls, msg):
+    """AROUND ``TransferInfo.from_zmq`` (prefill bootstrap thread, once per request and decode
+    rank, after ``_handle_abort_notification`` admitted the message): SGLang's parse; for a
+    re-paged decode session the decode's pages move to ``.memha_decode_pages`` and
+    ``dst_kv_indices`` becomes the prefill page positions they cover, which is what the
+    transfer worker's prefill-page slice must index (``repage`` module docstring)."""
+    info = original(cls, msg)
+    sizes = repage.session_page_sizes(info.mooncake_session_id)
+    if sizes is not None and not info.is_dummy:
+        info.memha_decode_pages = np.asarray(info.dst_kv_indices, dtype=np.int64)
+        info.dst_kv_indices = repage.virtual_positions(len(info.dst_kv_indices), *sizes)
+    return info
 
 
 def attach_memha_frame(original, cls, msg):

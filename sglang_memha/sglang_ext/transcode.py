@@ -2,10 +2,13 @@
 
 When the handshake finds a sender-side bridge (``kvformat.SENDER_BRIDGES``) between this
 prefill's pool and a decode's, ``MemhaKVManager.send_kvcache`` hands that decode's pages to
-``send_converted`` instead of SGLang's memcpy of pool rows:
+``Converter.send`` instead of SGLang's memcpy of pool rows:
 
     prefill pool rows of the chunk's pages  --convert_rows-->  staging rows (decode's format)
-    staging rows  --Mooncake batch_transfer_sync-->  decode pages (dst_ptr + page * dst_item_len)
+    staging rows  --Mooncake batch_transfer_sync-->  decode slots (dst_ptr + slot * token bytes)
+
+Staging rows are token-ordered, so the same send serves a decode with another page size
+(``REPAGE`` with a format bridge): only the runs of decode slots differ (``repage``).
 
 * ``ENCODE_ON_SEND``: a bf16 pool (SGLang's own, or ours with ``MEMHA_KV_FORMAT=bf16``) is
   quantized with the decode's codec (K rotated first when the decode uses a K transform the
@@ -30,11 +33,11 @@ import threading
 
 import numpy as np
 import torch
-from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
 
 from sglang_memha.kvformat import SENDER_BRIDGES, Bridge, FormatDescriptor, get_codec
 from sglang_memha.kvformat.fp8 import layer_to_token_scale
 from sglang_memha.kvformat.transforms import apply_k_transform
+from sglang_memha.sglang_ext import repage
 
 ARENA_MIN_BYTES = 16 << 20
 
@@ -79,9 +82,10 @@ def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescr
 
 @functools.cache
 def sender_bridge(src: FormatDescriptor, dst: FormatDescriptor) -> Bridge:
-    """The sender-side bridge from ``src``'s rows to ``dst``'s (judged once per pair: every
-    chunk of every request converts 2 x layers buffers). ValueError for a pair none covers."""
-    bridges = [b for b in dst.check_compatible(src) if b in SENDER_BRIDGES]
+    """The sender-side format bridge from ``src``'s rows to ``dst``'s (judged once per pair:
+    every chunk of every request converts 2 x layers buffers; ``REPAGE`` is addressing, not a
+    row conversion). ValueError for a pair none covers."""
+    bridges = [b for b in dst.check_compatible(src) if b in SENDER_BRIDGES and b != Bridge.REPAGE]
     if not bridges:
         raise ValueError(f"no send-time conversion from {src.fmt.value} to {dst.fmt.value}")
     return bridges[0]
@@ -142,33 +146,34 @@ class Converter:
         return arena
 
     def send(self, transfer, session: str, src_pages: np.ndarray, dst: FormatDescriptor,
-             dst_k_ptrs: list[int], dst_v_ptrs: list[int], dst_pages: np.ndarray,
+             dst_k_ptrs: list[int], dst_v_ptrs: list[int], row_runs: np.ndarray,
              dst_item_len: int) -> int:
         """Convert the K and V rows of ``src_pages`` (prefill page ids, [n] int) of every layer
-        into ``dst``'s format and write them to ``dst_pages`` ([n] int, same order) of the decode
-        buffers ``dst_k_ptrs``/``dst_v_ptrs`` (one address per layer). ``transfer(session,
-        blocks)`` is the manager's ``_transfer_data``. Returns 0, or its non-zero status."""
+        into ``dst``'s format, staged back to back (row ``k * P_prefill + j`` = token ``j`` of
+        page ``k``), and write them to the decode buffers ``dst_k_ptrs``/``dst_v_ptrs`` (one
+        address per layer) along ``row_runs`` ([r, 3] int: first staged row, first decode slot,
+        count; ``repage.token_map(...).staged_rows/dst_slots`` through ``repage.runs``: the
+        decode's pages may hold another number of tokens). ``dst_item_len``: bytes of one
+        decode page. ``transfer(session, blocks)`` is the manager's ``_transfer_data``.
+        Returns 0, or its non-zero status."""
         page = self.src.page_size
         heads, row = self.src.num_kv_heads, row_bytes(dst)
-        page_bytes = page * heads * row
-        if page_bytes != dst_item_len:
+        token_bytes = heads * row
+        if dst.page_size * token_bytes != dst_item_len:
             raise ValueError(f"decode page of {dst.fmt.value} is {dst_item_len} B, expected "
-                             f"{page} tokens x {heads} heads x {row} B = {page_bytes} B")
+                             f"{dst.page_size} tokens x {heads} heads x {row} B = {dst.page_size * token_bytes} B")
         src_pages = np.asarray(src_pages, dtype=np.int64)
-        dst_pages = np.asarray(dst_pages, dtype=np.int64)
         n = len(src_pages)
-        if n == 0:
+        if n == 0 or len(row_runs) == 0:
             return 0
         dev = self.pool.k_buffer[0].device
         slots = (torch.as_tensor(src_pages, device=dev)[:, None] * page
                  + torch.arange(page, device=dev)).reshape(-1)
         buffers = [(b, True, p) for b, p in zip(self.pool.k_buffer, dst_k_ptrs)] + \
                   [(b, False, p) for b, p in zip(self.pool.v_buffer, dst_v_ptrs)]
-        chunk_bytes = n * page_bytes
+        chunk_bytes = n * page * token_bytes
         per_round = max(1, ARENA_MIN_BYTES // chunk_bytes)
         arena = self._arena(min(per_round, len(buffers)) * chunk_bytes)
-        # staging pages are in order, so a run of consecutive decode pages is one block
-        runs = [(int(s[0]), len(s)) for s in group_concurrent_contiguous(np.arange(n), dst_pages)[0]]
         scales = layer_scales(self.pool)
         for start in range(0, len(buffers), per_round):
             blocks = []
@@ -177,9 +182,7 @@ class Converter:
                 out = arena.buf[i * chunk_bytes:(i + 1) * chunk_bytes].view(n * page, heads, row)
                 convert_rows(buf[slots].view(torch.uint8).reshape(n * page, heads, -1), self.src, dst,
                              out, is_key, scales[layer][0 if is_key else 1])
-                base = out.data_ptr()
-                blocks += [(base + first * page_bytes, dst_ptr + int(dst_pages[first]) * dst_item_len,
-                            count * page_bytes) for first, count in runs]
+                blocks += repage.blocks(row_runs, out.data_ptr(), dst_ptr, token_bytes, token_bytes)
             if dev.type == "cuda":
                 torch.cuda.current_stream(dev).synchronize()
             ret = transfer(session, blocks)

@@ -168,6 +168,9 @@ class PDCluster(_Deployment):
     starting one; it must answer ``/health`` before anything is started.
     env: extra environment of every process; prefill_env / decode_env: of that server only
     (e.g. a different ``MEMHA_KV_FORMAT`` per side).
+    extra_decode_envs: one more decode server per entry, with that environment;
+    extra_decode_args: flags of those servers, after ``decode_args`` (e.g. another
+    ``--page-size``), one list per entry of ``extra_decode_envs`` (missing: none).
     link: a ``netns.ShapedLink`` that is up: the prefill server runs in its prefill namespace and
     the decode server(s) in its decode namespace, so KV crosses the shaped veth; the router and
     the client stay in the root namespace (unshaped paths to both).
@@ -179,7 +182,7 @@ class PDCluster(_Deployment):
                  prefill_url: tuple[str, int] | None = None,
                  prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None,
                  extra_decode_envs: list[dict[str, str]] = (), router_args: list[str] = (),
-                 ready: str = "generate", link=None):
+                 ready: str = "generate", link=None, extra_decode_args: list[list[str]] = ()):
         super().__init__(log_dir)
         self.link = link
         p_host, d_host = (link.prefill_ip, link.decode_ip) if link is not None else (HOST, HOST)
@@ -190,6 +193,11 @@ class PDCluster(_Deployment):
         self.max_total_tokens, self.env = max_total_tokens, env
         self.prefill_env = prefill_env or {}
         self.decode_envs = [decode_env or {}, *extra_decode_envs]
+        if len(extra_decode_args) > len(extra_decode_envs):
+            raise ValueError(f"extra_decode_args has {len(extra_decode_args)} entries for "
+                             f"{len(extra_decode_envs)} extra decode servers (extra_decode_envs)")
+        self.decode_extra_args = [[], *map(list, extra_decode_args)]
+        self.decode_extra_args += [[]] * (len(self.decode_envs) - len(self.decode_extra_args))
         self.router_args, self.ready = list(router_args), ready
         self.router_port = router_port or free_port()
         self.external_prefill = prefill_url
@@ -223,10 +231,10 @@ class PDCluster(_Deployment):
                                               *self.prefill_args], {**env, **self.prefill_env, **self._ns_env("prefill")},
                                   self._ns("prefill"))
             servers = [prefill]
-        for i, (url, denv) in enumerate(zip(self.decode_urls, self.decode_envs)):
+        for i, (url, denv, dargs) in enumerate(zip(self.decode_urls, self.decode_envs, self.decode_extra_args)):
             servers.append(self._spawn("decode" if i == 0 else f"decode{i}",
                                        [*self._server_args(url), "--disaggregation-mode", "decode",
-                                        *self.decode_args], {**env, **denv, **self._ns_env("decode")},
+                                        *self.decode_args, *dargs], {**env, **denv, **self._ns_env("decode")},
                                        self._ns("decode")))
         for url in ([] if self.external_prefill else [self.prefill_url]) + self.decode_urls:
             wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")

@@ -63,9 +63,24 @@ def test_fnuz_fn_bridge_accepted_other_bridges_refused():
     assert hs.check_prefill_peer(fn, hs.encode_layout(fnuz), "p") is None
     assert hs.bridges_for(fn, hs.encode_layout(fnuz)) == [hs.Bridge.FNUZ_TO_FN]
     assert hs.check_decode_peer(fnuz, hs.encode_frame(fn), "d") is None  # prefill's view of it
-    # Page sizes cannot land in place and are not converted on send.
-    r = hs.check_prefill_peer(desc(page_size=16), hs.encode_layout(desc(page_size=32)), "p")
-    assert r is not None and "repage" in r
+
+
+
+def test_page_sizes_re_paged_by_the_prefill():
+    """Another page size is a sender bridge: both sides accept, the decode applies nothing, the
+    prefill gets the decode's descriptor as its target (it re-pages what it sends)."""
+    d16, p32 = desc(page_size=16), desc(page_size=32)
+    assert hs.check_prefill_peer(d16, hs.encode_layout(p32), "p") is None
+    assert hs.bridges_for(d16, hs.encode_layout(p32)) == []
+    assert hs.check_decode_peer(p32, hs.encode_frame(d16), "d") is None
+    assert hs.send_target(p32, hs.encode_frame(d16)) == d16
+    assert hs.send_target(p32, hs.encode_frame(desc(page_size=32))) is None
+    assert hs.layout_descriptor(hs.encode_layout(p32)) == p32
+    assert hs.layout_descriptor(None) is None and hs.layout_descriptor("other") is None
+    # with a format that cannot be bridged, the refusal names the formats and both page sizes
+    r = hs.check_prefill_peer(desc(page_size=16, fmt="int8"), hs.encode_layout(desc(page_size=24)), "p")
+    assert r is not None and "KV format mismatch" in r and "int8" in r
+    assert "page_size: decode=16 prefill=24" in r
 
 
 @pytest.mark.parametrize("prefill_fmt, decode_fmt", [

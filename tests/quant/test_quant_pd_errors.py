@@ -9,6 +9,8 @@ case is deterministic. Free pages are read from each server (``/v1/loads``) afte
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 
 from sglang_memha.testing import PDCluster, SingleServer
@@ -67,18 +69,38 @@ def test_unknown_format_name_stops_start_up(tiny_model, tmp_path):
     assert "MEMHA_KV_FORMAT" in text and "fp7" in text and "int4_g64" in text  # lists valid names
 
 
-def test_prefill_with_another_page_size_fails_its_requests_not_the_decode(tiny_model, tmp_path):
-    """Stock SGLang raises in the decode scheduler when a prefill's page size differs (the decode
-    server dies). With the plugin the decode refuses that prefill: its requests fail with
-    SGLang's reason, the decode stays up and keeps serving its healthy prefill's requests."""
-    with PDCluster(tiny_model, ["--page-size", "32"], PAGE, log_dir=str(tmp_path), ready="health") as bad:
-        with PDCluster(tiny_model, PAGE, PAGE, log_dir=str(tmp_path / "good"), ready="health") as good:
-            # the bad prefill's request, aimed at the good cluster's decode
-            body = {**PROMPT, "bootstrap_host": bad.prefill_url.split("//")[1].split(":")[0],
-                    "bootstrap_port": bad.bootstrap_port, "bootstrap_room": 4242}
-            status, resp = http_json(f"{good.decode_url}/generate", body, timeout=120)
+def test_other_page_size_re_paged_for_a_memha_decode_refused_for_a_stock_one(tiny_model, tmp_path):
+    """A prefill with pages of 32 (SGLang's own bf16 pool, described by the plugin) and a
+    cluster with pages of 16. Its memha decode (``MEMHA_KV_FORMAT=bf16``) gets the KV re-paged
+    32 -> 16: the same tokens as the prefill's own decode with pages of 32. The stock decode
+    cannot re-page (no descriptor to exchange): stock SGLang raises in its scheduler and the
+    server dies; with the plugin its requests fail with a message naming both page sizes, the
+    decode stays up, keeps serving its own prefill, and no pages are kept anywhere."""
+    memha_bf16 = {"MEMHA_KV_FORMAT": "bf16"}
+    with PDCluster(tiny_model, ["--page-size", "32"], ["--page-size", "32"], decode_env=memha_bf16,
+                   log_dir=str(tmp_path), ready="health") as p32:
+        with PDCluster(tiny_model, PAGE, PAGE, extra_decode_envs=[memha_bf16],
+                       log_dir=str(tmp_path / "p16"), ready="health") as p16:
+            own = p32.direct_generate(PROMPT)
+            assert_ok(own)
+            # the 32-token prefill's requests, aimed at the 16-token cluster's decodes
+            body = {**PROMPT, "bootstrap_host": p32.prefill_url.split("//")[1].split(":")[0],
+                    "bootstrap_port": p32.bootstrap_port}
+            with concurrent.futures.ThreadPoolExecutor(2) as ex:  # what the router does
+                both = [ex.submit(http_json, f"{url}/generate", {**body, "bootstrap_room": 4243}, 120)
+                        for url in (p32.prefill_url, p16.decode_urls[1])]
+                status, resp = both[1].result()
+                assert both[0].result()[0] == 200
+            assert_ok((status, resp))
+            assert resp["output_ids"] == own[1]["output_ids"]
+            status, resp = http_json(f"{p16.decode_urls[0]}/generate", {**body, "bootstrap_room": 4242},
+                                     timeout=120)
             assert status >= 400, resp
             assert "Page size mismatch" in str(resp) and "--page-size" in str(resp)
-            assert_ok(good.direct_generate(PROMPT))  # the decode is alive and serves its prefill
-            assert [used_tokens(u) for u in (good.prefill_url, good.decode_url)] == [0, 0]
-            assert "refused (its requests fail, this server goes on)" in good.logs()["decode"]
+            assert "page_size=32" in str(resp) and "page_size=16" in str(resp)
+            assert_ok(p16.direct_generate(PROMPT))  # the stock decode is alive and serves its prefill
+            servers = [p32.prefill_url, p32.decode_url, *p16.decode_urls, p16.prefill_url]
+            assert [used_tokens(u) for u in servers] == [0] * len(servers)
+            assert "refused (its requests fail, this server goes on)" in p16.logs()["decode"]
+            assert "has page_size=32, this decode 16: it re-pages what it sends" in p16.logs()["decode1"]
+        assert "re-paged on send, page_size 32 -> 16" in p32.logs()["prefill"]

@@ -16,21 +16,21 @@ from sglang_memha.kvformat import FormatDescriptor, KVFormat
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
-from sglang_memha.sglang_ext import transcode  # noqa: E402
+from sglang_memha.sglang_ext import repage, transcode  # noqa: E402
 from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
 from tests.quant.test_quant_pool import _Layer  # noqa: E402
 
 H, D, L, PAGE, SIZE = 2, 64, 3, 16, 256
 
 
-def desc(fmt, k_transform="none"):
-    return FormatDescriptor(fmt=fmt, page_size=PAGE, num_kv_heads=H, head_dim=D, num_layers=L,
+def desc(fmt, k_transform="none", page=PAGE):
+    return FormatDescriptor(fmt=fmt, page_size=page, num_kv_heads=H, head_dim=D, num_layers=L,
                             model_id="test#0", k_transform=k_transform)
 
 
-def quant_pool(fmt, k_transform="none"):
+def quant_pool(fmt, k_transform="none", page=PAGE):
     return MemhaQuantKVPool.configured(fmt, k_transform, "test#0")(
-        SIZE, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+        SIZE, page_size=page, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
         device="cpu", enable_memory_saver=False)
 
 
@@ -71,13 +71,17 @@ def write_same_kv(pools, pages, seed=3):
             p.set_kv_buffer(_Layer(layer), loc, k.clone(), v.clone())
 
 
-def send(src_pool, src_desc, dst_pool, dst_desc, src_pages, dst_pages, calls=None):
+def send(src_pool, src_desc, dst_pool, dst_desc, src_pages, dst_pages, calls=None, n_tokens=None):
+    """``dst_pages``: the decode pages of the chunk (equal page sizes) or of the whole request
+    from position 0 (re-paged, the chunk's pages being positions 0..n-1)."""
     engine = FakeEngine()
     conv = transcode.Converter(engine, src_pool, src_desc)
     row = transcode.row_bytes(dst_desc)
+    tokens = repage.token_map(src_pages, np.arange(len(src_pages)), dst_pages, src_desc.page_size,
+                              dst_desc.page_size, n_tokens)
     ret = conv.send(memmove_transfer(calls if calls is not None else []), "sess", np.array(src_pages),
                     dst_desc, [b.data_ptr() for b in dst_pool.k_buffer], [b.data_ptr() for b in dst_pool.v_buffer],
-                    np.array(dst_pages), PAGE * H * row)
+                    repage.runs(tokens.staged_rows, tokens.dst_slots), dst_desc.page_size * H * row)
     conv.close()
     assert engine.registered and [p for p, _ in engine.registered] == engine.deregistered
     return ret
@@ -142,12 +146,33 @@ def test_small_arena_sends_in_rounds_same_bytes(monkeypatch):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dst_page, dst_pages", [(32, [3, 1, 6]), (8, [9, 10, 2, 3, 4, 20, 21, 22, 23, 30])])
+def test_encoded_and_re_paged_in_one_send(dst_page, dst_pages):
+    """bf16 pages of 16 tokens -> fp8 rows in a decode with pages of 32 (or 8) tokens: each of the
+    chunk's 75 real tokens lands, byte-exact, in its slot of the decode's pages; nothing else is
+    written (the last page's unwritten tail included)."""
+    src, ref = stock_pool(), quant_pool("fp8_e4m3")
+    dst = quant_pool("fp8_e4m3", page=dst_page)
+    write_same_kv([src, ref], SRC_PAGES)
+    n_tokens = 75  # 5 pages of 16, the last one holding 11 real tokens
+    assert send(src, desc("bf16"), dst, desc("fp8_e4m3", page=dst_page), SRC_PAGES, dst_pages,
+                n_tokens=n_tokens) == 0
+    t = torch.arange(n_tokens)
+    src_slots = torch.as_tensor(SRC_PAGES)[t // PAGE] * PAGE + t % PAGE
+    dst_slots = torch.as_tensor(dst_pages)[t // dst_page] * dst_page + t % dst_page
+    written = torch.zeros(SIZE + dst_page, dtype=torch.bool)
+    written[dst_slots] = True
+    for got, want in zip((*dst.k_buffer, *dst.v_buffer), (*ref.k_buffer, *ref.v_buffer)):
+        assert torch.equal(got[dst_slots], want[src_slots])
+        assert int(got[~written[:got.shape[0]]].sum()) == 0
+
+
 def test_transfer_failure_status_is_returned():
     src, dst = stock_pool(), quant_pool("fp8_e4m3")
     conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
     ret = conv.send(lambda s, b: -1, "sess", np.array([1]), desc("fp8_e4m3"),
                     [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer],
-                    np.array([2]), PAGE * H * transcode.row_bytes(desc("fp8_e4m3")))
+                    np.array([[0, 2 * PAGE, PAGE]]), PAGE * H * transcode.row_bytes(desc("fp8_e4m3")))
     assert ret == -1
 
 
@@ -156,7 +181,8 @@ def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
     conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
     with pytest.raises(ValueError, match="decode page of fp8_e4m3 is 100 B"):
         conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"),
-                  [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer], np.array([2]), 100)
+                  [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer],
+                  np.array([[0, 2 * PAGE, PAGE]]), 100)
     out = torch.empty(4, H, transcode.row_bytes(desc("fp8_e4m3")), dtype=torch.uint8)
     with pytest.raises(ValueError, match="KV format mismatch"):  # int8 -> fp8 would re-quantize
         transcode.convert_rows(torch.zeros(4, H, D + 2, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
