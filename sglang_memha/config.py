@@ -51,12 +51,18 @@ class MemhaConfig:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
             raise ValueError(f"MEMHA_CPU_COMPAT={self.cpu_compat!r}: expected one of {_CPU_COMPAT_VALUES}")
         if self.kv_format is not None:
-            from sglang_memha.kvformat.spec import KVFormat
+            from sglang_memha.kvformat.spec import POOL_FORMATS, KVFormat
 
             try:
-                KVFormat.parse(self.kv_format)
+                fmt = KVFormat.parse(self.kv_format)
             except ValueError as e:
                 raise ValueError(f"MEMHA_KV_FORMAT: {e}") from None
+            if fmt not in POOL_FORMATS:
+                raise ValueError(
+                    f"MEMHA_KV_FORMAT={fmt.value}: the format layer defines it (docs/kv_format.md) but no "
+                    f"KV pool can hold it yet: its K scales span 32-token blocks, so a pool would need a "
+                    f"bf16 residual for each request's open block (docs/design_quantized_pd.md section "
+                    f"10.1). Use int4_g64 or int4_g32 for an int4 pool")
         if self.k_transform not in K_TRANSFORM_VALUES:
             raise ValueError(f"MEMHA_K_TRANSFORM={self.k_transform!r}: expected one of {K_TRANSFORM_VALUES}")
         if self.decode_dequant not in DECODE_DEQUANT_VALUES:

@@ -150,7 +150,10 @@ class FormatDescriptor:
         bridges: list[Bridge] = []
         if peer.version not in SUPPORTED_VERSIONS or self.version not in SUPPORTED_VERSIONS:
             bad.append(("version", self.version, peer.version))
-        if peer.fmt != self.fmt:
+        block_coded = [d.fmt.value for d in (self, peer) if not format_spec(d.fmt).token_local]
+        if block_coded:  # a descriptor describes a pool, and no pool holds a block-coded format yet
+            bad.append((f"fmt ({block_coded[0]} is not a pool format yet)", self.fmt.value, peer.fmt.value))
+        elif peer.fmt != self.fmt:
             bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
             if bridge is None and peer.fmt == KVFormat.BF16:
                 bridge = Bridge.ENCODE_ON_SEND
