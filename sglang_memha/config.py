@@ -5,7 +5,7 @@
 | ``MEMHA_CACHE_DIR``   | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
 | ``MEMHA_CPU_COMPAT``  | ``auto``                  | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
 | ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
-| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ...). Set it on BOTH prefill and decode |
+| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
@@ -51,18 +51,12 @@ class MemhaConfig:
         if self.cpu_compat not in _CPU_COMPAT_VALUES:
             raise ValueError(f"MEMHA_CPU_COMPAT={self.cpu_compat!r}: expected one of {_CPU_COMPAT_VALUES}")
         if self.kv_format is not None:
-            from sglang_memha.kvformat.spec import POOL_FORMATS, KVFormat
+            from sglang_memha.kvformat.spec import KVFormat
 
             try:
-                fmt = KVFormat.parse(self.kv_format)
+                KVFormat.parse(self.kv_format)
             except ValueError as e:
                 raise ValueError(f"MEMHA_KV_FORMAT: {e}") from None
-            if fmt not in POOL_FORMATS:
-                raise ValueError(
-                    f"MEMHA_KV_FORMAT={fmt.value}: the format layer defines it (docs/kv_format.md) but no "
-                    f"KV pool can hold it yet: its K scales span 32-token blocks, so a pool would need a "
-                    f"bf16 residual for each request's open block (docs/design_quantized_pd.md section "
-                    f"10.1). Use int4_g64 or int4_g32 for an int4 pool")
         if self.k_transform not in K_TRANSFORM_VALUES:
             raise ValueError(f"MEMHA_K_TRANSFORM={self.k_transform!r}: expected one of {K_TRANSFORM_VALUES}")
         if self.decode_dequant not in DECODE_DEQUANT_VALUES:

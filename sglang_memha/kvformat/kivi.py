@@ -35,6 +35,21 @@ from sglang_memha.kvformat.spec import KVFormat
 BLOCK = 32  # tokens per K block; = FORMAT_SPECS[INT4_KIVI].group_size
 
 
+def spread_table(scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Per-block tables (scale_b, min_b) [NB, H, D] bf16 each -> scale rows [NB * 32, H, D/32, 2]:
+    channel c = r * D/32 + j goes to row r of its block."""
+    nb, h, d = scale.shape
+    table = torch.stack([scale, lo], dim=-1).reshape(nb, h, BLOCK, d // BLOCK, 2).permute(0, 2, 1, 3, 4)
+    return table.reshape(nb * BLOCK, h, d // BLOCK, 2)
+
+
+def gather_table(scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``spread_table``: scale rows [NB * 32, H, D/32, 2] -> [NB, H, D, 2]."""
+    t, h, per, _ = scales.shape
+    nb = t // BLOCK
+    return scales.reshape(nb, BLOCK, h, per, 2).permute(0, 2, 1, 3, 4).reshape(nb, h, per * BLOCK, 2)
+
+
 class Int4KiviKCodec(KVCodec):
     """K of int4_kivi. ``get_codec("int4_kivi", role="v")`` is the int4_g32 codec."""
 
@@ -63,10 +78,31 @@ class Int4KiviKCodec(KVCodec):
         blocks = x32.reshape(nb, BLOCK, h, d)
         scale, lo = int4_scale_min(blocks.amin(1), blocks.amax(1))  # [NB, H, D] each
         q = int4_codes(blocks, scale[:, None], lo[:, None]).reshape(t, h, d)
-        table = torch.stack([scale, lo], dim=-1)  # [NB, H, D, 2]
-        # channel c = r * D/32 + j goes to row r of the block
-        rows = table.reshape(nb, h, BLOCK, d // BLOCK, 2).permute(0, 2, 1, 3, 4)
-        return pack_int4(q), rows.reshape(t, h, d // BLOCK, 2)
+        return pack_int4(q), spread_table(scale, lo)
+
+    def quantize_blocks(self, blocks: torch.Tensor, fill: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Code blocks of which only the first ``fill`` rows are written (the open block of a
+        prompt or of a sequence being decoded).
+
+        blocks [NB, 32, H, D] bf16/fp16/fp32 (rows >= fill are ignored), fill [NB] int in 1..32
+        -> (data [NB * 32, H, D/2] uint8, scales [NB * 32, H, D/32, 2] bf16). Each block's
+        min/max run over its first ``fill`` rows; rows >= fill get zero codes and still carry
+        their share of the table. With fill = 32 this is ``quantize``."""
+        nb, b, h, d = blocks.shape
+        if b != BLOCK:
+            raise ValueError(f"int4_kivi K: blocks.shape={tuple(blocks.shape)}: expected [NB, {BLOCK}, H, D]")
+        fill = fill.to(device=blocks.device, dtype=torch.long)
+        if fill.shape != (nb,) or (nb and not bool(((fill >= 1) & (fill <= BLOCK)).all())):
+            raise ValueError(f"int4_kivi K: fill must be [{nb}] ints in 1..{BLOCK}, got {fill.tolist()}")
+        written = (torch.arange(BLOCK, device=blocks.device)[None, :] < fill[:, None])[..., None, None]
+        x32 = check_input(torch.where(written, blocks, 0).reshape(nb * b, h, d), self.spec, "blocks")
+        x32 = x32.reshape(nb, b, h, d)
+        inf = torch.tensor(float("inf"), device=blocks.device)
+        lo32 = torch.where(written, x32, inf).amin(1)
+        hi32 = torch.where(written, x32, -inf).amax(1)
+        scale, lo = int4_scale_min(lo32, hi32)  # [NB, H, D] each
+        q = int4_codes(x32, scale[:, None], lo[:, None]) * written  # unwritten rows: code 0
+        return pack_int4(q.reshape(nb * b, h, d)), spread_table(scale, lo)
 
     def dequantize(self, data, scales, out_dtype=torch.bfloat16):
         """(data, scales) of whole blocks -> x_hat [T, H, D] in ``out_dtype``."""
@@ -74,7 +110,7 @@ class Int4KiviKCodec(KVCodec):
         check_out_dtype(out_dtype)
         t, h = data.shape[:2]
         nb = self.check_blocks(t)
-        table = scales.float().reshape(nb, BLOCK, h, d // BLOCK, 2).permute(0, 2, 1, 3, 4).reshape(nb, h, d, 2)
+        table = gather_table(scales.float())
         q = unpack_int4(data).float().reshape(nb, BLOCK, h, d)
         return (q * table[:, None, ..., 0] + table[:, None, ..., 1]).reshape(t, h, d).to(out_dtype)
 

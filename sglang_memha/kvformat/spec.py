@@ -98,8 +98,8 @@ class FormatSpec:
     @property
     def token_local(self) -> bool:
         """Every (token, kv-head) row is coded from that row alone, so any set of slots can be
-        written, sent and appended on its own. ``channel_block`` formats need a whole block of
-        tokens before K can be coded (KIVI), which SGLang's KV pool does not provide yet."""
+        written, converted or re-paged on its own. ``channel_block`` formats code K per block of
+        tokens (KIVI): their pools write blocks in position order and move whole blocks."""
         return self.scale_scope != "channel_block"
 
     def check_head_dim(self, head_dim: int) -> None:
@@ -142,8 +142,8 @@ FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
                    "K: x = uint4(data) * scale[c] + min[c] of its 32-token block; V: as int4_g32"),
     )
 }
-# Formats a KV pool can hold today (token-local ones; see ``FormatSpec.token_local``).
-POOL_FORMATS: tuple[KVFormat, ...] = tuple(f for f, s in FORMAT_SPECS.items() if s.token_local)
+# Formats whose rows are coded one (token, head) at a time (see ``FormatSpec.token_local``).
+TOKEN_LOCAL_FORMATS: tuple[KVFormat, ...] = tuple(f for f, s in FORMAT_SPECS.items() if s.token_local)
 
 
 def format_spec(fmt: str | KVFormat) -> FormatSpec:

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_memha.kvformat import POOL_FORMATS, KVFormat, get_codec, page_geometry
+from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, KVFormat, get_codec, page_geometry
 
 from .bounds import max_excess
 
-FORMATS = list(POOL_FORMATS)  # the token-local formats; int4_kivi has its own tests (test_kivi.py)
+FORMATS = list(TOKEN_LOCAL_FORMATS)  # the token-local formats; int4_kivi has its own tests (test_kivi.py)
 PER_TOKEN = [f for f in FORMATS if f != KVFormat.FP8_E4M3_TENSOR]
 
 
