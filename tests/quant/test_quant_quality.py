@@ -45,9 +45,12 @@ PROMPTS = [
 # prompts; the thresholds sit ~2.5 SD below that. ``dlogp`` (how far the reference token's
 # logprob moved while the tokens agree) is the sharper check of the codec's error.
 # Measured 2026-12-04 (12 prompts): bf16 1.000 / 0, fp8_e4m3 0.786 / 0.34, int8 0.734 / 0.13,
-# int4_g64 0.328 / 1.08.
+# int4_g64 0.328 / 1.08; 2026-12-05: int4_kivi 0.620 / 0.55 (int4_g64 0.328 / 1.08 in the same run).
+# int4_kivi (pages of 32; offline p ~8 %: expected agree ~0.58, more here since these prompts are
+# short and most of their K sits in the open block's bf16 residual): its dlogp bar is below what
+# int4_g64 measures, so the test tells the two apart.
 THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3), "int4_g64": (0.2, 1.5),
-              "int4_kivi": (0.0, 99.0)}
+              "int4_kivi": (0.36, 1.0)}
 
 
 def _run(deploy) -> list[dict]:
