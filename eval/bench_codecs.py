@@ -80,7 +80,7 @@ def cpu_throughput(tokens: int, reps: int) -> dict:
     memcpy_s = timed(copy, reps)
     res = {"memcpy_GBps": nbytes / memcpy_s / 1e9, "tensor_MB": nbytes / 1e6}
     for f in KVFormat:
-        codec = get_codec(f)
+        codec = get_codec(f, role="k")  # int4_kivi: K's codec (V's is int4_g32's)
         q = codec.quantize(x)
         tq, mq = paired(lambda: codec.quantize(x), copy, reps)
         td, md = paired(lambda: codec.dequantize(*q, torch.bfloat16), copy, reps)
@@ -92,7 +92,7 @@ def cpu_throughput(tokens: int, reps: int) -> dict:
         }
     # Quantize-on-write into preallocated buffers (what a KV pool write is), like memcpy's dst.
     for f in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ):
-        codec = get_codec(f)
+        codec = get_codec(f, role="k")
         out = tuple(t.clone() for t in codec.quantize(x))
         tq, mq = paired(lambda: codec.quantize(x, out=out), copy, reps)
         res[f.value].update({"quant_into_GBps": nbytes / tq / 1e9, "quant_into_vs_memcpy": mq / tq})

@@ -39,13 +39,13 @@ H, D, L = 3, 64, 30  # SmolLM2-135M
 
 
 def run_config(model: str, fmt: str | None, prompts: list[list[int]], mem_fraction: float,
-               log_dir: str, eager: bool = False, on_send: bool = False) -> dict:
+               log_dir: str, eager: bool = False, on_send: bool = False, page_size: int = 16) -> dict:
     """``on_send``: the prefill keeps SGLang's own bf16 pool and converts on send (decode: ``fmt``)."""
     env = {"MEMHA_KV_FORMAT": fmt} if fmt and not on_send else {}
     decode_env = {"MEMHA_DECODE_DEQUANT": "eager"} if eager else {}
     if on_send:
         decode_env["MEMHA_KV_FORMAT"] = fmt
-    common = ["--page-size", "16", "--mem-fraction-static", str(mem_fraction)]  # same for all configs
+    common = ["--page-size", str(page_size), "--mem-fraction-static", str(mem_fraction)]  # same for all configs
     with PDCluster(model, common, common, env=env, decode_env=decode_env, max_total_tokens=None,
                    log_dir=log_dir) as c:
         before = len(transfer_rows(c.logs()["prefill"]))
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--mem-fraction-static", type=float, default=0.2)
+    ap.add_argument("--page-size", type=int, default=16, help="every config, stock included (int4_kivi: 32)")
     args = ap.parse_args()
     model = ensure_smollm2()
     rng = random.Random(0)
@@ -86,10 +87,12 @@ def main() -> None:
         name = (spec or "stock").replace(":", "_")
         print(f"[{dt.datetime.now():%H:%M:%S}] {name} ...", flush=True)
         runs[name] = run_config(model, fmt or None, prompts, args.mem_fraction_static,
-                                os.path.join(log_root, name), eager=mode == "eager", on_send=mode == "onsend")
+                                os.path.join(log_root, name), eager=mode == "eager", on_send=mode == "onsend",
+                                page_size=args.page_size)
         print("   ", runs[name], flush=True)
     stock = runs["stock"]
     out = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+           "page_size": args.page_size,
            "mem_fraction_static": args.mem_fraction_static, "runs": runs,
            "command": "python eval/measure_quant_pd.py " + " ".join(
                f"--{k.replace('_', '-')} {os.path.relpath(v, ROOT) if k == 'out' else v}"

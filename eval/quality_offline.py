@@ -68,6 +68,11 @@ output records them under ``bytes_per_token_head_d64``).
   buffer), quantize-once-per-full-block on write, a bf16 residual buffer for the open block.
   Cost: K = D/2 + 4 D / N = 32 + 8 = 40 B (N = 32), 48 B (N = 16); V 36 B.
 
+``int4_kivi`` (and ``int4_kivi+had``) run the real ``int4_kivi`` codecs (``kvformat/kivi.py``): K per
+channel over whole 32-token blocks, a trailing open block left as is (the format's bf16 residual),
+V as ``int4_g32``; on whole blocks its K equals ``int4kivi_t32``'s bit for bit. 80 B per
+token-head at D = 64 (K 40 + V 40). Its keys are ``top1_agreement_int4_kivi`` etc.
+
 Writes ``--out`` (eval/results/quality.json): flat keys ``top1_agreement_<cls>`` /
 ``ppl_rel_change_<cls>`` (fractions) for the configuration the product recommends for each class
 (``RECOMMENDED``), measured in the bf16 setting, the same with ``_fp32ref`` in the fp32 setting,
@@ -97,8 +102,12 @@ from sglang_memha.kvformat.spec import KVFormat  # noqa: E402
 from sglang_memha.kvformat.transforms import rotate, unrotate  # noqa: E402
 
 # the configuration each class ships with (MEMHA_KV_FORMAT + MEMHA_K_TRANSFORM)
-RECOMMENDED = {"fp8": "fp8_e4m3+had", "int8": "int8+had", "int4": "int4_g64+had"}
-MODES = "noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,int8,int8+had,int4_g32+had,int4_g64,int4_g64+had"
+# int4: int4_kivi (pages of 32) since session 7; int4_g64+had stays the densest int4 (0.281 vs 0.3125 of bf16)
+RECOMMENDED = {"fp8": "fp8_e4m3+had", "int8": "int8+had", "int4": "int4_kivi"}
+MODES = ("noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,int8,int8+had,int4_g32+had,int4_g64,int4_g64+had,"
+         "int4_kivi,int4_kivi+had")
+# int4_kivi through its real codec (K per channel over 32-token blocks, bf16 residual; docs/kv_format.md)
+BLOCK_CODED_MODES = ("int4_kivi", "int4_kivi+had")
 # candidate fixes worth measuring (not run by default; see the module docstring)
 CANDIDATE_MODES = ("bf16+kmean,fp8_e4m3+kmean+had,int4a_g64+kmean+had,int4a_g32+kmean+had,"
                    "int4a_g64+anchor16+had,int4kivi_t32,int4kivi_t32+had,int4a_g64+kmean+had_Konly")
@@ -125,10 +134,13 @@ class ModeSpec:
     @property
     def legacy(self) -> bool:
         """A mode the script had before the candidate modes: run by the original code path."""
-        return self.fmt in _CODEC_NAMES and not self.kmean and not self.anchor
+        return (self.fmt in _CODEC_NAMES and format_spec(self.fmt).token_local
+                and not self.kmean and not self.anchor)
 
     @property
     def v_fmt(self) -> str:
+        if self.fmt == KVFormat.INT4_KIVI.value:
+            return get_codec(self.fmt, role="v").fmt.value  # int4_g32
         return "int4a_g64" if self.fmt.startswith("int4kivi_") else self.fmt
 
 
@@ -185,7 +197,7 @@ def parse_mode(mode: str) -> ModeSpec:
         last = pos
         kw[key] = val
     spec = ModeSpec(fmt, k_only=k_only, v_only=v_only, **kw)
-    if spec.fmt.startswith("int4kivi_") and spec.anchor:
+    if (spec.fmt.startswith("int4kivi_") or spec.fmt == KVFormat.INT4_KIVI.value) and spec.anchor:
         raise ValueError(f"mode {mode!r}: int4kivi (per-channel over token blocks) does not combine with anchor")
     if spec.v_only and (spec.kmean or spec.anchor or spec.had):
         raise ValueError(f"mode {mode!r}: kmean / anchor / had act on K only, meaningless with _Vonly")
@@ -224,6 +236,21 @@ def kivi_k_fake(k32: torch.Tensor, block: int) -> torch.Tensor:
     if full < t:
         parts.append(int4a_fake(k32[..., full:, :], t - full, dim=-2)[0])
     return torch.cat(parts, dim=-2)
+
+
+def kivi_codec_k(x32: torch.Tensor) -> torch.Tensor:
+    """K [B, H, T, D] fp32 through the real ``int4_kivi`` K codec: whole 32-token blocks are
+    coded; a trailing open block keeps its values (the format's bf16 residual: the model's K is
+    already bf16 here). Unlike ``kivi_k_fake`` (which codes a partial block with its own stats)
+    this is what a pool holding the format would store."""
+    codec = get_codec(KVFormat.INT4_KIVI, role="k")
+    b, h, t, d = x32.shape
+    full = t - t % codec.spec.group_size
+    y = x32.clone()
+    rows = x32[:, :, :full].permute(0, 2, 1, 3).reshape(b * full, h, d)
+    deq = codec.dequantize(*codec.quantize(rows), torch.float32)
+    y[:, :, :full] = deq.reshape(b, full, h, d).permute(0, 2, 1, 3)
+    return y
 
 
 def _codec_rows(x: torch.Tensor, fmt: str, out_dtype: torch.dtype) -> torch.Tensor:
@@ -270,6 +297,8 @@ def fake_k(k: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
         x = rotate(x)
     if m := _KIVI.fullmatch(spec.fmt):
         y = kivi_k_fake(x, int(m.group(1)))
+    elif spec.fmt == KVFormat.INT4_KIVI.value:
+        y = kivi_codec_k(x)
     else:
         y = token_fake(x, spec.fmt)
     if spec.had:
@@ -492,6 +521,13 @@ def main() -> None:
                 out[f"top1_agreement_{cls}{suffix}"] = detail[s][mode]["top1_agreement"]
                 out[f"ppl_rel_change_{cls}{suffix}"] = detail[s][mode]["ppl_rel_change"]
                 out[f"ppl_rel_change_{cls}{suffix}_se"] = detail[s][mode]["ppl_rel_change_se"]
+    for mode in BLOCK_CODED_MODES:  # also under their own names (RECOMMENDED picks one as "int4")
+        for s, suffix in (("bf16", ""), ("fp32", "_fp32ref")):
+            if s in detail and mode in detail[s]:
+                key = mode.replace("+", "_")
+                out[f"top1_agreement_{key}{suffix}"] = detail[s][mode]["top1_agreement"]
+                out[f"ppl_rel_change_{key}{suffix}"] = detail[s][mode]["ppl_rel_change"]
+                out[f"ppl_rel_change_{key}{suffix}_se"] = detail[s][mode]["ppl_rel_change_se"]
     if "bf16" in detail and "noise_ulp" in detail["bf16"]:
         out["top1_agreement_noise_floor"] = detail["bf16"]["noise_ulp"]["top1_agreement"]
         out["ppl_rel_change_noise_floor"] = detail["bf16"]["noise_ulp"]["ppl_rel_change"]

@@ -5,7 +5,7 @@
 | ``MEMHA_CACHE_DIR``   | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
 | ``MEMHA_CPU_COMPAT``  | ``auto``                  | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
 | ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
-| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ...). Set it on BOTH prefill and decode |
+| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |

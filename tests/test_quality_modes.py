@@ -54,7 +54,7 @@ def biased_k(t=80, h=3, d=64, seed=0, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("mode", [m for m in MODES.split(",")] + CANDIDATE_MODES.split(",") + [
     "int4a_g32", "int4a_g16+had", "fp8_e4m3+kmean+had", "int4a_g64+kmean+anchor16+had", "int4kivi_t16",
-    "int4kivi_t32+kmean+had", "int4a_g64+anchor32", "int4_g64+kmean+had_Konly", "int4a_g64_Vonly", "bf16+kmean"])
+    "int4kivi_t32+kmean+had", "int4a_g64+anchor32", "int4_kivi", "int4_kivi+had", "int4_g64+kmean+had_Konly", "int4a_g64_Vonly", "bf16+kmean"])
 def test_parser_accepts(mode):
     parse_mode(mode)
     fake_quant(mode)
@@ -63,7 +63,7 @@ def test_parser_accepts(mode):
 @pytest.mark.parametrize("mode", [
     "", "int4", "int4a", "int4a_g", "int4a_g48", "int4a_g4", "int4a_g256", "int4_g64+hadamard", "int4a_g64+had+kmean",
     "int4a_g64+had+anchor16", "int4a_g64+kmean+kmean", "int4a_g64+anchor", "int4a_g64+anchor1", "int4kivi_t1",
-    "int4kivi_t32+anchor16", "int4a_g64+kmean_Vonly", "noise_ulp+had", "int4a_g64+", "+had", "fp8+had",
+    "int4kivi_t32+anchor16", "int4_kivi+anchor16", "int4a_g64+kmean_Vonly", "noise_ulp+had", "int4a_g64+", "+had", "fp8+had",
     "int4a_g64_Konly_Vonly", "int4a_g64+had_konly"])
 def test_parser_rejects(mode):
     with pytest.raises(ValueError):
@@ -193,6 +193,22 @@ def test_kivi_per_channel_blocks():
     v = biased_k(seed=1)
     assert torch.equal(fv(v), int4a_fake(v.float(), 64)[0].to(v.dtype))
     assert fk(k.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_int4_kivi_mode_runs_the_codec_and_keeps_the_open_block():
+    """int4_kivi: whole blocks through the real K codec (equal to the emulation there), the tail of
+    6 tokens untouched (the format's bf16 residual); V through int4_g32's codec."""
+    k = biased_k(t=70)
+    fk, fv = fake_quant("int4_kivi")
+    y = fk(k)
+    assert torch.equal(y[..., 64:, :], k[..., 64:, :])
+    assert torch.equal(y[..., :64, :], kivi_k_fake(k[..., :64, :].float(), 32).to(k.dtype))
+    assert not torch.equal(y[..., :64, :], k[..., :64, :])
+    g32 = get_codec("int4_g32")
+    v = biased_k(seed=3)
+    rows = v[0].permute(1, 0, 2).contiguous()
+    assert torch.equal(fv(v), g32.dequantize(*g32.quantize(rows), v.dtype).permute(1, 0, 2)[None])
+    assert mode_bytes("int4_kivi")["total"] == 80
 
 
 # ---- fake_quant wiring, bytes -------------------------------------------------------------------

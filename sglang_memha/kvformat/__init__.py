@@ -7,7 +7,7 @@ stores bytes as is -> attention reads them through ``codec.gather_dequantize`` (
 ``dequantize_pages``). Imports neither SGLang nor a GPU.
 
 Modules: ``spec`` (enum, per-format facts, page geometry, version), ``descriptor`` (handshake),
-``base`` (codec interface, registry), ``identity``/``fp8``/``intq``/``bfp`` (codecs),
+``base`` (codec interface, registry), ``identity``/``fp8``/``intq``/``bfp``/``kivi`` (codecs),
 ``transforms`` (Hadamard K rotation), ``triton_kernels`` (GPU), ``golden`` (test vectors).
 """
 
@@ -19,6 +19,7 @@ from sglang_memha.kvformat.spec import (
     FORMAT_SPECS,
     FORMAT_VERSION,
     FORMAT_VERSION_HISTORY,
+    TOKEN_LOCAL_FORMATS,
     FormatSpec,
     KVFormat,
     PageGeometry,
@@ -31,6 +32,7 @@ __all__ = [
     "FORMAT_SPECS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_HISTORY",
+    "TOKEN_LOCAL_FORMATS",
     "SENDER_BRIDGES",
     "Bridge",
     "FormatDescriptor",

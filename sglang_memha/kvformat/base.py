@@ -122,7 +122,8 @@ class KVCodec:
             return None
         t, h = raw.shape[:2]
         entries = raw.shape[2] // self.spec.scale_entry_bytes
-        head_dim = entries * self.spec.group_size if self.spec.scale_scope == "group" else self.spec.head_dim_multiple
+        grouped = self.spec.scale_scope in ("group", "channel_block")
+        head_dim = entries * self.spec.group_size if grouped else self.spec.head_dim_multiple
         shape = self.scale_shape(t, h, head_dim)
         return raw.contiguous().view(self.scale_dtype).reshape(shape)
 
@@ -171,13 +172,26 @@ _REGISTRY: dict[KVFormat, tuple[str, str]] = {
     KVFormat.INT4_G32: ("sglang_memha.kvformat.intq", "Int4G32Codec"),
     KVFormat.INT4_G64: ("sglang_memha.kvformat.intq", "Int4G64Codec"),
     KVFormat.BFP8: ("sglang_memha.kvformat.bfp", "Bfp8Codec"),
+    KVFormat.INT4_KIVI: ("sglang_memha.kvformat.kivi", "Int4KiviKCodec"),
 }
+# Formats that code K and V differently: V's codec is this format's.
+_V_CODEC_OF: dict[KVFormat, KVFormat] = {KVFormat.INT4_KIVI: KVFormat.INT4_G32}
 _CACHE: dict[KVFormat, KVCodec] = {}
 
 
-def get_codec(fmt: str | KVFormat) -> KVCodec:
-    """The codec for ``fmt`` (imported lazily; unknown names list the supported ones)."""
+def get_codec(fmt: str | KVFormat, role: str | None = None) -> KVCodec:
+    """The codec for ``fmt`` (imported lazily; unknown names list the supported ones).
+
+    ``role`` ("k" or "v") picks K's or V's codec; it is required for formats that code them
+    differently (``int4_kivi``) and ignored by the others, which code both alike."""
     fmt = KVFormat.parse(fmt)
+    if role not in (None, "k", "v"):
+        raise ValueError(f"role={role!r}: expected 'k', 'v' or None")
+    if fmt in _V_CODEC_OF:
+        if role is None:
+            raise ValueError(f"{fmt.value} codes K and V differently: call get_codec({fmt.value!r}, role='k' or 'v')")
+        if role == "v":
+            fmt = _V_CODEC_OF[fmt]
     if fmt not in _CACHE:
         module, cls = _REGISTRY[fmt]
         _CACHE[fmt] = getattr(importlib.import_module(module), cls)()

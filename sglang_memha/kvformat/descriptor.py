@@ -150,14 +150,19 @@ class FormatDescriptor:
         bridges: list[Bridge] = []
         if peer.version not in SUPPORTED_VERSIONS or self.version not in SUPPORTED_VERSIONS:
             bad.append(("version", self.version, peer.version))
+        # Block-coded formats (int4_kivi) move whole K blocks as they are: no row conversion, no
+        # re-paging (both rewrite rows one token at a time).
+        block_coded = not (format_spec(self.fmt).token_local and format_spec(peer.fmt).token_local)
         if peer.fmt != self.fmt:
             bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
-            if bridge is None and peer.fmt == KVFormat.BF16:
+            if bridge is None and peer.fmt == KVFormat.BF16 and not block_coded:
                 bridge = Bridge.ENCODE_ON_SEND
             if bridge is None:
                 bad.append(("fmt", self.fmt.value, peer.fmt.value))
             else:
                 bridges.append(bridge)
+        if block_coded and peer.page_size != self.page_size:
+            bad.append(("page_size (int4_kivi pages are not re-paged)", self.page_size, peer.page_size))
         # Encoding on send applies the receiver's K transform to untransformed bf16 rows.
         transform_applied = Bridge.ENCODE_ON_SEND in bridges and peer.k_transform == "none"
         for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "layout"):

@@ -57,6 +57,34 @@ def _plus_zero(x32: torch.Tensor) -> torch.Tensor:
     return torch.where(x32 == 0, 0.0, x32)
 
 
+def int4_scale_min(lo32: torch.Tensor, hi32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group's fp32 min and max -> (scale_b, min_b) bf16 by the int4 rule (module docstring);
+    shared by int4_g32/g64 (groups along head_dim) and int4_kivi's K (groups along tokens)."""
+    # Zeros are +0: which zero a min or max of {-0, +0} returns is up to the implementation
+    # (torch, Triton on GPU differ), so the spec fixes it and both write 0x0000.
+    lo = bf16_round(_plus_zero(lo32), up=False)
+    scale = bf16_round(_plus_zero(div_rn(hi32 - lo.float(), 15.0)), up=True)
+    return scale, lo
+
+
+def int4_codes(x32: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """clamp(RNE((x - min_b) / scale_b), 0, 15) as uint8 (0 where scale_b == 0); scale/lo
+    broadcast against x32."""
+    s32 = scale.float()
+    safe = torch.where(s32 > 0, s32, 1.0)
+    return torch.round((x32 - lo.float()) / safe).clamp_(0, 15).to(torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes 0..15 -> [..., D/2] uint8: element 2i in the low nibble, 2i+1 in the high."""
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(data: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_int4``: [..., D/2] uint8 -> [..., D] uint8 codes 0..15."""
+    return torch.stack([data & 0xF, data >> 4], dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+
+
 class _Int4(KVCodec):
     group: int
     scale_dtype = torch.bfloat16
@@ -68,27 +96,16 @@ class _Int4(KVCodec):
         x32 = check_input(x, self.spec)
         t, h, d = x32.shape
         g = x32.reshape(t, h, d // self.group, self.group)
-        # Zeros are +0: which zero a min or max of {-0, +0} returns is up to the implementation
-        # (torch, Triton on GPU differ), so the spec fixes it and both write 0x0000.
-        lo = bf16_round(_plus_zero(g.amin(-1)), up=False)
-        lo32 = lo.float()
-        scale = bf16_round(_plus_zero(div_rn(g.amax(-1) - lo32, 15.0)), up=True)
-        s32 = scale.float()
-        safe = torch.where(s32 > 0, s32, 1.0)[..., None]
-        q = torch.round((g - lo32[..., None]) / safe).clamp_(0, 15).to(torch.uint8).reshape(t, h, d)
-        data = q[..., 0::2] | (q[..., 1::2] << 4)
-        return data, torch.stack([scale, lo], dim=-1)
-
-    def unpack(self, data: torch.Tensor) -> torch.Tensor:
-        """[T, H, D/2] uint8 -> [T, H, D] uint8 codes 0..15."""
-        return torch.stack([data & 0xF, data >> 4], dim=-1).reshape(*data.shape[:-1], data.shape[-1] * 2)
+        scale, lo = int4_scale_min(g.amin(-1), g.amax(-1))
+        q = int4_codes(g, scale[..., None], lo[..., None]).reshape(t, h, d)
+        return pack_int4(q), torch.stack([scale, lo], dim=-1)
 
     def dequantize(self, data, scales, out_dtype=torch.bfloat16):
         """x = uint4(data) * scale + min per group (fp32 mul, then add), rounded to out_dtype."""
         head_dim = self.check_data(data, scales)
         check_out_dtype(out_dtype)
         t, h = data.shape[:2]
-        q = self.unpack(data).float().reshape(t, h, head_dim // self.group, self.group)
+        q = unpack_int4(data).float().reshape(t, h, head_dim // self.group, self.group)
         sc = scales.float()
         return (q * sc[..., 0:1] + sc[..., 1:2]).reshape(t, h, head_dim).to(out_dtype)
 

@@ -38,7 +38,9 @@ FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
         "+inf of fp32(amax / C), S_MIN) (C = 448 fn, 224 fnuz; S_MIN = 2^-126 fn, 2^-125 fnuz), "
         "codes = RNE(fp32(x * fp32(1 / s))), x = fp8(code) * s; replaces v2's E8M0 byte (2 bytes per "
         "row instead of 1). Other formats unchanged. int4 encoders write a zero min_b / scale_b as +0 "
-        "(before 2026-12 one could write -0; decoding is the same, so no version bump)"),
+        "(before 2026-12 one could write -0; decoding is the same, so no version bump). int4_kivi added "
+        "(a new name; no existing byte changes meaning, so no version bump; a v3 peer without it refuses "
+        "the name)"),
 )
 # Versions this build reads (handshake accepts a peer whose version is in this set). v1 and v2 are
 # refused: their fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32 (v1) / 1-byte E8M0 (v2), v3's
@@ -62,6 +64,7 @@ class KVFormat(str, enum.Enum):
     INT4_G32 = "int4_g32"
     INT4_G64 = "int4_g64"
     BFP8 = "bfp8"
+    INT4_KIVI = "int4_kivi"
 
     @classmethod
     def parse(cls, value: str | KVFormat) -> KVFormat:
@@ -83,12 +86,21 @@ class FormatSpec:
 
     fmt: KVFormat
     bits: int  # stored bits per K/V element
-    scale_scope: str  # "none" | "layer" | "token_head" | "group"
-    group_size: int | None  # elements sharing one scale entry along head_dim (group scopes)
+    scale_scope: str  # "none" | "layer" | "token_head" | "group" | "channel_block"
+    # group: elements sharing one scale entry along head_dim; channel_block: tokens per K block
+    # (each K channel has one entry per block; a block's D entries are spread over its rows)
+    group_size: int | None
     scale_dtype: str  # "none" | "fp32" | "bf16" | "bf16x2" (scale, min) | "e8m0"
     scale_entry_bytes: int  # bytes of one scale entry
     head_dim_multiple: int  # head_dim must be a multiple of this
     dequant: str  # the dequantization formula, also in the doc
+
+    @property
+    def token_local(self) -> bool:
+        """Every (token, kv-head) row is coded from that row alone, so any set of slots can be
+        written, converted or re-paged on its own. ``channel_block`` formats code K per block of
+        tokens (KIVI): their pools write blocks in position order and move whole blocks."""
+        return self.scale_scope != "channel_block"
 
     def check_head_dim(self, head_dim: int) -> None:
         if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % self.head_dim_multiple:
@@ -107,7 +119,7 @@ class FormatSpec:
         self.check_head_dim(head_dim)
         if self.scale_scope == "token_head":
             return 1
-        if self.scale_scope == "group":
+        if self.scale_scope in ("group", "channel_block"):
             return head_dim // self.group_size
         return 0
 
@@ -126,8 +138,12 @@ FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
         FormatSpec(KVFormat.INT4_G32, 4, "group", 32, "bf16x2", 4, 32, "x = uint4(data) * scale + min"),
         FormatSpec(KVFormat.INT4_G64, 4, "group", 64, "bf16x2", 4, 64, "x = uint4(data) * scale + min"),
         FormatSpec(KVFormat.BFP8, 8, "group", 16, "e8m0", 1, 16, "x = sign * mag7 * 2^(exp - 133)"),
+        FormatSpec(KVFormat.INT4_KIVI, 4, "channel_block", 32, "bf16x2", 4, 32,
+                   "K: x = uint4(data) * scale[c] + min[c] of its 32-token block; V: as int4_g32"),
     )
 }
+# Formats whose rows are coded one (token, head) at a time (see ``FormatSpec.token_local``).
+TOKEN_LOCAL_FORMATS: tuple[KVFormat, ...] = tuple(f for f, s in FORMAT_SPECS.items() if s.token_local)
 
 
 def format_spec(fmt: str | KVFormat) -> FormatSpec:

@@ -35,7 +35,9 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec
 from sglang_memha.sglang_ext import state
+from sglang_memha.kvformat.kivi import BLOCK as KIVI_BLOCK
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
+from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
 
 logger = logging.getLogger("sglang_memha")
 
@@ -65,15 +67,18 @@ class QuantKVView:
     Returns ``[n, num_kv_heads, head_dim]`` in the pool's compute dtype (bf16 for bf16 models).
     """
 
-    def __init__(self, pool: MemhaQuantKVPool, buf: torch.Tensor, is_key: bool):
+    def __init__(self, pool: MemhaQuantKVPool, buf: torch.Tensor, is_key: bool, layer_idx: int):
         self._pool = pool
         self._buf = buf
         self._is_key = is_key
+        self._layer_idx = layer_idx  # pool-local
         self.dtype = pool.dtype
         self.device = buf.device
         self.shape = torch.Size((buf.shape[0], buf.shape[1], pool.head_dim))
 
     def __getitem__(self, slots) -> torch.Tensor:
+        if self._is_key and self._pool.open_blocks is not None:  # int4_kivi: K blocks, open ones in bf16
+            return self._pool.read_kivi_k(self._layer_idx, slots)
         return self._pool.read_rows(self._buf[slots], self._is_key)
 
     def __len__(self) -> int:
@@ -116,13 +121,20 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         if self.use_hnd or self.kv_cache_layout != "nhd" or self.post_capture_active:
             raise ValueError("sglang-memha KV formats support only the plain NHD pool layout "
                              "(unset SGLANG_USE_HND_KVCACHE / page-major / post-capture backing)")
-        self.codec = get_codec(self.memha_format)
+        self.codec = get_codec(self.memha_format, role="v")  # K's too, except for int4_kivi
         self.layout = RowLayout(self.memha_format, self.head_dim)
+        self.open_blocks = None
+        block_coded = not format_spec(self.memha_format).token_local
         self.store_dtype = torch.uint8
         for name in ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer",
                      "native_v_scale_buffer", "dq_k_buffer", "dq_v_buffer"):
             setattr(self, name, None)
         rows = self.size + self.page_size
+        if block_coded:
+            if self.page_size % KIVI_BLOCK:
+                raise ValueError(f"MEMHA_KV_FORMAT={self.memha_format.value} codes K per {KIVI_BLOCK}-token block, "
+                                 f"so --page-size must be a multiple of {KIVI_BLOCK} (got {self.page_size})")
+            rows = -(-rows // KIVI_BLOCK) * KIVI_BLOCK  # whole blocks
         shape = (rows, self.head_num, self.layout.row_bytes)
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             self.k_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device)
@@ -132,6 +144,11 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         # fp8_e4m3_tensor: one scale per layer for K and V; 1.0 as SGLang defaults without a
         # calibrated checkpoint scale (so the data bytes equal a stock fp8 pool's).
         self.layer_scale = torch.ones(1, dtype=torch.float32, device=self.device)
+        if block_coded:
+            # the residual holds K as written: the model dtype, or fp32 once rotated (fp32 arithmetic)
+            shadow_dtype = self.dtype if self.memha_k_transform == "none" else torch.float32
+            self.open_blocks = OpenBlocks(get_codec(self.memha_format, role="k"), self.layer_num, rows, self.head_num,
+                                          self.head_dim, self.layout.data_bytes, shadow_dtype, self.device)
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
         self.memha_descriptor = FormatDescriptor(
@@ -170,7 +187,10 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         if self.memha_k_transform != "none":
             k = apply_k_transform(self.memha_k_transform, k)
-        self._write(k, loc, self.k_buffer[idx])
+        if self.open_blocks is not None:
+            self.open_blocks.write(idx, k, loc, self.k_buffer[idx])
+        else:
+            self._write(k, loc, self.k_buffer[idx])
         self._write(v, loc, self.v_buffer[idx])
         if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
             self.memha_layer_listener(idx)
@@ -195,6 +215,14 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             return unrotate(x).to(self.dtype)
         return self.codec.dequantize(data.contiguous(), scales, self.dtype)
 
+    def read_kivi_k(self, idx: int, slots, residual: bool = True) -> torch.Tensor:
+        """int4_kivi K of ``slots`` of pool-local layer ``idx`` -> [n, H, head_dim] in ``self.dtype``
+        (``residual``: see ``OpenBlocks.read``)."""
+        if self.memha_k_transform != "none":
+            x = self.open_blocks.read(idx, slots, self.k_buffer[idx], torch.float32, residual)
+            return unrotate(x).to(self.dtype)
+        return self.open_blocks.read(idx, slots, self.k_buffer[idx], self.dtype, residual)
+
     def apply_bridge(self, slots: torch.Tensor, bridge) -> None:
         """Convert arrived rows ``slots`` of every layer in place (fnuz <-> fn; same row size).
         Raises ValueError (NaN codes) before writing anything, so a refused request keeps no
@@ -211,11 +239,27 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         for buf, rows in zip((*self.k_buffer, *self.v_buffer), converted):
             buf[slots] = rows
 
+    # ---- retraction (CPU backup of a request's rows) --------------------------------------------
+    def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
+        """int4_kivi: whole K blocks, since an open block's later rows carry its channel table."""
+        return super().get_cpu_copy(self._whole_blocks(indices), mamba_indices, req_pool_index)
+
+    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
+        return super().load_cpu_copy(kv_cache_cpu, self._whole_blocks(indices), mamba_indices, req_pool_index)
+
+    def _whole_blocks(self, indices):
+        """A request's slots (position order) -> every slot of the K blocks they touch (int4_kivi;
+        the others: ``indices`` as is). The request owns those slots: its pages are whole blocks."""
+        if self.open_blocks is None or len(indices) == 0:
+            return indices
+        blocks = torch.unique_consecutive(torch.as_tensor(indices).long() // KIVI_BLOCK)
+        return (blocks[:, None] * KIVI_BLOCK + torch.arange(KIVI_BLOCK, device=blocks.device)).reshape(-1)
+
     def _get_key_buffer(self, layer_id: int):
-        return QuantKVView(self, self.k_buffer[layer_id - self.start_layer], True)
+        return QuantKVView(self, self.k_buffer[layer_id - self.start_layer], True, layer_id - self.start_layer)
 
     def _get_value_buffer(self, layer_id: int):
-        return QuantKVView(self, self.v_buffer[layer_id - self.start_layer], False)
+        return QuantKVView(self, self.v_buffer[layer_id - self.start_layer], False, layer_id - self.start_layer)
 
     def set_kv_buffer_prefix_valid(self, *args, **kwargs):
         raise NotImplementedError("prefix-valid commit is not supported by sglang-memha KV formats")
@@ -251,7 +295,10 @@ class MemhaEagerKVPool(MemhaQuantKVPool):
         """Dequantize arrived rows ``slots`` ([n] int64) of every layer into the bf16 buffers.
         Called by the decode scheduler right after a request's transfer is committed."""
         for idx in range(self.layer_num):
-            self.k_dense[idx][slots] = self.read_rows(self.k_buffer[idx][slots], True)
+            if self.open_blocks is not None:  # int4_kivi: K through its blocks' tables
+                self.k_dense[idx][slots] = self.read_kivi_k(idx, slots, residual=False)
+            else:
+                self.k_dense[idx][slots] = self.read_rows(self.k_buffer[idx][slots], True)
             self.v_dense[idx][slots] = self.read_rows(self.v_buffer[idx][slots], False)
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sglang_memha.kvformat import FORMAT_SPECS, FORMAT_VERSION_HISTORY, KVFormat, get_codec, kv_bytes_per_token, page_geometry
-from sglang_memha.kvformat.golden import worked_example
+from sglang_memha.kvformat.golden import worked_input
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "kv_format.md"
 
@@ -32,13 +32,15 @@ def code_tables() -> dict[str, list[list[str]]]:
                          str(g.packed_bytes)])
     versions = [[str(v), text] for v, text in FORMAT_VERSION_HISTORY]
     worked = []
-    x = worked_example()
     for f in KVFormat:
-        c = get_codec(f)
+        c = get_codec(f, role="k")
+        x = worked_input(f)
+        r = x.shape[0] - 1  # the token whose input is worked_example() (int4_kivi: the block's last)
         data, scales = c.quantize(x)
         raw = scales if f == KVFormat.FP8_E4M3_TENSOR else c.scale_bytes(scales)
-        y = c.dequantize(data, scales, torch.float32)[0, 0, :8].tolist()
-        worked.append([f.value, _hex(data[0, 0, :8]), _hex(raw), " ".join(f"{v:.6g}" for v in y)])
+        raw = raw if raw is None or f == KVFormat.FP8_E4M3_TENSOR else raw[r]
+        y = c.dequantize(data, scales, torch.float32)[r, 0, :8].tolist()
+        worked.append([f.value, _hex(data[r, 0, :8]), _hex(raw), " ".join(f"{v:.6g}" for v in y)])
     return {"formats": formats, "sizes": sizes, "geometry": geometry, "versions": versions, "worked": worked}
 
 

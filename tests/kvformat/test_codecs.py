@@ -7,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglang_memha.kvformat import KVFormat, get_codec, page_geometry
+from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, KVFormat, get_codec, page_geometry
 
 from .bounds import max_excess
 
-FORMATS = list(KVFormat)
-PER_TOKEN = [f for f in KVFormat if f != KVFormat.FP8_E4M3_TENSOR]
+FORMATS = list(TOKEN_LOCAL_FORMATS)  # the token-local formats; int4_kivi has its own tests (test_kivi.py)
+PER_TOKEN = [f for f in FORMATS if f != KVFormat.FP8_E4M3_TENSOR]
 
 
 def make(dist: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sglang_memha.kvformat import FORMAT_VERSION, KVFormat, get_codec
-from sglang_memha.kvformat.golden import GOLDEN_DIR, encode_case, golden_inputs, input_of, load
+from sglang_memha.kvformat.golden import GOLDEN_DIR, block_inputs, encode_case, golden_inputs, input_of, load
 
 
 def test_every_format_has_a_golden_file():
@@ -28,7 +28,7 @@ def test_golden_bytes_reproduce(fmt):
 @pytest.mark.parametrize("fmt", list(KVFormat), ids=str)
 def test_golden_decodes_from_stored_bytes(fmt):
     """Decoding the stored bytes (not our own encoding) gives the stored fp32 values."""
-    codec = get_codec(fmt)
+    codec = get_codec(fmt, role="k")
     for case in load(fmt)["cases"]:
         t, h, d = case["shape"]
         data = torch.tensor(list(bytes.fromhex(case["data_hex"])), dtype=torch.uint8).reshape(t, h, -1)
@@ -47,3 +47,10 @@ def test_golden_inputs_are_what_the_generator_makes():
     cases = {c["name"]: c for c in load(KVFormat.FP8_E4M3_TENSOR)["cases"]}
     for name, x, _ in golden_inputs():
         assert torch.equal(input_of(cases[name]), x), name
+
+
+def test_block_inputs_are_what_the_generator_makes():
+    cases = {c["name"]: c for c in load(KVFormat.INT4_KIVI)["cases"]}
+    assert sorted(cases) == sorted(name for name, _, _ in block_inputs())
+    for name, x, _ in block_inputs():
+        assert x.shape[0] % 32 == 0 and torch.equal(input_of(cases[name]), x), name

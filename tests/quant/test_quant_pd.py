@@ -49,7 +49,9 @@ def reference(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("fmt", [f.value for f in KVFormat])
 def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
     env = {"MEMHA_KV_FORMAT": fmt}
-    with PDCluster(tiny_model, PAGE, PAGE, env=env, log_dir=str(tmp_path)) as c:
+    page = 32 if fmt == "int4_kivi" else 16  # int4_kivi's K blocks are 32 tokens
+    args = ["--page-size", str(page)]
+    with PDCluster(tiny_model, args, args, env=env, log_dir=str(tmp_path)) as c:
         got = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
                for k, v in _prompts().items()}
         with cf.ThreadPoolExecutor(8) as ex:  # a few concurrent ones too (batched decode reads)
@@ -64,13 +66,13 @@ def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
         assert f"sglang-memha KV pool: format={fmt} " in logs[side]
     rows = transfer_rows(logs["prefill"])
     assert len(rows) >= 3 + 8
-    per_page = 16 * L * kv_bytes_per_token(fmt, H, D)
+    per_page = page * L * kv_bytes_per_token(fmt, H, D)
     for r in rows:
         assert (r.fmt, r.status, r.pipelined_pages) == (fmt, "ok", 0)
         assert r.kv_bytes == r.pages * per_page, r
         assert r.total_bytes > r.kv_bytes  # + the aux metadata row
-    # The 600-token prompt moved 38 pages (600 / 16 rounded up).
-    assert any(r.pages == 38 for r in rows)
+    # The 600-token prompt moved 600 / page pages, rounded up (38 of 16, 19 of 32).
+    assert any(r.pages == -(-600 // page) for r in rows)
     assert descendants() == []
 
 

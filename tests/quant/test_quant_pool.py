@@ -7,7 +7,7 @@ rotation when it is on): the pool adds layout, not arithmetic.
 import pytest
 import torch
 
-from sglang_memha.kvformat import KVFormat, get_codec, kv_bytes_per_token, page_geometry
+from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, KVFormat, get_codec, kv_bytes_per_token, page_geometry
 from sglang_memha.kvformat.transforms import rotate, unrotate
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
@@ -21,9 +21,9 @@ class _Layer:
         self.layer_id = layer_id
 
 
-def make_pool(fmt, k_transform="none", size=128):
+def make_pool(fmt, k_transform="none", size=128, page=PAGE):
     cls = MemhaQuantKVPool.configured(fmt, k_transform, "test#0")
-    return cls(size, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+    return cls(size, page_size=page, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
                device="cpu", enable_memory_saver=False)
 
 
@@ -41,7 +41,7 @@ def reference(fmt, x, is_key, k_transform):
 
 
 @pytest.mark.parametrize("k_transform", ["none", "hadamard"])
-@pytest.mark.parametrize("fmt", list(KVFormat))
+@pytest.mark.parametrize("fmt", TOKEN_LOCAL_FORMATS)  # int4_kivi: test_kivi_pool.py
 def test_write_then_gather_equals_codec_round_trip(fmt, k_transform):
     pool = make_pool(fmt, k_transform)
     g = torch.Generator().manual_seed(7)
@@ -63,14 +63,15 @@ def test_write_then_gather_equals_codec_round_trip(fmt, k_transform):
 
 @pytest.mark.parametrize("fmt", list(KVFormat))
 def test_transfer_geometry_is_the_formats(fmt):
-    pool = make_pool(fmt)
-    geo = page_geometry(fmt, PAGE, H, D)
+    page = 32 if fmt == KVFormat.INT4_KIVI else PAGE
+    pool = make_pool(fmt, page=page)
+    geo = page_geometry(fmt, page, H, D)
     ptrs, lens, item_lens = pool.get_contiguous_buf_infos()
     assert len(ptrs) == 2 * L
     assert item_lens == [geo.data_bytes + geo.scale_bytes] * (2 * L)  # page + its scales, one item
     assert pool.bytes_per_token() == L * kv_bytes_per_token(fmt, H, D)
     k_bytes, v_bytes = pool.get_kv_size_bytes()
-    assert k_bytes + v_bytes == (pool.size + PAGE) * pool.bytes_per_token()
+    assert k_bytes + v_bytes == (pool.size + page) * pool.bytes_per_token()
 
 
 def test_cpu_copy_round_trip_carries_scales():

@@ -45,8 +45,12 @@ PROMPTS = [
 # prompts; the thresholds sit ~2.5 SD below that. ``dlogp`` (how far the reference token's
 # logprob moved while the tokens agree) is the sharper check of the codec's error.
 # Measured 2026-12-04 (12 prompts): bf16 1.000 / 0, fp8_e4m3 0.786 / 0.34, int8 0.734 / 0.13,
-# int4_g64 0.328 / 1.08.
-THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3), "int4_g64": (0.2, 1.5)}
+# int4_g64 0.328 / 1.08; 2026-12-05: int4_kivi 0.620 / 0.55 (int4_g64 0.328 / 1.08 in the same run).
+# int4_kivi (pages of 32; offline p ~8 %: expected agree ~0.58, more here since these prompts are
+# short and most of their K sits in the open block's bf16 residual): its dlogp bar is below what
+# int4_g64 measures, so the test tells the two apart.
+THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3), "int4_g64": (0.2, 1.5),
+              "int4_kivi": (0.36, 1.0)}
 
 
 def _run(deploy) -> list[dict]:
@@ -96,7 +100,8 @@ def reference(smollm2, tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", list(THRESHOLDS))
 def test_quality_vs_single_bf16(fmt, smollm2, reference, tmp_path):
-    with PDCluster(smollm2, PAGE, PAGE, env={"MEMHA_KV_FORMAT": fmt}, log_dir=str(tmp_path)) as c:
+    page = ["--page-size", "32"] if fmt == "int4_kivi" else PAGE  # its K blocks are 32 tokens
+    with PDCluster(smollm2, page, page, env={"MEMHA_KV_FORMAT": fmt}, log_dir=str(tmp_path)) as c:
         got = _run(c)
     agree, dlogp = compare(reference, got)
     min_agree, max_dlogp = THRESHOLDS[fmt]

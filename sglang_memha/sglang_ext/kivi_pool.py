@@ -1,0 +1,173 @@
+"""K rows of an ``int4_kivi`` pool: 32-token blocks coded per channel, open blocks kept in bf16.
+
+``int4_kivi`` codes K per (32-token block, head, channel) (``kvformat/kivi.py``), so a block's
+codes depend on all of its rows. SGLang writes a page's slots in position order (prefill chunks,
+then one decode token per step), so at any time each request has at most one *open* block: the
+one holding its newest token. ``OpenBlocks`` handles every K write and read of such a pool:
+
+* a write that covers a whole block (prefill) codes it at once;
+* any other write puts the new values into the block's bf16 *shadow* (KIVI's full-precision
+  residual), then re-codes the whole block from the shadow with the stats of its written rows
+  (``quantize_blocks``) and stores the rows in the pool. So the pool rows are a valid coded
+  block at every moment: a send (whole-request or per layer, any page), a CPU retraction copy or
+  a checksum reads them like any other format's rows and needs no hook here;
+* a read takes rows of blocks written in this forward from the shadow (exact, as KIVI reads its
+  residual) and every other row through its block's table (gathered from the block's 32 rows).
+
+The shadows are a cache, not state: a block whose shadow is missing or stale (rows written by
+someone else since: a Mooncake transfer landing on the decode, ``load_cpu_copy``, a new owner of
+the page) is restored from its coded rows before the write, which rounds its earlier rows once
+more (at most 31 tokens per request, e.g. the prompt's last partial block on the decode). A
+shadow is judged stale when the block's rows differ from what this class last wrote there, so
+no allocator hook is needed; the least recently written shadows are reused when all are taken,
+and the table grows (with a log line) when more blocks are open at once than it holds.
+
+Shapes: per layer, ``k_buf`` is the pool's ``[slots, H, row_bytes]`` uint8 buffer (row = D/2 code
+bytes then D/8 scale bytes); values are ``[n, H, D]``; shadows ``[S, 32, H, D]`` in the pool's
+dtype. Called from ``MemhaQuantKVPool.set_kv_buffer`` / ``QuantKVView`` on the forward's thread;
+nothing blocks.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sglang_memha.kvformat.kivi import BLOCK, Int4KiviKCodec
+
+logger = logging.getLogger("sglang_memha")
+
+
+class OpenBlocks:
+    def __init__(self, codec: Int4KiviKCodec, num_layers: int, num_slots: int, head_num: int, head_dim: int,
+                 data_bytes: int, dtype: torch.dtype, device, capacity: int = 32):
+        self.codec = codec
+        self.layers, self.h, self.d, self.data_bytes = num_layers, head_num, head_dim, data_bytes
+        self.row_bytes = data_bytes + codec.spec.scale_bytes_per_head(head_dim)
+        self.dtype, self.device = dtype, device
+        self.slot_of = torch.full(((num_slots + BLOCK - 1) // BLOCK,), -1, dtype=torch.long, device=device)
+        self._alloc(capacity)
+        self.clock = 0
+        # per layer: shadow slots written in the current forward (reads take their rows from the shadow)
+        self.fresh = torch.zeros(num_layers, capacity, dtype=torch.bool, device=device)
+
+    def _alloc(self, cap: int) -> None:
+        l, h, d = self.layers, self.h, self.d
+        self.vals = torch.zeros(l, cap, BLOCK, h, d, dtype=self.dtype, device=self.device)
+        self.coded = torch.zeros(l, cap, BLOCK, h, self.row_bytes, dtype=torch.uint8, device=self.device)
+        self.fill = torch.zeros(l, cap, dtype=torch.long, device=self.device)
+        self.block_of = torch.full((cap,), -1, dtype=torch.long, device=self.device)
+        self.stamp = torch.full((cap,), -1, dtype=torch.long, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.block_of.shape[0]
+
+    def _grow(self, need: int) -> None:
+        old = (self.vals, self.coded, self.fill, self.block_of, self.stamp, self.fresh)
+        cap = max(2 * self.capacity, self.capacity + need)
+        logger.warning("sglang-memha int4_kivi: %d K blocks open at once; shadow table grows to %d blocks "
+                       "(%.1f MiB)", self.capacity + need, cap,
+                       cap * self.layers * BLOCK * self.h * (self.d * self.vals.element_size() + self.row_bytes) / 2**20)
+        n = self.capacity
+        self._alloc(cap)
+        fresh = torch.zeros(self.layers, cap, dtype=torch.bool, device=self.device)
+        for new, o in zip((self.vals, self.coded, self.fill), old[:3]):
+            new[:, :n] = o
+        self.block_of[:n], self.stamp[:n] = old[3], old[4]
+        fresh[:, :n] = old[5]
+        self.fresh = fresh
+
+    def _slots_for(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Shadow slot of each block in ``blocks`` [m] (distinct), assigning free or least
+        recently written ones (never one of ``blocks``'s own) to those without."""
+        s = self.slot_of[blocks]
+        missing = s < 0
+        if bool(missing.any()):
+            k = int(missing.sum())
+            stamp = self.stamp.clone()
+            stamp[s[~missing]] = torch.iinfo(torch.long).max  # in use by this write
+            avail = int((stamp < self.clock).sum())
+            if avail < k:
+                self._grow(k - avail)
+                stamp = torch.cat([stamp, torch.full((self.capacity - stamp.shape[0],), -1, dtype=torch.long,
+                                                     device=self.device)])
+            take = torch.topk(-stamp, k).indices  # oldest first; free slots have stamp -1
+            old = self.block_of[take]
+            self.slot_of[old[old >= 0]] = -1
+            self.block_of[take] = blocks[missing]
+            self.fill[:, take] = 0  # a reused slot describes nothing yet
+            self.slot_of[blocks[missing]] = take
+            s = self.slot_of[blocks]
+        self.stamp[s] = self.clock
+        return s
+
+    # ---- write -----------------------------------------------------------------------------
+    def write(self, layer: int, x: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor) -> None:
+        """Store K values ``x`` [n, H, D] at slots ``loc`` [n] of layer ``layer``'s rows ``k_buf``.
+        Slots of one block must be consecutive positions (SGLang's order); ValueError otherwise."""
+        self.fresh[layer] = False
+        if layer == 0:
+            self.clock += 1
+        if loc.numel() == 0:
+            return
+        loc, order = torch.sort(loc.long())
+        x = x[order]
+        blk, off = loc // BLOCK, loc % BLOCK
+        ub, inv, cnt = torch.unique_consecutive(blk, return_inverse=True, return_counts=True)
+        first = torch.cumsum(cnt, 0) - cnt
+        start = off[first]
+        if not torch.equal(off, start[inv] + torch.arange(loc.numel(), device=loc.device) - first[inv]):
+            raise ValueError(
+                f"int4_kivi pool: slots {loc.tolist()[:64]} do not fill their {BLOCK}-token K blocks in "
+                f"position order (speculative or out-of-order writes are not supported with int4_kivi)")
+        end = start + cnt
+        data_view, scale_view = k_buf[..., :self.data_bytes], k_buf[..., self.data_bytes:]
+        whole = (start == 0) & (cnt == BLOCK)
+        if bool(whole.all()):  # a prefill of whole blocks: no shadow involved
+            self.codec.quantize_into(x, loc, data_view, scale_view)
+            return
+        if bool(whole.any()):
+            rows = whole[inv]
+            self.codec.quantize_into(x[rows], loc[rows], data_view, scale_view)
+        part = ~whole
+        pb, ps, pe = ub[part], start[part], end[part]
+        s = self._slots_for(pb)
+        rows_of = pb[:, None] * BLOCK + torch.arange(BLOCK, device=pb.device)  # [m, 32]
+        current = k_buf[rows_of]  # [m, 32, H, R]
+        same = (current == self.coded[layer, s]).flatten(1).all(1)
+        restore = ((self.fill[layer, s] != ps) | ~same) & (ps > 0)
+        if bool(restore.any()):  # earlier rows written by someone else: decode them once
+            r = rows_of[restore].reshape(-1)
+            old = self.codec.dequantize(k_buf[r, :, :self.data_bytes].contiguous(),
+                                        self.codec.scales_from_bytes(k_buf[r, :, self.data_bytes:].contiguous()),
+                                        self.dtype)
+            self.vals[layer, s[restore]] = old.reshape(-1, BLOCK, self.h, self.d)
+        el = part[inv]  # the elements of partial blocks
+        group = (torch.cumsum(part.long(), 0) - 1)[inv[el]]
+        self.vals[layer, s[group], off[el]] = x[el].to(self.dtype)
+        self.fill[layer, s] = pe
+        data, scales = self.codec.quantize_blocks(self.vals[layer, s], pe)
+        new = torch.cat([data, self.codec.scale_bytes(scales)], dim=-1).reshape(-1, BLOCK, self.h, self.row_bytes)
+        k_buf[rows_of.reshape(-1)] = new.reshape(-1, self.h, self.row_bytes)
+        self.coded[layer, s] = new
+        self.fresh[layer, s] = pe < BLOCK  # a block completed here is read through its codes, as KIVI does
+
+    # ---- read ------------------------------------------------------------------------------
+    def read(self, layer: int, slots: torch.Tensor, k_buf: torch.Tensor, out_dtype: torch.dtype,
+             residual: bool = True) -> torch.Tensor:
+        """K of ``slots`` [n] -> [n, H, D] in ``out_dtype`` (before any inverse K transform).
+        ``residual=False`` reads every row through its codes (rows that just arrived)."""
+        slots = torch.as_tensor(slots, device=k_buf.device).long().reshape(-1)
+        blk, off = slots // BLOCK, slots % BLOCK
+        ub, inv = torch.unique(blk, return_inverse=True)
+        rows = k_buf[(ub[:, None] * BLOCK + torch.arange(BLOCK, device=ub.device)).reshape(-1)]
+        deq = self.codec.dequantize(rows[..., :self.data_bytes].contiguous(),
+                                    self.codec.scales_from_bytes(rows[..., self.data_bytes:].contiguous()), out_dtype)
+        out = deq.reshape(-1, BLOCK, self.h, self.d)[inv, off]
+        s = self.slot_of[blk]
+        live = (s >= 0) & residual
+        live[live.clone()] = self.fresh[layer, s[live]] & (off[live] < self.fill[layer, s[live]])
+        if bool(live.any()):
+            out[live] = self.vals[layer, s[live], off[live]].to(out_dtype)
+        return out
