@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="tiny | smollm2 | a Hugging Face folder")
     ap.add_argument("--kv-format", default="fp8_e4m3",
-                    help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, ...) or 'stock'")
+                    help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, int4_kivi, ...) or 'stock'")
     ap.add_argument("--no-pipeline", action="store_true", help="send each request after its forward")
     ap.add_argument("--prefill-pool", choices=("format", "stock"), default="format",
                     help="stock: the prefill keeps SGLang's bf16 pool and converts pages on send")
@@ -46,7 +46,8 @@ def main() -> None:
     model = get_model()
     t0 = time.time()
     print(f"starting prefill + decode + router for {model} ...", flush=True)
-    with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"], env=env, prefill_env=prefill_env) as c:
+    page = ["--page-size", "32" if args.kv_format == "int4_kivi" else "16"]  # int4_kivi: 32-token K blocks
+    with PDCluster(model, page, page, env=env, prefill_env=prefill_env) as c:
         print(f"ready in {time.time() - t0:.0f}s: router {c.url}, prefill {c.prefill_url}, "
               f"decode {c.decode_url}, logs in {c.log_dir}\n")
         for prompt in ["The capital of France is", "Once upon a time, there was a little"]:

@@ -247,3 +247,82 @@ def _dequant_int4_kernel(
     ei = tl.arange(0, GS)[None, None, :]
     tl.store(out_ptr + (r * so_t + h * so_h)[:, None, None] + gi * GS + ei,
              val.to(out_ptr.dtype.element_ty), mask=gmask3 & (ei < GS))
+
+@triton.jit
+def _kivi_channel_table(scale_ptr, base, c, cmask, ss_t, PER: tl.constexpr):
+    # int4_kivi: channel c's (scale, min) sit in row c // PER of its block, entry c % PER
+    p = scale_ptr + base + (c // PER) * ss_t + (c % PER) * 2
+    return tl.load(p, mask=cmask, other=0.0).to(tl.float32), tl.load(p + 1, mask=cmask, other=0.0).to(tl.float32)
+
+@triton.jit
+def _quant_kivi_kernel(
+    x_ptr, fill_ptr, data_ptr, scale_ptr,
+    sx_b, sx_r, sx_h, sd_t, sd_h, ss_t, ss_h,
+    H: tl.constexpr, BLK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr, PER: tl.constexpr,
+    HW: tl.constexpr,
+):
+    # one program per (block, head): tile [BLK rows, HALF_P2 pairs, 2]; per channel min/max over the
+    # block's first `fill` rows, the int4 rule, codes packed lo | hi << 4, the table spread over rows
+    nb = (tl.program_id(0) // H).to(tl.int64)
+    h = (tl.program_id(0) % H).to(tl.int64)
+    r = tl.arange(0, BLK)[:, None]
+    e = tl.arange(0, 2 * HALF_P2)[None, :]
+    x = tl.load(x_ptr + nb * sx_b + r * sx_r + h * sx_h + e, mask=e < 2 * HALF, other=0.0).to(tl.float32)
+    xe, xo = tl.split(tl.reshape(x, (BLK, HALF_P2, 2)))
+    fill = tl.load(fill_ptr + nb)
+    written = r < fill
+    inf = float("inf")
+    i = tl.arange(0, HALF_P2)
+    cmask = i < HALF
+    out_base = (nb * BLK) * sd_t + h * sd_h
+    s_base = (nb * BLK) * ss_t + h * ss_h
+    lo_e = _bf16_directed(_plus0(tl.min(tl.where(written, xe, inf), axis=0)), False)
+    lo_o = _bf16_directed(_plus0(tl.min(tl.where(written, xo, inf), axis=0)), False)
+    s_e = _plus0(_bf16_directed(tl.math.div_rn(tl.max(tl.where(written, xe, -inf), axis=0) - lo_e,
+                                                 tl.zeros_like(lo_e) + 15.0), True))
+    s_o = _plus0(_bf16_directed(tl.math.div_rn(tl.max(tl.where(written, xo, -inf), axis=0) - lo_o,
+                                                 tl.zeros_like(lo_o) + 15.0), True))
+    qe = _kivi_codes(xe, lo_e, s_e, written, HW)
+    qo = _kivi_codes(xo, lo_o, s_o, written, HW)
+    tl.store(data_ptr + out_base + r * sd_t + i[None, :], (qe | (qo << 4)).to(tl.uint8), mask=cmask[None, :])
+    for parity in tl.static_range(2):
+        c = 2 * i + parity
+        p = scale_ptr + s_base + (c // PER) * ss_t + (c % PER) * 2
+        tl.store(p, (s_e if parity == 0 else s_o).to(tl.bfloat16), mask=cmask)
+        tl.store(p + 1, (lo_e if parity == 0 else lo_o).to(tl.bfloat16), mask=cmask)
+
+@triton.jit
+def _plus0(v):
+    return tl.where(v == 0.0, 0.0, v)
+
+@triton.jit
+def _kivi_codes(x, lo, s, written, HW: tl.constexpr):
+    safe = tl.where(s > 0, s, 1.0)[None, :]
+    q = tl.minimum(_round(tl.maximum(tl.math.div_rn(x - lo[None, :], safe + tl.zeros_like(x)), 0.0), HW), 15)
+    return tl.where(written, q, 0)
+
+@triton.jit
+def _dequant_kivi_kernel(
+    data_ptr, scale_ptr, page_ptr, out_ptr,
+    sd_t, sd_h, ss_t, ss_h, so_t, so_h,
+    H: tl.constexpr, PAGE: tl.constexpr, BLK: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+    PER: tl.constexpr,
+):
+    # one program per (gathered block, head): the block's table loaded once per channel, codes
+    # [BLK, HALF_P2] bytes, low / high nibbles joined back into channel order
+    b = (tl.program_id(0) // H).to(tl.int64)
+    h = (tl.program_id(0) % H).to(tl.int64)
+    page = tl.load(page_ptr + (b * BLK) // PAGE).to(tl.int64)
+    slot0 = page * PAGE + (b * BLK) % PAGE
+    r = tl.arange(0, BLK)[:, None]
+    i = tl.arange(0, HALF_P2)
+    cmask = i < HALF
+    byte = tl.load(data_ptr + (slot0 + r) * sd_t + h * sd_h + i[None, :], mask=cmask[None, :], other=0).to(tl.int32)
+    base = slot0 * ss_t + h * ss_h
+    s_e, z_e = _kivi_channel_table(scale_ptr, base, 2 * i, cmask, ss_t, PER)
+    s_o, z_o = _kivi_channel_table(scale_ptr, base, 2 * i + 1, cmask, ss_t, PER)
+    lo = (byte & 0xF).to(tl.float32) * s_e[None, :] + z_e[None, :]
+    hi = (byte >> 4).to(tl.float32) * s_o[None, :] + z_o[None, :]
+    val = tl.reshape(tl.join(lo, hi), (BLK, 2 * HALF_P2))
+    e = tl.arange(0, 2 * HALF_P2)[None, :]
+    tl.store(out_ptr + (b * BLK + r) * so_t + h * so_h + e, val.to(out_ptr.dtype.element_ty), mask=e < 2 * HALF)

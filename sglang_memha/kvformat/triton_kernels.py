@@ -19,6 +19,8 @@ imported without it, and the launchers raise ``RuntimeError`` when it is missing
 
 Formats: fp8_e4m3, fp8_e4m3fnuz, int8, int4_g32, int4_g64, bfp8. bf16 and fp8_e4m3_tensor are
 plain casts; ``codec.quantize_into`` / ``codec.gather_dequantize`` cover them on any device.
+int4_kivi's K has its own pair at the end (``kivi_quantize_blocks``: whole or partly filled
+32-token blocks, one program per (block, head); ``kivi_dequantize_pages``); its V is int4_g32.
 """
 
 from __future__ import annotations
@@ -201,5 +203,75 @@ def dequantize_pages(
         data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1), out.stride(0), out.stride(1),
         H=h, PAGE=page_size, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), MODE=_MODE[fmt], GS=gs,
         ROWS=rows_per_program, HW=_hw(data_pool.device, hw), num_warps=num_warps,
+    )
+    return out
+
+
+# ---- int4_kivi: K per channel over 32-token blocks (its V is int4_g32: the kernels above) ---------
+@functools.cache
+def _jit():
+    try:
+        import triton
+
+        from sglang_memha.kvformat import _triton_jit as j
+    except ImportError as e:
+        raise RuntimeError("sglang_memha.kvformat.triton_kernels needs the `triton` package") from e
+    return triton, j
+
+
+def kivi_quantize_blocks(blocks: torch.Tensor, fill: torch.Tensor, num_warps: int = 4,
+                         hw: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``Int4KiviKCodec.quantize_blocks``: blocks [NB, 32, H, D] bf16/fp16/fp32 (last dim
+    contiguous), fill [NB] int (1..32, rows >= fill ignored) -> (data [NB * 32, H, D/2] uint8,
+    scales [NB * 32, H, D/32, 2] bf16), the same bytes. One program per (block, head)."""
+    from sglang_memha.kvformat.kivi import BLOCK
+
+    triton, j = _jit()
+    if blocks.dim() != 4 or blocks.shape[1] != BLOCK or blocks.dtype not in (torch.bfloat16, torch.float16, torch.float32) \
+            or blocks.stride(-1) != 1:
+        raise ValueError(f"blocks={tuple(blocks.shape)} {blocks.dtype}: expected [NB, {BLOCK}, H, D] bf16/fp16/fp32, "
+                         f"last dim contiguous")
+    nb, _, h, d = blocks.shape
+    format_spec(KVFormat.INT4_KIVI).check_head_dim(d)
+    fill = fill.to(device=blocks.device, dtype=torch.int64).contiguous()
+    if fill.shape != (nb,):
+        raise ValueError(f"fill={tuple(fill.shape)}: expected [{nb}]")
+    data = torch.zeros((nb * BLOCK, h, d // 2), dtype=torch.uint8, device=blocks.device)
+    scales = torch.zeros((nb * BLOCK, h, d // BLOCK, 2), dtype=torch.bfloat16, device=blocks.device)
+    if nb == 0:
+        return data, scales
+    j._quant_kivi_kernel[(nb * h,)](
+        blocks, fill, data, scales, blocks.stride(0), blocks.stride(1), blocks.stride(2),
+        data.stride(0), data.stride(1), scales.stride(0), scales.stride(1),
+        H=h, BLK=BLOCK, HALF=d // 2, HALF_P2=triton.next_power_of_2(d // 2), PER=d // BLOCK,
+        HW=_hw(blocks.device, hw), num_warps=num_warps,
+    )
+    return data, scales
+
+
+def kivi_dequantize_pages(data_pool: torch.Tensor, scale_pool: torch.Tensor, page_ids: torch.Tensor,
+                          page_size: int, head_dim: int, out_dtype: torch.dtype = torch.bfloat16,
+                          num_warps: int = 4) -> torch.Tensor:
+    """Triton ``Int4KiviKCodec.gather_dequantize`` of K pages (page_size a multiple of 32) ->
+    [len(page_ids) * page_size, H, head_dim]. One program per (block, head)."""
+    from sglang_memha.kvformat.kivi import BLOCK
+
+    triton, j = _jit()
+    _check_pools(KVFormat.INT4_KIVI, head_dim, data_pool, scale_pool)
+    if page_ids.dim() != 1 or page_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"page_ids={tuple(page_ids.shape)} {page_ids.dtype}: expected 1-D int32/int64")
+    if not isinstance(page_size, int) or page_size <= 0 or page_size % BLOCK:
+        raise ValueError(f"page_size={page_size!r}: expected a positive multiple of {BLOCK}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype={out_dtype}: expected bf16, fp16 or fp32")
+    n, h = page_ids.numel() * page_size, data_pool.shape[1]
+    out = torch.empty((n, h, head_dim), dtype=out_dtype, device=data_pool.device)
+    if n == 0:
+        return out
+    sv = scale_pool.view(torch.bfloat16)
+    j._dequant_kivi_kernel[(n // BLOCK * h,)](
+        data_pool, sv, page_ids, out, data_pool.stride(0), data_pool.stride(1), sv.stride(0), sv.stride(1),
+        out.stride(0), out.stride(1), H=h, PAGE=page_size, BLK=BLOCK, HALF=head_dim // 2,
+        HALF_P2=triton.next_power_of_2(head_dim // 2), PER=head_dim // BLOCK, num_warps=num_warps,
     )
     return out

@@ -32,8 +32,8 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(10, 2000) for _ in range(rng.randrange(20, 600))] for _ in range(N)]
 
 
-def _run(model, args, env, log_dir) -> tuple[list[list[int]], list]:
-    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": FMT, **env}, log_dir=log_dir) as c:
+def _run(model, args, env, log_dir, fmt=FMT) -> tuple[list[list[int]], list]:
+    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": fmt, **env}, log_dir=log_dir) as c:
         before = len(transfer_rows(c.logs()["prefill"]))
         with cf.ThreadPoolExecutor(N) as ex:
             outs = list(ex.map(lambda p: c.generate(input_ids=p, max_new_tokens=8, ignore_eos=True),
@@ -62,6 +62,23 @@ def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
     for r in whole_rows:
         assert r.kv_bytes == r.pages * per_page, r
     assert sorted(r.pages for r in rows) == sorted(r.pages for r in whole_rows)
+    assert descendants() == []
+
+
+def test_int4_kivi_pipelined_with_chunked_prefill(tiny_model, tmp_path):
+    """int4_kivi through the per-layer pipeline with chunked prefill: each layer's pages leave as
+    soon as that layer's rows (codes and block tables) are written; a block's rows change only
+    while it is open (SGLang ends chunks on page boundaries, so that is a prompt's last block, or
+    a page a batch budget cut, which the pipeline ships again with the next forward). Same
+    tokens as sending whole requests."""
+    args = ["--page-size", "32", "--chunked-prefill-size", "64"]
+    whole, whole_rows = _run(tiny_model, args, {}, str(tmp_path / "whole"), fmt="int4_kivi")
+    piped, rows = _run(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+                       str(tmp_path / "pipelined"), fmt="int4_kivi")
+    assert piped == whole
+    assert len(rows) == N and all(r.status == "ok" and r.pipelined_pages == r.pages for r in rows), rows[:2]
+    per_page = 32 * L * kv_bytes_per_token("int4_kivi", H, D)
+    assert all(r.kv_bytes == r.pages * per_page for r in whole_rows)
     assert descendants() == []
 
 
