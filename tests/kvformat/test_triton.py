@@ -65,12 +65,18 @@ print("interpreter ok")
 """.replace("import torch", "import torch\nfrom sglang_memha.kvformat import get_codec")
 
 
-@needs_triton
-def test_kernels_under_interpreter_match_torch_bytes():
+def run_interpreted(script: str) -> None:
+    """Run ``script`` (which prints "interpreter ok" at the end) with TRITON_INTERPRET=1 in a fresh
+    process: the flag must be set before Triton compiles anything."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_triton
+def test_kernels_under_interpreter_match_torch_bytes():
+    run_interpreted(_SCRIPT)
 
 
 def test_launchers_check_arguments():

@@ -4,15 +4,13 @@ set before jit) and on a GPU when there is one."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from sglang_memha.kvformat import get_codec
 from sglang_memha.kvformat.triton_kernels import kivi_dequantize_pages, kivi_quantize_blocks, triton_available
+
+from .test_triton import run_interpreted
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 K = get_codec("int4_kivi", role="k")
@@ -58,10 +56,7 @@ print("interpreter ok")
 
 @needs_triton
 def test_kivi_kernels_under_interpreter_match_torch():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "interpreter ok" in res.stdout, res.stderr[-3000:]
+    run_interpreted(_SCRIPT)
 
 
 def test_kivi_launchers_check_arguments():
