@@ -46,3 +46,29 @@ def test_server_that_dies_reports_its_log(tiny_model, tmp_path):
         with SingleServer(tiny_model, ["--no-such-flag"], log_dir=str(tmp_path)):
             pass
     assert descendants() == []
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The kernel gave two binds in a row the same free port (a router and a prefill of one
+    cluster got one port in CI); free_port skips ports it handed out before."""
+    from sglang_memha.testing import procs
+
+    ports = iter([41001, 41001, 41001, 41002])
+
+    class _Sock:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def bind(self, addr):
+            self.port = next(ports)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(procs, "_HANDED_OUT", set())
+    monkeypatch.setattr(procs.socket, "socket", lambda *a, **k: _Sock())
+    assert procs.free_port() == 41001
+    assert procs.free_port() == 41002

@@ -25,10 +25,21 @@ class ClusterError(RuntimeError):
     """A server could not be started or died; the message carries its log tail."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before by this process. The kernel may give the same
+    free port to two binds in a row once the first socket closes, and a cluster picks all its
+    ports before any server binds one (CI saw the router and the prefill get the same port)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise ClusterError("no free port found that this process has not handed out already")
 
 
 def check_port_free(port: int, what: str) -> None:
