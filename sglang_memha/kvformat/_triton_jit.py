@@ -42,6 +42,11 @@ def _bf16_directed(v, UP: tl.constexpr):
     return ((bits & -65536) + bump.to(tl.int32) * 65536).to(tl.float32, bitcast=True)
 
 @triton.jit
+def _plus0(v):
+    # a zero is written as +0, never -0 (which zero a min over {-0, +0} gives is up to the device)
+    return tl.where(v == 0.0, 0.0, v)
+
+@triton.jit
 def _e4m3_encode(y, BIAS: tl.constexpr):
     # |y| within range; RNE; -> int32 code, zero always 0x00
     a = tl.abs(y)
@@ -139,9 +144,8 @@ def _quant_int4_kernel(
     valid = rmask[:, None] & (g1 < NG)
     lo = tl.where(valid, lo, 0.0)
     hi = tl.where(valid, hi, 0.0)
-    lo_b = _bf16_directed(tl.where(lo == 0.0, 0.0, lo), False)  # a zero min is +0 (spec), never -0
-    s_b = _bf16_directed(tl.math.div_rn(hi - lo_b, tl.zeros_like(hi) + 15.0), True)
-    s_b = tl.where(s_b == 0.0, 0.0, s_b)
+    lo_b = _bf16_directed(_plus0(lo), False)  # a zero min is +0 (spec), never -0
+    s_b = _plus0(_bf16_directed(tl.math.div_rn(hi - lo_b, tl.zeros_like(hi) + 15.0), True))
     safe = tl.where(s_b > 0, s_b, 1.0)[:, :, None]
     qe = tl.minimum(_round(tl.maximum(tl.math.div_rn(xe - lo_b[:, :, None], safe + tl.zeros_like(xe)), 0.0), HW), 15)
     qo = tl.minimum(_round(tl.maximum(tl.math.div_rn(xo - lo_b[:, :, None], safe + tl.zeros_like(xo)), 0.0), HW), 15)
@@ -249,9 +253,13 @@ def _dequant_int4_kernel(
              val.to(out_ptr.dtype.element_ty), mask=gmask3 & (ei < GS))
 
 @triton.jit
-def _kivi_channel_table(scale_ptr, base, c, cmask, ss_t, PER: tl.constexpr):
+def _kivi_table_ptr(scale_ptr, base, c, ss_t, PER: tl.constexpr):
     # int4_kivi: channel c's (scale, min) sit in row c // PER of its block, entry c % PER
-    p = scale_ptr + base + (c // PER) * ss_t + (c % PER) * 2
+    return scale_ptr + base + (c // PER) * ss_t + (c % PER) * 2
+
+@triton.jit
+def _kivi_channel_table(scale_ptr, base, c, cmask, ss_t, PER: tl.constexpr):
+    p = _kivi_table_ptr(scale_ptr, base, c, ss_t, PER)
     return tl.load(p, mask=cmask, other=0.0).to(tl.float32), tl.load(p + 1, mask=cmask, other=0.0).to(tl.float32)
 
 @triton.jit
@@ -287,13 +295,9 @@ def _quant_kivi_kernel(
     tl.store(data_ptr + out_base + r * sd_t + i[None, :], (qe | (qo << 4)).to(tl.uint8), mask=cmask[None, :])
     for parity in tl.static_range(2):
         c = 2 * i + parity
-        p = scale_ptr + s_base + (c // PER) * ss_t + (c % PER) * 2
+        p = _kivi_table_ptr(scale_ptr, s_base, c, ss_t, PER)
         tl.store(p, (s_e if parity == 0 else s_o).to(tl.bfloat16), mask=cmask)
         tl.store(p + 1, (lo_e if parity == 0 else lo_o).to(tl.bfloat16), mask=cmask)
-
-@triton.jit
-def _plus0(v):
-    return tl.where(v == 0.0, 0.0, v)
 
 @triton.jit
 def _kivi_codes(x, lo, s, written, HW: tl.constexpr):

@@ -143,7 +143,7 @@ def generate(fmt: KVFormat) -> dict:
             "input_dtype": str(x.dtype).removeprefix("torch."),
             "shape": list(x.shape),
             "layer_scale": layer_scale,
-                # decimals for the worked example only; input_hex is the normative input
+            # decimals for the worked example only; input_hex is the normative input
             "input": x.float().reshape(-1).tolist() if name == "worked_example" else None,
             "input_hex": _hex(x),
         }

@@ -58,13 +58,18 @@ def triton_available() -> bool:
 
 
 @functools.cache
-def _kernels():
+def _jit():
     try:
         import triton
 
         from sglang_memha.kvformat import _triton_jit as j
     except ImportError as e:
         raise RuntimeError("sglang_memha.kvformat.triton_kernels needs the `triton` package") from e
+    return triton, j
+
+
+def _kernels():
+    triton, j = _jit()
     return (triton, j._quant_row_kernel, j._quant_int4_kernel, j._quant_bfp8_kernel, j._dequant_kernel,
             j._dequant_int4_kernel)
 
@@ -208,17 +213,6 @@ def dequantize_pages(
 
 
 # ---- int4_kivi: K per channel over 32-token blocks (its V is int4_g32: the kernels above) ---------
-@functools.cache
-def _jit():
-    try:
-        import triton
-
-        from sglang_memha.kvformat import _triton_jit as j
-    except ImportError as e:
-        raise RuntimeError("sglang_memha.kvformat.triton_kernels needs the `triton` package") from e
-    return triton, j
-
-
 def kivi_quantize_blocks(blocks: torch.Tensor, fill: torch.Tensor, num_warps: int = 4,
                          hw: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``Int4KiviKCodec.quantize_blocks``: blocks [NB, 32, H, D] bf16/fp16/fp32 (last dim

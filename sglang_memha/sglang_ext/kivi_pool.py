@@ -39,44 +39,43 @@ logger = logging.getLogger("sglang_memha")
 
 
 class OpenBlocks:
-    def __init__(self, codec: Int4KiviKCodec, num_layers: int, num_slots: int, head_num: int, head_dim: int,
-                 data_bytes: int, dtype: torch.dtype, device, capacity: int = 32):
-        self.codec = codec
-        self.layers, self.h, self.d, self.data_bytes = num_layers, head_num, head_dim, data_bytes
-        self.row_bytes = data_bytes + codec.spec.scale_bytes_per_head(head_dim)
+    # the shadow table: per-layer tensors have the capacity on dim 1, the others on dim 0
+    _TABLE = ("vals", "coded", "fill", "fresh", "block_of", "stamp")
+
+    def __init__(self, codec: Int4KiviKCodec, layout, num_layers: int, num_slots: int, head_num: int,
+                 dtype: torch.dtype, device, capacity: int = 32):
+        """``layout``: the pool's ``RowLayout`` (``[data | scale]`` rows of ``int4_kivi``)."""
+        self.codec, self.layout = codec, layout
+        self.layers, self.h, self.d = num_layers, head_num, layout.head_dim
         self.dtype, self.device = dtype, device
         self.slot_of = torch.full(((num_slots + BLOCK - 1) // BLOCK,), -1, dtype=torch.long, device=device)
         self._alloc(capacity)
         self.clock = 0
-        # per layer: shadow slots written in the current forward (reads take their rows from the shadow)
-        self.fresh = torch.zeros(num_layers, capacity, dtype=torch.bool, device=device)
 
     def _alloc(self, cap: int) -> None:
-        l, h, d = self.layers, self.h, self.d
-        self.vals = torch.zeros(l, cap, BLOCK, h, d, dtype=self.dtype, device=self.device)
-        self.coded = torch.zeros(l, cap, BLOCK, h, self.row_bytes, dtype=torch.uint8, device=self.device)
-        self.fill = torch.zeros(l, cap, dtype=torch.long, device=self.device)
-        self.block_of = torch.full((cap,), -1, dtype=torch.long, device=self.device)
-        self.stamp = torch.full((cap,), -1, dtype=torch.long, device=self.device)
+        l, h, d, kw = self.layers, self.h, self.d, {"device": self.device}
+        self.vals = torch.zeros(l, cap, BLOCK, h, d, dtype=self.dtype, **kw)
+        self.coded = torch.zeros(l, cap, BLOCK, h, self.layout.row_bytes, dtype=torch.uint8, **kw)  # as last written
+        self.fill = torch.zeros(l, cap, dtype=torch.long, **kw)
+        # per layer: shadow slots written in the current forward (reads take their rows from the shadow)
+        self.fresh = torch.zeros(l, cap, dtype=torch.bool, **kw)
+        self.block_of = torch.full((cap,), -1, dtype=torch.long, **kw)
+        self.stamp = torch.full((cap,), -1, dtype=torch.long, **kw)
 
     @property
     def capacity(self) -> int:
         return self.block_of.shape[0]
 
     def _grow(self, need: int) -> None:
-        old = (self.vals, self.coded, self.fill, self.block_of, self.stamp, self.fresh)
-        cap = max(2 * self.capacity, self.capacity + need)
-        logger.warning("sglang-memha int4_kivi: %d K blocks open at once; shadow table grows to %d blocks "
-                       "(%.1f MiB)", self.capacity + need, cap,
-                       cap * self.layers * BLOCK * self.h * (self.d * self.vals.element_size() + self.row_bytes) / 2**20)
         n = self.capacity
+        cap = max(2 * n, n + need)
+        logger.warning("sglang-memha int4_kivi: %d K blocks open at once; shadow table grows to %d blocks "
+                       "(%.1f MiB)", n + need, cap, cap * self.layers * BLOCK * self.h
+                       * (self.d * self.vals.element_size() + self.layout.row_bytes) / 2**20)
+        old = {name: getattr(self, name) for name in self._TABLE}
         self._alloc(cap)
-        fresh = torch.zeros(self.layers, cap, dtype=torch.bool, device=self.device)
-        for new, o in zip((self.vals, self.coded, self.fill), old[:3]):
-            new[:, :n] = o
-        self.block_of[:n], self.stamp[:n] = old[3], old[4]
-        fresh[:, :n] = old[5]
-        self.fresh = fresh
+        for name, o in old.items():
+            getattr(self, name).narrow(0 if o.dim() == 1 else 1, 0, n).copy_(o)
 
     def _slots_for(self, blocks: torch.Tensor) -> torch.Tensor:
         """Shadow slot of each block in ``blocks`` [m] (distinct), assigning free or least
@@ -122,7 +121,7 @@ class OpenBlocks:
                 f"int4_kivi pool: slots {loc.tolist()[:64]} do not fill their {BLOCK}-token K blocks in "
                 f"position order (speculative or out-of-order writes are not supported with int4_kivi)")
         end = start + cnt
-        data_view, scale_view = k_buf[..., :self.data_bytes], k_buf[..., self.data_bytes:]
+        data_view, scale_view = self.layout.split(k_buf)
         whole = (start == 0) & (cnt == BLOCK)
         if bool(whole.all()):  # a prefill of whole blocks: no shadow involved
             self.codec.quantize_into(x, loc, data_view, scale_view)
@@ -138,20 +137,22 @@ class OpenBlocks:
         same = (current == self.coded[layer, s]).flatten(1).all(1)
         restore = ((self.fill[layer, s] != ps) | ~same) & (ps > 0)
         if bool(restore.any()):  # earlier rows written by someone else: decode them once
-            r = rows_of[restore].reshape(-1)
-            old = self.codec.dequantize(k_buf[r, :, :self.data_bytes].contiguous(),
-                                        self.codec.scales_from_bytes(k_buf[r, :, self.data_bytes:].contiguous()),
-                                        self.dtype)
-            self.vals[layer, s[restore]] = old.reshape(-1, BLOCK, self.h, self.d)
+            self.vals[layer, s[restore]] = self._decode(current[restore], self.dtype)
         el = part[inv]  # the elements of partial blocks
         group = (torch.cumsum(part.long(), 0) - 1)[inv[el]]
         self.vals[layer, s[group], off[el]] = x[el].to(self.dtype)
         self.fill[layer, s] = pe
         data, scales = self.codec.quantize_blocks(self.vals[layer, s], pe)
-        new = torch.cat([data, self.codec.scale_bytes(scales)], dim=-1).reshape(-1, BLOCK, self.h, self.row_bytes)
-        k_buf[rows_of.reshape(-1)] = new.reshape(-1, self.h, self.row_bytes)
+        new = torch.cat([data, self.codec.scale_bytes(scales)], dim=-1).reshape(current.shape)
+        k_buf[rows_of.reshape(-1)] = new.reshape(-1, self.h, self.layout.row_bytes)
         self.coded[layer, s] = new
         self.fresh[layer, s] = pe < BLOCK  # a block completed here is read through its codes, as KIVI does
+
+    def _decode(self, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """Whole blocks of pool rows [m, 32, H, row_bytes] -> K [m, 32, H, D] through their tables."""
+        data, raw = self.layout.split(rows.reshape(-1, self.h, self.layout.row_bytes))
+        x = self.codec.dequantize(data.contiguous(), self.codec.scales_from_bytes(raw.contiguous()), out_dtype)
+        return x.reshape(-1, BLOCK, self.h, self.d)
 
     # ---- read ------------------------------------------------------------------------------
     def read(self, layer: int, slots: torch.Tensor, k_buf: torch.Tensor, out_dtype: torch.dtype,
@@ -161,10 +162,7 @@ class OpenBlocks:
         slots = torch.as_tensor(slots, device=k_buf.device).long().reshape(-1)
         blk, off = slots // BLOCK, slots % BLOCK
         ub, inv = torch.unique(blk, return_inverse=True)
-        rows = k_buf[(ub[:, None] * BLOCK + torch.arange(BLOCK, device=ub.device)).reshape(-1)]
-        deq = self.codec.dequantize(rows[..., :self.data_bytes].contiguous(),
-                                    self.codec.scales_from_bytes(rows[..., self.data_bytes:].contiguous()), out_dtype)
-        out = deq.reshape(-1, BLOCK, self.h, self.d)[inv, off]
+        out = self._decode(k_buf[ub[:, None] * BLOCK + torch.arange(BLOCK, device=ub.device)], out_dtype)[inv, off]
         s = self.slot_of[blk]
         live = (s >= 0) & residual
         live[live.clone()] = self.fresh[layer, s[live]] & (off[live] < self.fill[layer, s[live]])

@@ -31,7 +31,8 @@ _HANDED_OUT: set[int] = set()
 def free_port() -> int:
     """A port free now and not handed out before by this process. The kernel may give the same
     free port to two binds in a row once the first socket closes, and a cluster picks all its
-    ports before any server binds one (CI saw the router and the prefill get the same port)."""
+    ports before any server binds one (a full-suite run here saw a router and a prefill get the
+    same port)."""
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
