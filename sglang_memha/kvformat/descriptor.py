@@ -34,6 +34,7 @@ import enum
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from sglang_memha.kvformat import k_offset as _k_offset
 from sglang_memha.kvformat.spec import FORMAT_VERSION, SUPPORTED_VERSIONS, KVFormat, format_spec
 from sglang_memha.kvformat.transforms import K_TRANSFORMS
 
@@ -50,6 +51,9 @@ class FormatMismatchError(ValueError):
         if any(f == "version" for f, _, _ in mismatches):
             hint = (f" (KV byte format versions differ; this build reads {sorted(SUPPORTED_VERSIONS)}: "
                     f"run the same sglang-memha release on prefill and decode)")
+        if any(f == "k_offset" for f, _, _ in mismatches):
+            hint += (" (K offsets differ: set MEMHA_K_OFFSET to the same calibration file on both "
+                     "servers, or on neither)")
         super().__init__(f"KV format mismatch with peer (not bridgeable): {body}{hint}")
 
 
@@ -82,6 +86,7 @@ class FormatDescriptor:
     num_layers: int
     model_id: str  # e.g. "Qwen/Qwen3-8B" plus a config hash; must match exactly
     k_transform: str = "none"  # transforms.K_TRANSFORMS
+    k_offset: str = "none"  # "none" or k_offset.digest() of the MEMHA_K_OFFSET file; must match exactly
     layout: str = "NHD"
     version: int = FORMAT_VERSION
 
@@ -98,6 +103,8 @@ class FormatDescriptor:
             raise ValueError(f"FormatDescriptor.model_id={self.model_id!r}: expected a non-empty str")
         if self.k_transform not in K_TRANSFORMS:
             raise ValueError(f"FormatDescriptor.k_transform={self.k_transform!r}: expected one of {K_TRANSFORMS}")
+        if not _k_offset.is_digest(self.k_offset):
+            raise ValueError(f"FormatDescriptor.k_offset={self.k_offset!r}: expected 'none' or 'sha256:<16 hex>'")
         if self.layout not in LAYOUTS:
             raise ValueError(f"FormatDescriptor.layout={self.layout!r}: expected one of {LAYOUTS}")
 
@@ -165,7 +172,8 @@ class FormatDescriptor:
             bad.append(("page_size (int4_kivi pages are not re-paged)", self.page_size, peer.page_size))
         # Encoding on send applies the receiver's K transform to untransformed bf16 rows.
         transform_applied = Bridge.ENCODE_ON_SEND in bridges and peer.k_transform == "none"
-        for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "layout"):
+        # k_offset is never bridged: both pools hold K - c, with the same c (no send-time re-offset).
+        for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "k_offset", "layout"):
             if name == "k_transform" and transform_applied:
                 continue
             a, b = getattr(self, name), getattr(peer, name)

@@ -11,6 +11,7 @@ the variable (set or not) alone.
 |------------------------------------|-----------------------------|
 | ``--memha-kv-format FMT``          | ``MEMHA_KV_FORMAT``         |
 | ``--memha-k-transform {none,hadamard}`` | ``MEMHA_K_TRANSFORM``  |
+| ``--memha-k-offset PATH``         | ``MEMHA_K_OFFSET``          |
 | ``--memha-decode-dequant {deferred,eager}`` | ``MEMHA_DECODE_DEQUANT`` |
 | ``--memha-pipeline``               | ``MEMHA_PIPELINE=1``        |
 | ``--memha-pipeline-min-tokens N``  | ``MEMHA_PIPELINE_MIN_TOKENS`` |
@@ -62,6 +63,7 @@ FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 FLAGS = (
     ("--memha-kv-format", "memha_kv_format", "MEMHA_KV_FORMAT"),
     ("--memha-k-transform", "memha_k_transform", "MEMHA_K_TRANSFORM"),
+    ("--memha-k-offset", "memha_k_offset", "MEMHA_K_OFFSET"),
     ("--memha-decode-dequant", "memha_decode_dequant", "MEMHA_DECODE_DEQUANT"),
     ("--memha-pipeline", "memha_pipeline", "MEMHA_PIPELINE"),
     ("--memha-pipeline-min-tokens", "memha_pipeline_min_tokens", "MEMHA_PIPELINE_MIN_TOKENS"),
@@ -106,6 +108,10 @@ def add_memha_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memha-k-transform", default=None, choices=list(K_TRANSFORM_VALUES),
                    help="MEMHA_K_TRANSFORM (default none): hadamard rotates K before quantizing; "
                         "both servers must agree.")
+    g.add_argument("--memha-k-offset", default=None, metavar="PATH",
+                   help="MEMHA_K_OFFSET: K offset file from python -m sglang_memha.calibrate; the pool "
+                        "quantizes K minus this calibrated vector (exact for attention). Same file on "
+                        "both servers.")
     g.add_argument("--memha-decode-dequant", default=None, choices=list(DECODE_DEQUANT_VALUES),
                    help="MEMHA_DECODE_DEQUANT (decode only, default deferred): eager dequantizes "
                         "arrived pages once into a bf16 pool.")

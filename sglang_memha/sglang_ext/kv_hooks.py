@@ -18,15 +18,13 @@ a stock-format PD pair logs the same measured-bytes line, for like-for-like comp
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import os
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from sglang_memha.config import load_config
 from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
+from sglang_memha.kvformat.k_offset import model_id_of
 
 logger = logging.getLogger("sglang_memha")
 
@@ -40,14 +38,8 @@ class UnsupportedSetup(RuntimeError):
 
 
 def model_id(model_config) -> str:
-    """Model identity both PD sides must share: path basename + hash of the shape-defining
-    config fields (paths differ between machines; shapes and vocab must not)."""
-    hf = model_config.hf_config
-    keys = ("architectures", "num_hidden_layers", "hidden_size", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "max_position_embeddings")
-    shape = {k: getattr(hf, k, None) for k in keys}
-    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{os.path.basename(os.path.normpath(model_config.model_path))}#{digest}"
+    """Model identity both PD sides must share (``k_offset.model_id_of``)."""
+    return model_id_of(model_config.hf_config, model_config.model_path)
 
 
 def _refusals(kvc) -> list[str]:
@@ -85,7 +77,7 @@ def resolve_pool_class(original, kvc, *, kind, default):
     from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
 
     base = MemhaEagerKVPool if _eager_decode(kvc.server_args) else MemhaQuantKVPool
-    return base.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config))
+    return base.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config), cfg.k_offset)
 
 
 def _eager_decode(server_args) -> bool:

@@ -33,10 +33,10 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
-from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec
-from sglang_memha.sglang_ext import state
+from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec, k_offset
 from sglang_memha.kvformat.kivi import BLOCK as KIVI_BLOCK
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
+from sglang_memha.sglang_ext import state
 from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
 
 logger = logging.getLogger("sglang_memha")
@@ -60,6 +60,17 @@ class RowLayout:
         return data, (rows[..., self.data_bytes:] if self.scale_bytes else None)
 
 
+def _attention_tp() -> tuple[int, int]:
+    """(rank, size) of the attention tensor-parallel group; (0, 1) where none is initialized
+    (pools built by tests outside a scheduler)."""
+    try:
+        from sglang.srt.layers.dp_attention import get_attention_tp_rank, get_attention_tp_size
+
+        return get_attention_tp_rank(), get_attention_tp_size()
+    except (ImportError, AssertionError, AttributeError, RuntimeError, TypeError):
+        return 0, 1
+
+
 class QuantKVView:
     """What ``MemhaQuantKVPool.get_key_buffer`` returns: ``view[slots]`` -> dequantized rows.
 
@@ -79,7 +90,7 @@ class QuantKVView:
     def __getitem__(self, slots) -> torch.Tensor:
         if self._is_key and self._pool.open_blocks is not None:  # int4_kivi: K blocks, open ones in bf16
             return self._pool.read_kivi_k(self._layer_idx, slots)
-        return self._pool.read_rows(self._buf[slots], self._is_key)
+        return self._pool.read_rows(self._buf[slots], self._is_key, self._layer_idx)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -101,17 +112,19 @@ class MemhaQuantKVPool(MHATokenToKVPool):
     memha_format: KVFormat = KVFormat.BF16
     memha_k_transform: str = "none"
     memha_model_id: str = "unknown"
+    memha_k_offset_path: str | None = None  # MEMHA_K_OFFSET (kvformat.k_offset)
 
     # Set by ``pipeline.around_run_batch`` for one forward: called with the pool-local layer
     # index once that layer's rows are written (CPU: synchronous writes, so no event needed).
     memha_layer_listener = None
 
     @classmethod
-    def configured(cls, fmt: KVFormat | str, k_transform: str = "none",
-                   model_id: str = "unknown") -> type[MemhaQuantKVPool]:
+    def configured(cls, fmt: KVFormat | str, k_transform: str = "none", model_id: str = "unknown",
+                   k_offset_path: str | None = None) -> type[MemhaQuantKVPool]:
         fmt = KVFormat.parse(fmt)
         return type(f"MemhaQuantKVPool_{fmt.value}", (cls,),
-                    {"memha_format": fmt, "memha_k_transform": k_transform, "memha_model_id": model_id})
+                    {"memha_format": fmt, "memha_k_transform": k_transform, "memha_model_id": model_id,
+                     "memha_k_offset_path": k_offset_path})
 
     # ---- buffers ---------------------------------------------------------------------------
     def _create_buffers(self):
@@ -147,21 +160,39 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         if block_coded:
             # the residual holds K as written: the model dtype, or fp32 once rotated (fp32 arithmetic)
             shadow_dtype = self.dtype if self.memha_k_transform == "none" else torch.float32
-            self.open_blocks = OpenBlocks(get_codec(self.memha_format, role="k"), self.layer_num, rows, self.head_num,
-                                          self.head_dim, self.layout.data_bytes, shadow_dtype, self.device)
+            self.open_blocks = OpenBlocks(get_codec(self.memha_format, role="k"), self.layout, self.layer_num, rows,
+                                          self.head_num, shadow_dtype, self.device)
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
+        self.k_offset, offset_digest = self._load_k_offset()
         self.memha_descriptor = FormatDescriptor(
             fmt=self.memha_format, page_size=self.page_size, num_kv_heads=self.head_num,
             head_dim=self.head_dim, num_layers=self.layer_num, model_id=self.memha_model_id,
-            k_transform=self.memha_k_transform)
+            k_transform=self.memha_k_transform, k_offset=offset_digest)
         state.set_local_descriptor(self.memha_descriptor, pool=self)
         logger.warning(
-            "sglang-memha KV pool: format=%s k_transform=%s tokens=%d page_size=%d layers=%d "
+            "sglang-memha KV pool: format=%s k_transform=%s k_offset=%s tokens=%d page_size=%d layers=%d "
             "kv_heads=%d head_dim=%d bytes_per_token=%d (bf16 would be %d)",
-            self.memha_format.value, self.memha_k_transform, self.size, self.page_size,
+            self.memha_format.value, self.memha_k_transform, offset_digest, self.size, self.page_size,
             self.layer_num, self.head_num, self.head_dim, self.bytes_per_token(),
             2 * self.layer_num * self.head_num * self.head_dim * 2)
+
+    def _load_k_offset(self) -> tuple[torch.Tensor | None, str]:
+        """(this pool's rows of the MEMHA_K_OFFSET file, [layer_num, head_num, head_dim] fp32 on
+        the pool's device, and the file's digest), or (None, "none")."""
+        if self.memha_k_offset_path is None:
+            return None, k_offset.NONE
+        off = k_offset.load(self.memha_k_offset_path)
+        if off.model_id != self.memha_model_id:
+            raise ValueError(f"MEMHA_K_OFFSET={self.memha_k_offset_path!r} was calibrated for model "
+                             f"{off.model_id!r}, this server runs {self.memha_model_id!r}: calibrate it "
+                             f"for this model (python -m sglang_memha.calibrate --model-path <model> --out <file>)")
+        if off.values.shape[-1] != self.head_dim:
+            raise ValueError(f"MEMHA_K_OFFSET={self.memha_k_offset_path!r} has head_dim {off.values.shape[-1]}, "
+                             f"the pool {self.head_dim}")
+        rank, size = _attention_tp()
+        rows = off.for_rank(self.start_layer, self.layer_num, self.head_num, rank, size)
+        return rows.to(self.device), off.digest
 
     def bytes_per_token(self) -> int:
         """KV bytes one token occupies across all layers of this pool (K and V, scales included)."""
@@ -185,8 +216,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         idx = layer_id - self.start_layer
         k = cache_k.reshape(-1, self.head_num, self.head_dim)
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
-        if self.memha_k_transform != "none":
-            k = apply_k_transform(self.memha_k_transform, k)
+        k = self._to_stored_k(k, idx)
         if self.open_blocks is not None:
             self.open_blocks.write(idx, k, loc, self.k_buffer[idx])
         else:
@@ -194,6 +224,15 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         self._write(v, loc, self.v_buffer[idx])
         if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
             self.memha_layer_listener(idx)
+
+    def _to_stored_k(self, k: torch.Tensor, idx: int) -> torch.Tensor:
+        """Model-space K [n, H, D] -> what the rows store: K - offset (fp32, then back to K's dtype
+        unless rotated next), then the K transform (fp32 out)."""
+        if self.k_offset is not None:
+            k = (k.float() - self.k_offset[idx]).to(k.dtype if self.memha_k_transform == "none" else torch.float32)
+        if self.memha_k_transform != "none":
+            k = apply_k_transform(self.memha_k_transform, k)
+        return k
 
     def _write(self, x: torch.Tensor, loc: torch.Tensor, buf: torch.Tensor) -> None:
         data_view, scale_view = self.layout.split(buf)
@@ -203,25 +242,33 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             self.codec.quantize_into(x, loc, data_view, scale_view)
 
     # ---- read ------------------------------------------------------------------------------
-    def read_rows(self, rows: torch.Tensor, is_key: bool) -> torch.Tensor:
-        """rows [n, H, row_bytes] uint8 (gathered) -> [n, H, head_dim] in ``self.dtype``."""
+    def read_rows(self, rows: torch.Tensor, is_key: bool, idx: int) -> torch.Tensor:
+        """rows [n, H, row_bytes] uint8 (gathered from pool-local layer ``idx``) -> [n, H, head_dim]
+        in ``self.dtype``."""
         data, raw_scales = self.layout.split(rows)
         if self.layout.has_layer_scale:
             scales = self.layer_scale
         else:
             scales = None if raw_scales is None else self.codec.scales_from_bytes(raw_scales.contiguous())
-        if is_key and self.memha_k_transform != "none":
-            x = self.codec.dequantize(data.contiguous(), scales, torch.float32)
-            return unrotate(x).to(self.dtype)
-        return self.codec.dequantize(data.contiguous(), scales, self.dtype)
+        return self._in_model_space(lambda dt: self.codec.dequantize(data.contiguous(), scales, dt), is_key, idx)
 
     def read_kivi_k(self, idx: int, slots, residual: bool = True) -> torch.Tensor:
         """int4_kivi K of ``slots`` of pool-local layer ``idx`` -> [n, H, head_dim] in ``self.dtype``
         (``residual``: see ``OpenBlocks.read``)."""
+        return self._in_model_space(
+            lambda dt: self.open_blocks.read(idx, slots, self.k_buffer[idx], dt, residual), True, idx)
+
+    def _in_model_space(self, decode, is_key: bool, idx: int) -> torch.Tensor:
+        """``decode(out_dtype)`` of stored rows of pool-local layer ``idx``; for K, the inverse of
+        ``_to_stored_k`` (un-rotate, add the offset back) in fp32 before the cast."""
+        if not is_key or (self.memha_k_transform == "none" and self.k_offset is None):
+            return decode(self.dtype)
+        x = decode(torch.float32)
         if self.memha_k_transform != "none":
-            x = self.open_blocks.read(idx, slots, self.k_buffer[idx], torch.float32, residual)
-            return unrotate(x).to(self.dtype)
-        return self.open_blocks.read(idx, slots, self.k_buffer[idx], self.dtype, residual)
+            x = unrotate(x)
+        if self.k_offset is not None:
+            x = x + self.k_offset[idx]
+        return x.to(self.dtype)
 
     def apply_bridge(self, slots: torch.Tensor, bridge) -> None:
         """Convert arrived rows ``slots`` of every layer in place (fnuz <-> fn; same row size).
@@ -298,8 +345,8 @@ class MemhaEagerKVPool(MemhaQuantKVPool):
             if self.open_blocks is not None:  # int4_kivi: K through its blocks' tables
                 self.k_dense[idx][slots] = self.read_kivi_k(idx, slots, residual=False)
             else:
-                self.k_dense[idx][slots] = self.read_rows(self.k_buffer[idx][slots], True)
-            self.v_dense[idx][slots] = self.read_rows(self.v_buffer[idx][slots], False)
+                self.k_dense[idx][slots] = self.read_rows(self.k_buffer[idx][slots], True, idx)
+            self.v_dense[idx][slots] = self.read_rows(self.v_buffer[idx][slots], False, idx)
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):

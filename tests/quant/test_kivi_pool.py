@@ -225,3 +225,26 @@ def test_eager_pool_lands_kivi_blocks_through_their_codes():
                             torch.bfloat16)[:45]
         assert torch.equal(eager.get_key_buffer(layer)[seq.slots], want)
         assert torch.equal(eager.get_value_buffer(layer)[seq.slots], seq.want_v())
+
+
+def test_k_offset_pool_stores_k_minus_c_in_blocks(tmp_path):
+    """MEMHA_K_OFFSET on int4_kivi: rows and open-block residuals are those of a pool fed K - c;
+    reads add c back (fp32) before the one cast."""
+    from sglang_memha.kvformat import k_offset
+
+    c = torch.randn(L, H, D, generator=torch.Generator().manual_seed(4)) * 3
+    path = str(tmp_path / "k.safetensors")
+    off = k_offset.save(path, c, "test#0", {})
+    pool = MemhaQuantKVPool.configured("int4_kivi", "none", "test#0", path)(
+        40 * PAGE, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+        device="cpu", enable_memory_saver=False)
+    plain = make_pool()
+    seq = Seq(PAGE, seed=11)
+    for n in (40, 1, 1):  # a whole block, an open one, decode steps into it
+        slots, k, v = seq.new(n)
+        pool.set_kv_buffer(_Layer(1), slots, k.view(n, H * D), v.view(n, H * D))
+        stored = (k.float() - off.values[1]).to(torch.bfloat16)
+        plain.set_kv_buffer(_Layer(1), slots, stored.view(n, H * D), v.view(n, H * D))
+    assert torch.equal(pool.k_buffer[1][seq.slots], plain.k_buffer[1][seq.slots])
+    want = (plain.open_blocks.read(1, seq.slots, plain.k_buffer[1], torch.float32, True) + off.values[1])
+    assert torch.equal(pool.get_key_buffer(1)[seq.slots], want.to(torch.bfloat16))

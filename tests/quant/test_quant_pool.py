@@ -152,3 +152,89 @@ def test_bridge_refusal_writes_nothing():
     with pytest.raises(ValueError, match="NaN"):
         pool.apply_bridge(loc, Bridge.FNUZ_TO_FN)
     assert all(torch.equal(a, b) for a, b in zip(before, (*pool.k_buffer, *pool.v_buffer)))
+
+
+# ---- MEMHA_K_OFFSET (kvformat/k_offset.py) ------------------------------------------------------
+def _offset_file(tmp_path, model_id="test#0", layers=L, heads=H, big=40.0):
+    """An offset with a large constant on 2 channels per head (what calibration finds in K)."""
+    from sglang_memha.kvformat import k_offset
+
+    c = torch.randn(layers, heads, D, generator=torch.Generator().manual_seed(3)) * 0.5
+    c[..., 30:32] += big
+    path = str(tmp_path / "k_offset.safetensors")
+    return path, k_offset.save(path, c, model_id, {"source": "test"})
+
+
+def _offset_pool(fmt, k_transform, path, cls=MemhaQuantKVPool):
+    return cls.configured(fmt, k_transform, "test#0", path)(
+        128, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+        device="cpu", enable_memory_saver=False)
+
+
+@pytest.mark.parametrize("k_transform", ["none", "hadamard"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4_g64", "bf16"])
+def test_k_offset_rows_hold_k_minus_c_and_reads_add_it_back(fmt, k_transform, tmp_path):
+    path, off = _offset_file(tmp_path)
+    pool = _offset_pool(fmt, k_transform, path)
+    plain = make_pool(fmt, k_transform)
+    c = off.values[1]
+    assert pool.memha_descriptor.k_offset == off.digest and plain.memha_descriptor.k_offset == "none"
+    g = torch.Generator().manual_seed(5)
+    loc = torch.tensor([16, 17, 40, 100])
+    k = (torch.randn(4, H, D, generator=g) * 3 + c).to(torch.bfloat16)  # K around its offset
+    v = (torch.randn(4, H * D, generator=g) * 3).to(torch.bfloat16)
+    pool.set_kv_buffer(_Layer(1), loc, k.view(4, H * D), v)
+    # rows = what a pool without the offset stores for K - c (fp32 difference, cast back unless rotated)
+    stored = k.float() - c
+    plain.set_kv_buffer(_Layer(1), loc, stored.to(torch.bfloat16) if k_transform == "none" else stored, v)
+    assert torch.equal(pool.k_buffer[1][loc], plain.k_buffer[1][loc])
+    assert torch.equal(pool.v_buffer[1][loc], plain.v_buffer[1][loc])
+    # read: decode in fp32, un-rotate, + c, one cast to bf16
+    x = rotate(stored) if k_transform != "none" else stored.to(torch.bfloat16)
+    codec = get_codec(fmt)
+    y = codec.dequantize(*codec.quantize(x), torch.float32)
+    want = ((unrotate(y) if k_transform != "none" else y) + c).to(torch.bfloat16)
+    assert torch.equal(pool.get_key_buffer(1)[loc].view(torch.int16), want.view(torch.int16))
+    assert torch.equal(pool.get_value_buffer(1)[loc], plain.get_value_buffer(1)[loc])
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8", "int4_g64"])
+def test_k_offset_shrinks_the_error_of_k_with_large_channels(fmt, tmp_path):
+    """Why the offset exists: in K rows with 2 large channels, those channels' own error is large
+    (fp8: ~3% of 40) and, for integer formats, the per-row scale they set costs every other
+    channel precision. Stored minus the offset, both shrink: RMS error over the row < half."""
+    path, off = _offset_file(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    loc = torch.arange(16, 48)
+    k = (torch.randn(32, H, D, generator=g) + off.values[0]).to(torch.bfloat16)
+    err = {}
+    for name, pool in (("plain", make_pool(fmt)), ("offset", _offset_pool(fmt, "none", path))):
+        pool.set_kv_buffer(_Layer(0), loc, k.view(32, H * D), k.view(32, H * D))
+        diff = pool.get_key_buffer(0)[loc].float() - k.float()
+        err[name] = diff.pow(2).mean().sqrt().item()
+    assert err["offset"] < 0.5 * err["plain"], err
+
+
+def test_eager_pool_lands_with_the_offset_added_back(tmp_path):
+    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+
+    path, _ = _offset_file(tmp_path)
+    deferred = _offset_pool("fp8_e4m3", "none", path)
+    eager = _offset_pool("fp8_e4m3", "none", path, MemhaEagerKVPool)
+    loc = torch.arange(16, 40)
+    k, v = torch.randn(24, H * D).bfloat16() * 40, torch.randn(24, H * D).bfloat16()
+    deferred.set_kv_buffer(_Layer(2), loc, k, v)
+    for idx in range(L):
+        eager.k_buffer[idx][loc] = deferred.k_buffer[idx][loc]
+        eager.v_buffer[idx][loc] = deferred.v_buffer[idx][loc]
+    eager.land(loc)
+    assert torch.equal(eager.get_key_buffer(2)[loc], deferred.get_key_buffer(2)[loc])
+
+
+def test_k_offset_of_another_model_or_shape_is_refused(tmp_path):
+    path, _ = _offset_file(tmp_path, model_id="other#1")
+    with pytest.raises(ValueError, match=r"calibrated for model 'other#1', this server runs 'test#0'.*sglang_memha.calibrate"):
+        _offset_pool("fp8_e4m3", "none", path)
+    path, _ = _offset_file(tmp_path, heads=3)
+    with pytest.raises(ValueError, match="MEMHA_K_OFFSET has 3 kv heads; this pool holds 2 per rank"):
+        _offset_pool("fp8_e4m3", "none", path)
