@@ -101,11 +101,12 @@ from sglang_memha.kvformat.base import bf16_round  # noqa: E402
 from sglang_memha.kvformat.spec import KVFormat  # noqa: E402
 from sglang_memha.kvformat.transforms import rotate, unrotate  # noqa: E402
 
-# the configuration each class ships with (MEMHA_KV_FORMAT + MEMHA_K_TRANSFORM)
+# the configuration each class ships with (MEMHA_KV_FORMAT + MEMHA_K_TRANSFORM [+ MEMHA_K_OFFSET])
 # int4: int4_kivi (pages of 32) since session 7; int4_g64+had stays the densest int4 (0.281 vs 0.3125 of bf16)
-RECOMMENDED = {"fp8": "fp8_e4m3+had", "int8": "int8+had", "int4": "int4_kivi"}
-MODES = ("noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,int8,int8+had,int4_g32+had,int4_g64,int4_g64+had,"
-         "int4_kivi,int4_kivi+had")
+# fp8 / int8: + a static K offset calibrated on held-out text (+koff) since session 8
+RECOMMENDED = {"fp8": "fp8_e4m3+koff+had", "int8": "int8+koff+had", "int4": "int4_kivi"}
+MODES = ("noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,fp8_e4m3+koff,fp8_e4m3+koff+had,int8,int8+had,int8+koff+had,"
+         "int4_g32+had,int4_g64,int4_g64+had,int4_kivi,int4_kivi+had")
 # int4_kivi through its real codec (K per channel over 32-token blocks, bf16 residual; docs/kv_format.md)
 BLOCK_CODED_MODES = ("int4_kivi", "int4_kivi+had")
 # candidate fixes worth measuring (not run by default; see the module docstring)
@@ -466,6 +467,19 @@ def calibrate_k_offset(models: dict, tok, max_tokens: int, source: str, passages
             "model_setting": "bf16" if "bf16" in models else next(iter(models))}
 
 
+def estimate_s(models: dict, ids: torch.Tensor, passages: int, modes: int) -> float:
+    """Seconds the run will take: one timed forward per setting (after a warm-up one) x the
+    forwards to run (passages x (modes + the baseline)); codec work adds a little, not counted."""
+    total = 0.0
+    with torch.no_grad():
+        for model in models.values():
+            model(ids[None], use_cache=False)
+            t = time.time()
+            model(ids[None], use_cache=False)
+            total += (time.time() - t) * passages * (modes + 1)
+    return total
+
+
 def summarize(r: dict, base: dict) -> dict:
     """Pooled over tokens; ``*_se``: standard errors across passages (each passage's mean as one
     sample: tokens of one passage are not independent), ppl's by the delta method."""
@@ -483,7 +497,7 @@ def summarize(r: dict, base: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=24, help="passages (>= 20 for issue 7)")
+    ap.add_argument("--n", type=int, default=36, help="passages (>= 20 for issue 7; 36 = every pydoc topic > 4000 chars + 10 licences)")
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--settings", default="bf16,fp32")
     ap.add_argument("--modes", default=MODES)
@@ -537,6 +551,9 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     res = {s: {m: {"kl": [], "top1": [], "nll": []} for m in ["base"] + modes} for s in settings}
     cross = {"top1": []}  # bf16 baseline vs fp32 baseline (what bf16 compute itself costs)
+    print(f"quality: {len(passages)} passages x {args.len} tokens, {len(modes)} modes + the baseline, "
+          f"settings {settings}: ~{estimate_s(models, passages[0][1], len(passages), len(modes)) / 60:.0f} min "
+          f"(one timed forward per setting x the forwards to run)", flush=True)
     t0 = time.time()
     with torch.no_grad():
         for i, (name, ids) in enumerate(passages):
@@ -583,6 +600,8 @@ def main() -> None:
     out.update({
         "recommended": {cls: {"mode": mode, "MEMHA_KV_FORMAT": fmt_of[cls],
                               "MEMHA_K_TRANSFORM": "hadamard" if "+had" in mode else "none",
+                              "MEMHA_K_OFFSET": "a calibrated file (python -m sglang_memha.calibrate)"
+                              if "+koff" in mode else "unset",
                               "capacity_vs_bf16_d64": cap[cls]}
                         for cls, mode in RECOMMENDED.items()},
         "baseline": {

@@ -241,3 +241,51 @@ def test_mode_bytes():
     kv = mode_bytes("int4kivi_t32")
     assert (kv["k"], kv["v"]) == (40, 36)
     assert mode_bytes("int4kivi_t16")["k"] == 48
+
+
+# ---- koff (the product's static K offset, kvformat/k_offset.py) ----------------------------------
+@pytest.mark.parametrize("mode", ["fp8_e4m3+koff", "fp8_e4m3+koff+had", "int8+koff+had", "int4_kivi+koff",
+                                  "int4a_g64+koff+kmean+had"])
+def test_koff_modes_parse_in_order(mode):
+    spec = parse_mode(mode)
+    assert spec.koff and not spec.legacy
+
+
+@pytest.mark.parametrize("mode", ["fp8_e4m3+had+koff", "fp8_e4m3+kmean+koff", "fp8_e4m3+koff+koff", "fp8_e4m3+koff_Vonly"])
+def test_koff_modes_rejected_out_of_order(mode):
+    with pytest.raises(ValueError):
+        parse_mode(mode)
+
+
+@pytest.mark.parametrize("had", [False, True])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_koff_mode_equals_the_pool_with_the_offset(fmt, had, tmp_path):
+    """The eval's +koff emulation reads back, bit for bit, what MemhaQuantKVPool with
+    MEMHA_K_OFFSET returns for the same K (so the offline figures are the product's)."""
+    pytest.importorskip("sglang.srt.mem_cache.memory_pool")
+    from sglang_memha.kvformat import k_offset
+    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+    import eval.quality_offline as qo
+
+    layers, h, t, d = 3, 2, 40, 64
+    g = torch.Generator().manual_seed(2)
+    c = torch.randn(layers, h, d, generator=g) * 4
+    path = str(tmp_path / "k.safetensors")
+    off = k_offset.save(path, c, "test#0", {})
+    k = (torch.randn(1, h, t, d, generator=g) * 2 + off.values[1][None, :, None, :]).to(torch.bfloat16)
+    qo.K_OFFSET.update(values=off.values, layer=1)
+    try:
+        got = qo.fake_k(k, parse_mode(f"{fmt}+koff" + ("+had" if had else "")))
+    finally:
+        qo.K_OFFSET.update(values=None, layer=0)
+    pool = MemhaQuantKVPool.configured(fmt, "hadamard" if had else "none", "test#0", path)(
+        64, page_size=16, dtype=torch.bfloat16, head_num=h, head_dim=d, layer_num=layers, device="cpu",
+        enable_memory_saver=False)
+    rows = k[0].transpose(0, 1).reshape(t, h * d)  # [T, H*D], token-major as attention writes
+    loc = torch.arange(16, 16 + t)
+
+    class _L:
+        layer_id = 1
+    pool.set_kv_buffer(_L, loc, rows, rows)
+    want = pool.get_key_buffer(1)[loc].transpose(0, 1)[None]  # back to [1, H, T, D]
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

@@ -148,6 +148,13 @@ class KVCodec:
                 raise ValueError(f"scale_pool is None but {self.fmt.value} has per-token scales")
             scale_pool[loc] = raw
 
+    def gather_rows_fused(self, rows: torch.Tensor, slots, head_dim: int,
+                          out_dtype: torch.dtype) -> torch.Tensor | None:
+        """``dequantize`` of ``rows[slots]`` in one fused pass, where this codec has one for this
+        input (fp8 per token-head on CPU, bf16 out); None otherwise (the caller gathers, then
+        dequantizes). rows: uint8 [num_slots, H, row_bytes] interleaved pool rows ``[data | scale]``."""
+        return None
+
     def gather_dequantize(
         self,
         data_pool: torch.Tensor,

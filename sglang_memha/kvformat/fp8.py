@@ -38,7 +38,7 @@ import math
 import torch
 
 from sglang_memha.kvformat.base import KVCodec, bf16_round, check_input, check_out_dtype
-from sglang_memha.kvformat.cpu_kernels import fp8_dequantize_rows_bf16, fp8_quantize_rows
+from sglang_memha.kvformat.cpu_kernels import fp8_dequantize_rows_bf16, fp8_gather_dequantize_bf16, fp8_quantize_rows
 from sglang_memha.kvformat.spec import KVFormat
 
 E4M3FN_MAX = 448.0
@@ -146,6 +146,11 @@ class _Fp8TokenHead(KVCodec):
     def dequantize_reference(self, data, scales, out_dtype=torch.bfloat16):
         vals = data.view(self.torch_dtype).float()
         return (vals * scales.float()).to(out_dtype)
+
+    def gather_rows_fused(self, rows, slots, head_dim, out_dtype):
+        if out_dtype != torch.bfloat16 or not torch.is_tensor(slots):
+            return None
+        return fp8_gather_dequantize_bf16(rows, slots, head_dim, self.bias)
 
 
 class Fp8TokenHeadCodec(_Fp8TokenHead):

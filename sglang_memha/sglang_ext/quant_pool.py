@@ -90,7 +90,7 @@ class QuantKVView:
     def __getitem__(self, slots) -> torch.Tensor:
         if self._is_key and self._pool.open_blocks is not None:  # int4_kivi: K blocks, open ones in bf16
             return self._pool.read_kivi_k(self._layer_idx, slots)
-        return self._pool.read_rows(self._buf[slots], self._is_key, self._layer_idx)
+        return self._pool.read_slots(self._buf, slots, self._is_key, self._layer_idx)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -251,6 +251,15 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         else:
             scales = None if raw_scales is None else self.codec.scales_from_bytes(raw_scales.contiguous())
         return self._in_model_space(lambda dt: self.codec.dequantize(data.contiguous(), scales, dt), is_key, idx)
+
+    def read_slots(self, buf: torch.Tensor, slots, is_key: bool, idx: int) -> torch.Tensor:
+        """``read_rows(buf[slots])``: the codec's fused gather + dequantize where it has one and the
+        rows are already model space (V, or K with no transform or offset), else gather, then decode."""
+        if not (is_key and (self.memha_k_transform != "none" or self.k_offset is not None)):
+            out = self.codec.gather_rows_fused(buf, slots, self.head_dim, self.dtype)
+            if out is not None:
+                return out
+        return self.read_rows(buf[slots], is_key, idx)
 
     def read_kivi_k(self, idx: int, slots, residual: bool = True) -> torch.Tensor:
         """int4_kivi K of ``slots`` of pool-local layer ``idx`` -> [n, H, head_dim] in ``self.dtype``

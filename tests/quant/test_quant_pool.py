@@ -238,3 +238,19 @@ def test_k_offset_of_another_model_or_shape_is_refused(tmp_path):
     path, _ = _offset_file(tmp_path, heads=3)
     with pytest.raises(ValueError, match="MEMHA_K_OFFSET has 3 kv heads; this pool holds 2 per rank"):
         _offset_pool("fp8_e4m3", "none", path)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz", "bf16"])
+def test_fused_gather_read_equals_gather_then_decode(fmt):
+    """The attention read (``view[slots]``) takes the codec's fused gather + dequantize (fp8: one C
+    pass on CPU; bf16: one gather); it must give the bytes of gathering the rows and decoding them
+    (``read_rows``)."""
+    pool = make_pool(fmt)
+    loc = torch.arange(16, 80)
+    k, v = (torch.randn(64, H * D) * 5).bfloat16(), torch.randn(64, H * D).bfloat16()
+    pool.set_kv_buffer(_Layer(1), loc, k, v)
+    slots = torch.tensor([79, 16, 40, 40, 17], dtype=torch.int32)  # SGLang's req_to_token is int32
+    for buf, view, is_key in ((pool.k_buffer[1], pool.get_key_buffer(1), True),
+                              (pool.v_buffer[1], pool.get_value_buffer(1), False)):
+        assert pool.codec.gather_rows_fused(buf, slots, D, torch.bfloat16) is not None  # the fused path ran
+        assert torch.equal(view[slots].view(torch.int16), pool.read_rows(buf[slots.long()], is_key, 1).view(torch.int16))

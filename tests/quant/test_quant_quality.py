@@ -49,8 +49,10 @@ PROMPTS = [
 # int4_kivi (pages of 32; offline p ~8 %: expected agree ~0.58, more here since these prompts are
 # short and most of their K sits in the open block's bf16 residual): its dlogp bar is below what
 # int4_g64 measures, so the test tells the two apart.
+# "+had": MEMHA_K_TRANSFORM=hadamard; "+koff": MEMHA_K_OFFSET, calibrated here on pydoc text (the
+# calibrator's default; the prompts are not pydoc).
 THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3), "int4_g64": (0.2, 1.5),
-              "int4_kivi": (0.36, 1.0)}
+              "int4_kivi": (0.36, 1.0), "fp8_e4m3+koff+had": (0.48, 0.6)}
 
 
 def _run(deploy) -> list[dict]:
@@ -98,10 +100,25 @@ def reference(smollm2, tmp_path_factory):
         return _run(s)
 
 
+@pytest.fixture(scope="module")
+def smollm2_k_offset(smollm2, tmp_path_factory):
+    from sglang_memha import calibrate
+
+    out = str(tmp_path_factory.mktemp("koff") / "k_offset.safetensors")
+    calibrate.main(["--model-path", smollm2, "--out", out, "--max-tokens", "8192"])
+    return out
+
+
 @pytest.mark.parametrize("fmt", list(THRESHOLDS))
-def test_quality_vs_single_bf16(fmt, smollm2, reference, tmp_path):
-    page = ["--page-size", "32"] if fmt == "int4_kivi" else PAGE  # its K blocks are 32 tokens
-    with PDCluster(smollm2, page, page, env={"MEMHA_KV_FORMAT": fmt}, log_dir=str(tmp_path)) as c:
+def test_quality_vs_single_bf16(fmt, smollm2, reference, tmp_path, request):
+    name, *flags = fmt.split("+")
+    env = {"MEMHA_KV_FORMAT": name}
+    if "had" in flags:
+        env["MEMHA_K_TRANSFORM"] = "hadamard"
+    if "koff" in flags:
+        env["MEMHA_K_OFFSET"] = request.getfixturevalue("smollm2_k_offset")
+    page = ["--page-size", "32"] if name == "int4_kivi" else PAGE  # its K blocks are 32 tokens
+    with PDCluster(smollm2, page, page, env=env, log_dir=str(tmp_path)) as c:
         got = _run(c)
     agree, dlogp = compare(reference, got)
     min_agree, max_dlogp = THRESHOLDS[fmt]

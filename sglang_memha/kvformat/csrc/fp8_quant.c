@@ -182,20 +182,78 @@ static float decode_code(int code, int bias) {
     return s ? -mag : mag;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* AVX-512 row decode, 16 codes per step, the same values as the table: a code's 7 magnitude bits
+ * moved to fp32's exponent / mantissa position with the exponent rebased from bias to 127 (codes
+ * with exponent field 0 instead: float(m) * 2^(1 - bias - 3); both exact), the sign bit OR-ed in,
+ * one fp32 multiply by the scale, the same integer RNE to bf16, NaN codes / products -> 0x7FC0. */
+static inline int dequant_row_avx512(const uint8_t *d, uint16_t *o, int64_t dim, float s, int bias) {
+    if (dim & 15) return 0;
+    const __m512 vs = _mm512_set1_ps(s), sub_mul = _mm512_set1_ps(ldexpf(1.0f, -bias - 2));
+    const __m512i exp_add = _mm512_set1_epi32((127 - bias) << 23), x7f = _mm512_set1_epi32(0x7F);
+    const __m512i x78 = _mm512_set1_epi32(0x78), x7 = _mm512_set1_epi32(7), x80 = _mm512_set1_epi32(0x80);
+    const __m512i rnd = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7FC0);
+    for (int64_t i = 0; i < dim; i += 16) {
+        __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(d + i)));
+        __m512i em = _mm512_and_si512(c, x7f);
+        __m512 norm = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), exp_add));
+        __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, x7)), sub_mul);
+        __m512 mag = _mm512_mask_blend_ps(_mm512_test_epi32_mask(em, x78), sub, norm);
+        __m512i sign = _mm512_slli_epi32(_mm512_and_si512(c, x80), 24);
+        __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign)), vs);
+        __m512i b = _mm512_castps_si512(v);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, rnd),
+                                      _mm512_and_si512(_mm512_srli_epi32(b, 16), one)), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) |
+                        (bias == 8 ? _mm512_cmpeq_epi32_mask(c, x80) : _mm512_cmpeq_epi32_mask(em, x7f));
+        r = _mm512_mask_mov_epi32(r, nan, qnan);
+        _mm256_storeu_si256((__m256i *)(o + i), _mm512_cvtepi32_epi16(r));
+    }
+    return 1;
+}
+#else
+static inline int dequant_row_avx512(const uint8_t *d, uint16_t *o, int64_t dim, float s, int bias) {
+    (void)d; (void)o; (void)dim; (void)s; (void)bias;
+    return 0;
+}
+#endif
+
+static inline void dequant_row(const uint8_t *d, uint16_t *o, int64_t dim, float s, int bias, const float *lut) {
+    if (dequant_row_avx512(d, o, dim, s, bias)) return;
+    for (int64_t i = 0; i < dim; i++) {
+        float v = lut[d[i]] * s;
+        uint32_t b = f32_bits(v);
+        uint16_t rne = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+        o[i] = v != v ? (uint16_t)0x7FC0 : rne;
+    }
+}
+
 void memha_fp8_dequant_bf16(const uint8_t *data, const uint16_t *scale, uint16_t *out, int64_t rows,
                             int64_t dim, int bias, int nthreads) {
     float lut[256];
     for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const float s = bf16_to_f32(scale[r]);
-        const uint8_t *d = data + r * dim;
-        uint16_t *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) {
-            float v = lut[d[i]] * s;
-            uint32_t b = f32_bits(v);
-            uint16_t rne = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-            o[i] = v != v ? (uint16_t)0x7FC0 : rne;
+    for (int64_t r = 0; r < rows; r++)
+        dequant_row(data + r * dim, out + r * dim, dim, bf16_to_f32(scale[r]), bias, lut);
+}
+
+/* Gather + dequantize straight from pool rows (what attention reads), one pass, no temporaries:
+ *
+ * buf    [num_slots, heads, row_bytes] uint8 pool rows: [dim codes | bf16 scale (2 bytes, LE)]
+ * slots  [n] int64 slot ids, each in [0, num_slots) (the caller checks)
+ * out    [n, heads, dim] bf16 (as uint16) = dequantize(buf[slots])
+ */
+void memha_fp8_gather_dequant_bf16(const uint8_t *buf, int64_t row_bytes, const int64_t *slots, int64_t n,
+                                   int64_t heads, int64_t dim, uint16_t *out, int bias, int nthreads) {
+    float lut[256];
+    for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const uint8_t *row = buf + (slots[i] * heads + h) * row_bytes;
+            uint16_t sb;
+            memcpy(&sb, row + dim, 2);
+            dequant_row(row, out + (i * heads + h) * dim, dim, bf16_to_f32(sb), bias, lut);
         }
     }
 }
