@@ -48,27 +48,42 @@ def test_server_that_dies_reports_its_log(tiny_model, tmp_path):
     assert descendants() == []
 
 
-def test_free_port_never_hands_out_a_port_twice(monkeypatch):
-    """The kernel gave two binds in a row the same free port (a router and a prefill of one
-    cluster got one port in CI); free_port skips ports it handed out before."""
+def test_free_port_never_hands_out_a_port_twice_nor_a_busy_or_ephemeral_one(monkeypatch):
+    """Two races of picking ports before servers bind them: the kernel gave two binds in a row the
+    same free port (a router and a prefill of one cluster), and an outgoing connection took a
+    picked ephemeral port before the prefill bound it. free_port skips ports it handed out and
+    busy ones, and picks below the ephemeral range."""
+    import socket
+
     from sglang_memha.testing import procs
 
-    ports = iter([41001, 41001, 41001, 41002])
+    low, high = procs._PICK_RANGE
+    eph_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert low >= 20000 and high <= max(eph_low, 30000)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy_port = busy.getsockname()[1]
+    with socket.socket() as probe:  # a free port inside the range for the "handed out" case
+        for cand in range(low + 1, high):
+            try:
+                probe.bind(("127.0.0.1", cand))
+                break
+            except OSError:
+                continue
+    proposals = iter([cand, cand, busy_port, cand, cand + 0, low])
 
-    class _Sock:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def bind(self, addr):
-            self.port = next(ports)
-
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
+    class _Rng:
+        def randrange(self, a, b):
+            assert (a, b) == (low, high)
+            return next(proposals)
 
     monkeypatch.setattr(procs, "_HANDED_OUT", set())
-    monkeypatch.setattr(procs.socket, "socket", lambda *a, **k: _Sock())
-    assert procs.free_port() == 41001
-    assert procs.free_port() == 41002
+    monkeypatch.setattr(procs, "_rng", _Rng())
+    try:
+        assert procs.free_port() == cand
+        assert procs.free_port() == low  # cand handed out, busy_port in use: both skipped
+    finally:
+        busy.close()
+    monkeypatch.setattr(procs, "_rng", __import__("random").Random(0))
+    ports = [procs.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(low <= p < high for p in ports)

@@ -2,7 +2,9 @@
 
 Why C and not torch: the eager reference makes ~10 passes over fp32 temporaries; one fused pass
 per row is what gets quantize near memory speed (bf16 rows of a multiple of 32 take an AVX-512 path
-where the compiler targets it). Why not a torch C++ extension: compiling against
+where the compiler targets it). The attention read (``fp8_gather_dequantize_bf16``) gathers pool
+rows by slot and decodes them in the same pass (rows of a multiple of 16 codes: AVX-512), so a
+decode step reads fp8 KV about as fast as stock SGLang gathers bf16 (eval/bench_decode_read.py). Why not a torch C++ extension: compiling against
 torch's headers takes about a minute; this plain C file builds in about a second and is called
 through ctypes with raw pointers. Built per source and CPU (``-march=native``) into
 ``$MEMHA_CACHE_DIR/kernels``; where no compiler works, or ``MEMHA_CPU_KERNELS=0``, the codecs use

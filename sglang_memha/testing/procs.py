@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,19 +29,42 @@ class ClusterError(RuntimeError):
 _HANDED_OUT: set[int] = set()
 
 
+def _pick_range() -> tuple[int, int]:
+    """[20000, start of the kernel's ephemeral port range): no outgoing connection takes a port
+    there, and Mooncake's own listeners (15000-17000 here) stay below it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (20000, low) if low - 20000 >= 1000 else (20000, 30000)
+
+
+_PICK_RANGE = _pick_range()
+_rng = random.Random()
+
+
 def free_port() -> int:
-    """A port free now and not handed out before by this process. The kernel may give the same
-    free port to two binds in a row once the first socket closes, and a cluster picks all its
-    ports before any server binds one (a full-suite run here saw a router and a prefill get the
-    same port)."""
-    for _ in range(100):
+    """A port free now, not handed out before by this process, and outside the ephemeral range.
+
+    A cluster picks its ports before any server binds one, so two races matter: the kernel gives
+    the same free port to two binds in a row once the first socket closes (a full-suite run here
+    saw a router and a prefill get the same port), and an outgoing connection can take an
+    ephemeral port between the pick and the bind (another run saw a prefill's HTTP port taken).
+    Picking from ``_PICK_RANGE`` and remembering what was handed out avoids both."""
+    low, high = _PICK_RANGE
+    for _ in range(500):
+        port = _rng.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise ClusterError("no free port found that this process has not handed out already")
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise ClusterError(f"no free port in [{low}, {high}) that this process has not handed out already")
 
 
 def check_port_free(port: int, what: str) -> None:
