@@ -255,7 +255,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
     def read_slots(self, buf: torch.Tensor, slots, is_key: bool, idx: int) -> torch.Tensor:
         """``read_rows(buf[slots])``: the codec's fused gather + dequantize where it has one and the
         rows are already model space (V, or K with no transform or offset), else gather, then decode."""
-        if not (is_key and (self.memha_k_transform != "none" or self.k_offset is not None)):
+        if not (is_key and self._k_not_model_space):
             out = self.codec.gather_rows_fused(buf, slots, self.head_dim, self.dtype)
             if out is not None:
                 return out
@@ -267,10 +267,15 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         return self._in_model_space(
             lambda dt: self.open_blocks.read(idx, slots, self.k_buffer[idx], dt, residual), True, idx)
 
+    @property
+    def _k_not_model_space(self) -> bool:
+        """Stored K differs from the model's K (a K transform or a K offset is on)."""
+        return self.memha_k_transform != "none" or self.k_offset is not None
+
     def _in_model_space(self, decode, is_key: bool, idx: int) -> torch.Tensor:
         """``decode(out_dtype)`` of stored rows of pool-local layer ``idx``; for K, the inverse of
         ``_to_stored_k`` (un-rotate, add the offset back) in fp32 before the cast."""
-        if not is_key or (self.memha_k_transform == "none" and self.k_offset is None):
+        if not (is_key and self._k_not_model_space):
             return decode(self.dtype)
         x = decode(torch.float32)
         if self.memha_k_transform != "none":
@@ -354,8 +359,8 @@ class MemhaEagerKVPool(MemhaQuantKVPool):
             if self.open_blocks is not None:  # int4_kivi: K through its blocks' tables
                 self.k_dense[idx][slots] = self.read_kivi_k(idx, slots, residual=False)
             else:
-                self.k_dense[idx][slots] = self.read_rows(self.k_buffer[idx][slots], True, idx)
-            self.v_dense[idx][slots] = self.read_rows(self.v_buffer[idx][slots], False, idx)
+                self.k_dense[idx][slots] = self.read_slots(self.k_buffer[idx], slots, True, idx)
+            self.v_dense[idx][slots] = self.read_slots(self.v_buffer[idx], slots, False, idx)
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
