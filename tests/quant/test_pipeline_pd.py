@@ -27,21 +27,24 @@ FMT = "fp8_e4m3"
 N = 32
 
 
-def _prompts() -> list[list[int]]:
-    rng = random.Random(7)
+def _prompts(seed: int = 7) -> list[list[int]]:
+    rng = random.Random(seed)
     return [[rng.randrange(10, 2000) for _ in range(rng.randrange(20, 600))] for _ in range(N)]
+
+
+def _send(c, prompts, workers: int) -> tuple[list[list[int]], list]:
+    """``prompts`` through the router, ``workers`` at once: (output ids, the prefill's transfer rows)."""
+    before = len(transfer_rows(c.logs()["prefill"]))
+    with cf.ThreadPoolExecutor(workers) as ex:
+        outs = list(ex.map(lambda p: c.generate(input_ids=p, max_new_tokens=8, ignore_eos=True), prompts))
+    time.sleep(0.5)  # the transfer line is logged when the room concludes
+    assert [s for s, _ in outs] == [200] * len(prompts), [b for s, b in outs if s != 200][:2]
+    return [b["output_ids"] for _, b in outs], transfer_rows(c.logs()["prefill"])[before:]
 
 
 def _run(model, args, env, log_dir, fmt=FMT) -> tuple[list[list[int]], list]:
     with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": fmt, **env}, log_dir=log_dir) as c:
-        before = len(transfer_rows(c.logs()["prefill"]))
-        with cf.ThreadPoolExecutor(N) as ex:
-            outs = list(ex.map(lambda p: c.generate(input_ids=p, max_new_tokens=8, ignore_eos=True),
-                               _prompts()))
-        time.sleep(0.5)  # the transfer line is logged when the room concludes
-        rows = transfer_rows(c.logs()["prefill"])[before:]
-    assert [s for s, _ in outs] == [200] * N, [b for s, b in outs if s != 200][:2]
-    return [b["output_ids"] for _, b in outs], rows
+        return _send(c, _prompts(), N)
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole-prompt", "chunked-prefill-64"])
@@ -65,17 +68,32 @@ def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
     assert descendants() == []
 
 
+def _run_kivi(model, args, env, log_dir) -> tuple[list[list[int]], list]:
+    """One int4_kivi cluster: the prompts one at a time (tokens), then other prompts 32 at once
+    (transfer rows)."""
+    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": "int4_kivi", **env}, log_dir=log_dir) as c:
+        tokens, _ = _send(c, _prompts(), 1)
+        _, rows = _send(c, _prompts(seed=8), N)
+    return tokens, rows
+
+
 def test_int4_kivi_pipelined_with_chunked_prefill(tiny_model, tmp_path):
     """int4_kivi through the per-layer pipeline with chunked prefill: each layer's pages leave as
     soon as that layer's rows (codes and block tables) are written; a block's rows change only
     while it is open (SGLang ends chunks on page boundaries, so that is a prompt's last block, or
-    a page a batch budget cut, which the pipeline ships again with the next forward). Same
-    tokens as sending whole requests."""
+    a page a batch budget cut, which the pipeline ships again with the next forward).
+
+    Tokens are compared on prompts sent one at a time: with many at once, where the batch budget
+    cuts a prompt depends on arrival timing, and a cut moves int4_kivi's numerics (the rows of a
+    block still open at the cut are read from its bf16 residual in that forward, through its codes
+    once it is complete), so two runs of the same deployment can differ (CI saw one request in 32
+    differ at its 5th token). Per-token formats do not depend on cuts; their tokens are compared
+    32 at once above. The concurrent pass checks that every page went out layer by layer."""
     args = ["--page-size", "32", "--chunked-prefill-size", "64"]
-    whole, whole_rows = _run(tiny_model, args, {}, str(tmp_path / "whole"), fmt="int4_kivi")
-    piped, rows = _run(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
-                       str(tmp_path / "pipelined"), fmt="int4_kivi")
-    assert piped == whole
+    whole_tokens, whole_rows = _run_kivi(tiny_model, args, {}, str(tmp_path / "whole"))
+    piped, rows = _run_kivi(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+                            str(tmp_path / "pipelined"))
+    assert piped == whole_tokens
     assert len(rows) == N and all(r.status == "ok" and r.pipelined_pages == r.pages for r in rows), rows[:2]
     per_page = 32 * L * kv_bytes_per_token("int4_kivi", H, D)
     assert all(r.kv_bytes == r.pages * per_page for r in whole_rows)
