@@ -8,6 +8,8 @@ estimate before starting. ``--quick``: a smoke run (one trace, stock + memha fp8
 ``--table-from JSON``: print the markdown summary of a results file (and redraw its plots);
 ``--table-from A.json B.json --out C.json``: merge runs of different traces (e.g. one trace per
 command, to fit a session) into C.json, its summary and plots.
+``--repeats-from A.json B.json --out H.json``: repeated runs of one experiment; H.json gets each
+run's ``goodput_ratio`` and the lowest over them (the headline in ``eval/RESULTS.md``).
 
 SLOs (per trace, fixed before the sweep from the stock cluster run one request at a time on the
 same link): TTFT <= k_ttft x stock TTFT at the window's p90 prompt length; TPOT <= k_tpot x stock
@@ -76,6 +78,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--table-from", metavar="JSON", nargs="+",
                     help="print the summary of a results file and redraw its plots; with several "
                          "files (runs of different traces), merge them into --out first")
+    ap.add_argument("--repeats-from", metavar="JSON", nargs="+",
+                    help="repeated runs of one experiment: write the lowest goodput_ratio over them "
+                         "(and each run's) to --out")
     a = ap.parse_args(argv)
     if a.quick:
         a.traces = a.traces.split(",")[0]
@@ -83,6 +88,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             a.configs = "stock_bf16,memha_fp8_pipelined"
         a.n, a.max_runs, a.refine, a.calibration_reps = min(a.n, 10), 2, 0, 1
     a.start_factor = a.start_factor or (0.5 if a.quick else 1.0)
+    if a.repeats_from and not a.out:
+        ap.error("--repeats-from writes a new file: name it with --out (e.g. eval/results/goodput_headline.json)")
     a.out = a.out or os.path.join(RESULTS, "goodput_quick.json" if a.quick else "goodput.json")
     if (a.ttft_slo is None) != (a.tpot_slo is None):
         ap.error("--ttft-slo and --tpot-slo go together")
@@ -129,6 +136,16 @@ def progress_factory():
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     out_base = a.out[:-5] if a.out.endswith(".json") else a.out
+    if a.repeats_from:
+        parts = []
+        for path in a.repeats_from:
+            with open(path) as f:
+                parts.append(json.load(f))
+        names = [os.path.basename(p)[:-5] for p in a.repeats_from]
+        out = report.repeats(parts, names)
+        _write(out, a.out)
+        print(json.dumps(out, indent=1))
+        return
     if a.table_from:
         parts = []
         for path in a.table_from:

@@ -94,6 +94,33 @@ def merge(parts: list[dict]) -> dict:
     return out
 
 
+def repeats(parts: list[dict], names: list[str]) -> dict:
+    """The headline over repeated runs of the *same* experiment (same settings; a run may cover
+    fewer traces): per run and trace its ``goodput_ratio``, and ``goodput_ratio`` = the lowest
+    over every run and trace. Lowest, not mean: one 20-request run per rate is a single sample
+    at the knee, and the claim should hold in each run. ValueError names a setting that differs
+    or a run with no defined ratio."""
+    out = {"what": "memha fp8 pipelined / stock SGLang PD bf16 goodput; goodput_ratio = the lowest "
+                   "over the runs and traces below", "runs_from": names}
+    lowest = []
+    for name, part in zip(names, parts):
+        for key in ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
+                    "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output"):
+            if part.get(key) != parts[0].get(key):
+                raise ValueError(f"not repeats of one experiment: {key} differs in {name} "
+                                 f"({parts[0].get(key)!r} vs {part.get(key)!r})")
+        summarize(part)
+        if part["goodput_ratio"] is None:
+            raise ValueError(f"{name}: no defined goodput ratio ({part['goodput_ratio_kind']})")
+        out[f"date_{name}"] = part["date"]
+        for t in part["traces"]:
+            out[f"goodput_ratio_{name}_{t}"] = part[f"goodput_ratio_{t}"]
+        out[f"goodput_ratio_{name}"] = part["goodput_ratio"]
+        lowest.append(part["goodput_ratio"])
+    out["goodput_ratio"] = min(lowest)
+    return out
+
+
 def summarize(out: dict) -> None:
     """Set ``goodput_ratio_T`` per trace and ``goodput_ratio`` (the lowest defined one) in ``out``."""
     ratios = []

@@ -126,3 +126,16 @@ def test_merge_refuses_different_settings_or_a_repeated_trace():
         report.merge([a, {**_trace_out("b", [(1.0, 10)], [(1.0, 10)]), "k_ttft": 4.0}])
     with pytest.raises(ValueError, match=r"trace\(s\) \['a'\]"):
         report.merge([a, _trace_out("a", [(1.0, 10)], [(1.0, 10)])])
+
+
+def test_repeats_keep_the_lowest_ratio_over_runs_and_traces():
+    a = _trace_out("a", [(1.0, 10), (1.41, 5)], [(1.41, 10), (2.0, 5)])  # 1.41x
+    a2 = _trace_out("a", [(1.0, 10), (1.41, 5)], [(1.0, 10), (1.41, 10), (2.0, 10), (2.83, 5)])  # 2.0x
+    out = report.repeats([a, a2], ["r1", "r2"])
+    assert out["goodput_ratio_r1_a"] == pytest.approx(1.41) and out["goodput_ratio_r2"] == pytest.approx(2.0)
+    assert out["goodput_ratio"] == pytest.approx(1.41) and out["runs_from"] == ["r1", "r2"]
+    with pytest.raises(ValueError, match="k_tpot differs in r2"):
+        report.repeats([a, {**a2, "k_tpot": 4.0}], ["r1", "r2"])
+    undefined = _trace_out("a", [(1.0, 2)], [(1.0, 10), (1.41, 1)])  # stock has no goodput
+    with pytest.raises(ValueError, match="r2: no defined goodput ratio"):
+        report.repeats([a, undefined], ["r1", "r2"])
