@@ -12,8 +12,9 @@ emulated):
    server, steps >= 1 by the decode server reading the transferred (quantized) KV.
 2. The reference, one single bf16 server per page size, scores each generated sequence
    teacher-forced: ``input_ids`` = prompt + generated tokens, ``logprob_start_len`` = prompt
-   length - 1 (SGLang's entry 0 is the start token itself, with no logprob), ``top_logprobs_num`` 1 (its argmax at every step) and ``token_ids_logprob`` = the
-   served top-k ids of that request (its logprobs of exactly those tokens).
+   length - 1 (SGLang's entry 0 is the start token itself, with no logprob),
+   ``top_logprobs_num`` 1 (its argmax at every step) and ``token_ids_logprob`` = the served
+   top-k ids of that request (its logprobs of exactly those tokens).
 
 So both sides see the same context at every step (the served one's), and no step is dropped
 after a divergence, unlike first-divergence statistics (``tests/quant/test_quant_quality.py``).
@@ -68,6 +69,11 @@ def topk_kl(ref_logp: dict[int, float], got_logp: dict[int, float]) -> float:
     return float(np.sum(np.exp(p) * (p - q)))
 
 
+def served_tokens(served: dict) -> list[int]:
+    """The generated token ids of a ``meta_info`` with ``output_token_logprobs``."""
+    return [tok for _, tok, *_ in served["output_token_logprobs"]]
+
+
 def step_metrics(served: dict, scored: dict, prompt_last: int) -> tuple[list[bool], list[float]]:
     """Per generated step: (served token == reference argmax, top-k KL).
 
@@ -79,7 +85,7 @@ def step_metrics(served: dict, scored: dict, prompt_last: int) -> tuple[list[boo
     [j + 1][0] the reference's argmax there, ``input_token_ids_logprobs`` [j + 1] its logprobs of
     the requested ids. Raises ValueError when the two do not line up (wrong start, wrong ids).
     """
-    gen = [tok for _, tok, *_ in served["output_token_logprobs"]]
+    gen = served_tokens(served)
     pos_ids = [tok for _, tok, *_ in scored["input_token_logprobs"]]
     if pos_ids[:len(gen) + 1] != [prompt_last, *gen]:
         raise ValueError(f"reference scoring does not line up with the served tokens: positions "
@@ -118,7 +124,7 @@ def _generate(deploy, prompts: list[list[int]], steps: int, k: int, workers: int
 def _score(server, prompt: list[int], served: dict) -> dict:
     from sglang_memha.testing.procs import http_json
 
-    gen = [tok for _, tok, *_ in served["output_token_logprobs"]]
+    gen = served_tokens(served)
     want = sorted({tok for top in served["output_top_logprobs"] for _, tok, *_ in top})
     payload = {"input_ids": prompt + gen, "return_logprob": True, "logprob_start_len": len(prompt) - 1,
                "top_logprobs_num": 1, "token_ids_logprob": want,
@@ -161,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = a.log_dir or tempfile.mkdtemp(prefix="memha-quality-served-")
     t0 = time.time()
     served: dict[str, list[dict]] = {}
+    total = a.n * (a.len + a.steps) + 1024  # every prompt in the pool at once
     for c in configs:
         env, page = CONFIGS[c]
         flags = ["--page-size", str(page)]
-        total = a.n * (a.len + a.steps) + 1024
         with PDCluster(model, flags, flags, max_total_tokens=total, env=env,
                        log_dir=os.path.join(log_dir, c.replace("+", "_"))) as cluster:
             served[c] = _generate(cluster, prompts, a.steps, a.k, a.workers)

@@ -137,20 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
     out_base = a.out[:-5] if a.out.endswith(".json") else a.out
     if a.repeats_from:
-        parts = []
-        for path in a.repeats_from:
-            with open(path) as f:
-                parts.append(json.load(f))
+        parts = _load(a.repeats_from)
         names = [os.path.basename(p)[:-5] for p in a.repeats_from]
         out = report.repeats(parts, names)
         _write(out, a.out)
         print(json.dumps(out, indent=1))
         return
     if a.table_from:
-        parts = []
-        for path in a.table_from:
-            with open(path) as f:
-                parts.append(json.load(f))
+        parts = _load(a.table_from)
         out = report.merge(parts) if len(parts) > 1 else parts[0]
         report.summarize(out)
         md = report.markdown_table(out)
@@ -281,6 +275,14 @@ class _Eta:
         self.est_done += plan_mod.estimate({wl.trace: wl}, [config], self.settings)[0]
         left = max(0.0, self.est_s - self.est_done) * self.done_s / max(self.est_done, 1.0)
         return f"{(time.monotonic() - self.t_start) / 60:.1f} min elapsed, ~{left / 60:.0f} min left"
+
+
+def _load(paths: list[str]) -> list[dict]:
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    return parts
 
 
 def _write(out: dict, path: str) -> None:

@@ -63,16 +63,25 @@ def ratio(out: dict, trace: str) -> tuple[float | None, str]:
     return round(a / b, 4), kind
 
 
+# The settings that define an experiment: runs merged or compared as repeats must agree on them.
+EXPERIMENT_SETTINGS = ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
+                       "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output")
+
+
+def _differing_setting(a: dict, b: dict) -> str | None:
+    """The first of EXPERIMENT_SETTINGS on which results a and b differ, else None."""
+    return next((k for k in EXPERIMENT_SETTINGS if a.get(k) != b.get(k)), None)
+
+
 def merge(parts: list[dict]) -> dict:
     """One results dict from runs of *different* traces (each part: one ``python -m
     eval.goodput`` output). Per-trace keys are unions; settings must agree (they define the
     experiment), else ValueError naming the key."""
     out = json.loads(json.dumps(parts[0]))
     for part in parts[1:]:
-        for key in ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
-                    "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output"):
-            if part.get(key) != out.get(key):
-                raise ValueError(f"cannot merge: {key} differs ({out.get(key)!r} vs {part.get(key)!r})")
+        key = _differing_setting(out, part)
+        if key:
+            raise ValueError(f"cannot merge: {key} differs ({out.get(key)!r} vs {part.get(key)!r})")
         dup = set(part["traces"]) & set(out["traces"])
         if dup:
             raise ValueError(f"cannot merge: trace(s) {sorted(dup)} in more than one file")
@@ -104,11 +113,10 @@ def repeats(parts: list[dict], names: list[str]) -> dict:
                    "over the runs and traces below", "runs_from": names}
     lowest = []
     for name, part in zip(names, parts):
-        for key in ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
-                    "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output"):
-            if part.get(key) != parts[0].get(key):
-                raise ValueError(f"not repeats of one experiment: {key} differs in {name} "
-                                 f"({parts[0].get(key)!r} vs {part.get(key)!r})")
+        key = _differing_setting(parts[0], part)
+        if key:
+            raise ValueError(f"not repeats of one experiment: {key} differs in {name} "
+                             f"({parts[0].get(key)!r} vs {part.get(key)!r})")
         summarize(part)
         if part["goodput_ratio"] is None:
             raise ValueError(f"{name}: no defined goodput ratio ({part['goodput_ratio_kind']})")
