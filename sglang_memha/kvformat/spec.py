@@ -26,7 +26,7 @@ import enum
 from dataclasses import dataclass
 
 # Version of the byte format as a whole. Bump when any byte of any format changes meaning.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
     (1, "initial: bf16, fp8_e4m3 (fp32 scale per token-head), fp8_e4m3_tensor, "
         "fp8_e4m3fnuz (clamp 224), int8, int4_g32/int4_g64 (asymmetric, bf16 scale+min), bfp8"),
@@ -41,11 +41,18 @@ FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
         "(before 2026-12 one could write -0; decoding is the same, so no version bump). int4_kivi added "
         "(a new name; no existing byte changes meaning, so no version bump; a v3 peer without it refuses "
         "the name)"),
+    (4, "pool and wire layout: a layer's data rows and scale rows live in two buffers indexed by the "
+        "same slot (data [slots, H, data_bytes_per_head], scale [slots, H, scale_bytes_per_head]), so "
+        "every (token, head) data run starts on a 16-byte boundary for head_dim a multiple of 32; v3 "
+        "interleaved [data | scale] per (token, head) in one buffer (130 B rows for fp8 at D = 128, "
+        "2-byte aligned). The codes and scales of every format are unchanged; a v3 peer is refused "
+        "because its pages hold the same bytes at other addresses"),
 )
 # Versions this build reads (handshake accepts a peer whose version is in this set). v1 and v2 are
 # refused: their fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32 (v1) / 1-byte E8M0 (v2), v3's
-# are 2-byte bf16, so the same format name means other bytes.
-SUPPORTED_VERSIONS: frozenset[int] = frozenset({3})
+# are 2-byte bf16, so the same format name means other bytes. v3 is refused: its pages interleave
+# scales with data, so a v4 reader would take scale bytes for codes.
+SUPPORTED_VERSIONS: frozenset[int] = frozenset({4})
 
 # Every packed-page segment starts at a multiple of this many bytes.
 PACK_ALIGN = 16

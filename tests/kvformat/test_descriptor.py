@@ -81,24 +81,25 @@ def test_unsupported_version_named():
         BASE.check_compatible(peer)
 
 
-@pytest.mark.parametrize("old", [1, 2])
+@pytest.mark.parametrize("old", [1, 2, 3])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz", "bf16", "int4_g64"])
 def test_older_peers_refused_both_ways(fmt, old):
     """fp8_e4m3 scale rows are 4-byte fp32 in v1, 1-byte E8M0 in v2, 2-byte bf16 in v3: same name,
-    other bytes. v1 and v2 peers are refused for every format (a version names the byte format
+    other bytes; v3 interleaves scales with data in one row, v4 keeps them in their own buffer.
+    v1, v2 and v3 peers are refused for every format (a version names the byte format
     as a whole), with both versions in the message."""
-    assert FORMAT_VERSION == 3 and SUPPORTED_VERSIONS == {3}
+    assert FORMAT_VERSION == 4 and SUPPORTED_VERSIONS == {4}
     local = dataclasses.replace(BASE, fmt=fmt)
     raw = local.to_bytes()
-    assert b'"version":3' in raw
-    peer = FormatDescriptor.from_bytes(raw.replace(b'"version":3', b'"version":%d' % old))
-    with pytest.raises(FormatMismatchError, match=f"version: local=3 peer={old}") as ei:
+    assert b'"version":4' in raw
+    peer = FormatDescriptor.from_bytes(raw.replace(b'"version":4', b'"version":%d' % old))
+    with pytest.raises(FormatMismatchError, match=f"version: local=4 peer={old}") as ei:
         local.check_compatible(peer)
-    assert ei.value.mismatches == [("version", 3, old)]
-    assert str(ei.value) == (f"KV format mismatch with peer (not bridgeable): version: local=3 peer={old} "
-                             f"(KV byte format versions differ; this build reads [3]: run the same "
+    assert ei.value.mismatches == [("version", 4, old)]
+    assert str(ei.value) == (f"KV format mismatch with peer (not bridgeable): version: local=4 peer={old} "
+                             f"(KV byte format versions differ; this build reads [4]: run the same "
                              f"sglang-memha release on prefill and decode)")
-    with pytest.raises(FormatMismatchError, match=f"version: local={old} peer=3"):
+    with pytest.raises(FormatMismatchError, match=f"version: local={old} peer=4"):
         peer.check_compatible(local)
 
 
