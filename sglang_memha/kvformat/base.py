@@ -110,7 +110,7 @@ class KVCodec:
         return head_dim
 
     def scale_bytes(self, scales: torch.Tensor | None) -> torch.Tensor | None:
-        """Scales as raw bytes [T, H, scale_bytes_per_head] uint8 (the companion-buffer row)."""
+        """Scales as raw bytes [T, H, scale_bytes_per_head] uint8 (the pool's scale-buffer rows)."""
         if scales is None or self.spec.scale_scope == "layer":
             return None
         t, h = scales.shape[:2]
@@ -148,11 +148,11 @@ class KVCodec:
                 raise ValueError(f"scale_pool is None but {self.fmt.value} has per-token scales")
             scale_pool[loc] = raw
 
-    def gather_rows_fused(self, rows: torch.Tensor, slots, head_dim: int,
+    def gather_rows_fused(self, data_pool: torch.Tensor, scale_pool: torch.Tensor | None, slots, head_dim: int,
                           out_dtype: torch.dtype) -> torch.Tensor | None:
-        """``dequantize`` of ``rows[slots]`` in one fused pass, where this codec has one for this
-        input (fp8 per token-head on CPU, bf16 out); None otherwise (the caller gathers, then
-        dequantizes). rows: uint8 [num_slots, H, row_bytes] interleaved pool rows ``[data | scale]``."""
+        """``dequantize`` of ``data_pool[slots]`` with ``scale_pool[slots]`` in one fused pass, where
+        this codec has one for this input (fp8 per token-head on CPU, bf16 out); None otherwise
+        (the caller gathers, then dequantizes). Pools as in ``quantize_into`` (format v4 buffers)."""
         return None
 
     def gather_dequantize(

@@ -83,7 +83,7 @@ def build(flags: tuple[str, ...] | list[str]) -> ctypes.CDLL | None:
     lib.memha_fp8_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.memha_fp8_gather_dequant_bf16.restype = None
-    lib.memha_fp8_gather_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+    lib.memha_fp8_gather_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                                   ctypes.c_int]
     return lib
@@ -150,26 +150,31 @@ def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int)
     return out
 
 
-def fp8_gather_dequantize_bf16(buf: torch.Tensor, slots: torch.Tensor, head_dim: int, bias: int) -> torch.Tensor | None:
-    """``dequantize(buf[slots])`` for fp8 per-(token, kv-head) pool rows, in one pass on CPU.
+def fp8_gather_dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, head_dim: int,
+                               bias: int) -> torch.Tensor | None:
+    """``dequantize(data[slots], scales[slots])`` for fp8 per-(token, kv-head) pool rows, in one pass on CPU.
 
-    buf: uint8 [num_slots, H, row_bytes] pool rows ``[head_dim codes | bf16 scale]``, contiguous, CPU.
-    slots: [n] integer slot ids (any integer dtype; checked against num_slots). Returns bf16
+    data:   uint8 [num_slots, H, head_dim] pool code rows, contiguous, CPU.
+    scales: uint8 [num_slots, H, 2] pool scale rows (one bf16 each), contiguous, CPU.
+    slots:  [n] integer slot ids (any integer dtype; checked against num_slots). Returns bf16
     [n, H, head_dim] with the bytes of the gather-then-dequantize path, or None when this input or
     machine is not served (caller falls back). Raises IndexError for a slot out of range.
     """
-    if buf.device.type != "cpu" or buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.dim() != 3:
+    for t in (data, scales):
+        if t.device.type != "cpu" or t.dtype != torch.uint8 or not t.is_contiguous() or t.dim() != 3:
+            return None
+    if data.shape[2] != head_dim or scales.shape != (*data.shape[:2], 2):
         return None
-    if buf.shape[2] != head_dim + 2 or slots.device.type != "cpu" or slots.dim() != 1:
+    if slots.device.type != "cpu" or slots.dim() != 1:
         return None
     lib = get_lib()
     if lib is None:
         return None
     slots = slots.to(torch.int64).contiguous()
-    n, (num_slots, h, row_bytes) = slots.numel(), buf.shape
+    n, (num_slots, h, _) = slots.numel(), data.shape
     if n and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
         raise IndexError(f"KV slots out of range [0, {num_slots}): min {int(slots.min())}, max {int(slots.max())}")
     out = torch.empty((n, h, head_dim), dtype=torch.bfloat16)
-    lib.memha_fp8_gather_dequant_bf16(buf.data_ptr(), row_bytes, slots.data_ptr(), n, h, head_dim,
+    lib.memha_fp8_gather_dequant_bf16(data.data_ptr(), scales.data_ptr(), slots.data_ptr(), n, h, head_dim,
                                       out.data_ptr(), bias, torch.get_num_threads())
     return out

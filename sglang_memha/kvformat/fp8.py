@@ -147,10 +147,10 @@ class _Fp8TokenHead(KVCodec):
         vals = data.view(self.torch_dtype).float()
         return (vals * scales.float()).to(out_dtype)
 
-    def gather_rows_fused(self, rows, slots, head_dim, out_dtype):
-        if out_dtype != torch.bfloat16 or not torch.is_tensor(slots):
+    def gather_rows_fused(self, data_pool, scale_pool, slots, head_dim, out_dtype):
+        if out_dtype != torch.bfloat16 or not torch.is_tensor(slots) or scale_pool is None:
             return None
-        return fp8_gather_dequantize_bf16(rows, slots, head_dim, self.bias)
+        return fp8_gather_dequantize_bf16(data_pool, scale_pool, slots, head_dim, self.bias)
 
 
 class Fp8TokenHeadCodec(_Fp8TokenHead):

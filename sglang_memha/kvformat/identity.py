@@ -23,9 +23,9 @@ class Bf16Codec(KVCodec):
         t, h = data.shape[:2]
         return data.contiguous().view(torch.bfloat16).reshape(t, h, head_dim).to(out_dtype)
 
-    def gather_rows_fused(self, rows, slots, head_dim, out_dtype):
+    def gather_rows_fused(self, data_pool, scale_pool, slots, head_dim, out_dtype):
         """The rows are the bf16 values: one gather of 2-byte elements (torch's uint8 index kernel
         moves a byte at a time, about half as fast)."""
-        if out_dtype != torch.bfloat16 or rows.shape[-1] != 2 * head_dim or not rows.is_contiguous():
+        if out_dtype != torch.bfloat16 or data_pool.shape[-1] != 2 * head_dim or not data_pool.is_contiguous():
             return None
-        return rows.view(torch.bfloat16)[slots]
+        return data_pool.view(torch.bfloat16)[slots]

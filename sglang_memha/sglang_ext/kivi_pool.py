@@ -22,9 +22,9 @@ shadow is judged stale when the block's rows differ from what this class last wr
 no allocator hook is needed; the least recently written shadows are reused when all are taken,
 and the table grows (with a log line) when more blocks are open at once than it holds.
 
-Shapes: per layer, ``k_buf`` is the pool's ``[slots, H, row_bytes]`` uint8 buffer (row = D/2 code
-bytes then D/8 scale bytes); values are ``[n, H, D]``; shadows ``[S, 32, H, D]`` in the pool's
-dtype. Called from ``MemhaQuantKVPool.set_kv_buffer`` / ``QuantKVView`` on the forward's thread;
+Shapes: per layer, ``k_data`` and ``k_scale`` are the pool's ``[slots, H, D/2]`` code rows and
+``[slots, H, D/8]`` scale rows (uint8, format v4's separate buffers); values are ``[n, H, D]``;
+shadows ``[S, 32, H, D]`` in the pool's dtype. Called from ``MemhaQuantKVPool.set_kv_buffer`` / ``QuantKVView`` on the forward's thread;
 nothing blocks.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class OpenBlocks:
 
     def __init__(self, codec: Int4KiviKCodec, layout, num_layers: int, num_slots: int, head_num: int,
                  dtype: torch.dtype, device, capacity: int = 32):
-        """``layout``: the pool's ``RowLayout`` (``[data | scale]`` rows of ``int4_kivi``)."""
+        """``layout``: the pool's ``RowLayout`` (code and scale bytes of an ``int4_kivi`` row)."""
         self.codec, self.layout = codec, layout
         self.layers, self.h, self.d = num_layers, head_num, layout.head_dim
         self.dtype, self.device = dtype, device
@@ -55,7 +55,8 @@ class OpenBlocks:
     def _alloc(self, cap: int) -> None:
         l, h, d, kw = self.layers, self.h, self.d, {"device": self.device}
         self.vals = torch.zeros(l, cap, BLOCK, h, d, dtype=self.dtype, **kw)
-        self.coded = torch.zeros(l, cap, BLOCK, h, self.layout.row_bytes, dtype=torch.uint8, **kw)  # as last written
+        # as last written: code bytes then scale bytes of each row
+        self.coded = torch.zeros(l, cap, BLOCK, h, self.layout.row_bytes, dtype=torch.uint8, **kw)
         self.fill = torch.zeros(l, cap, dtype=torch.long, **kw)
         # per layer: shadow slots written in the current forward (reads take their rows from the shadow)
         self.fresh = torch.zeros(l, cap, dtype=torch.bool, **kw)
@@ -102,8 +103,9 @@ class OpenBlocks:
         return s
 
     # ---- write -----------------------------------------------------------------------------
-    def write(self, layer: int, x: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor) -> None:
-        """Store K values ``x`` [n, H, D] at slots ``loc`` [n] of layer ``layer``'s rows ``k_buf``.
+    def write(self, layer: int, x: torch.Tensor, loc: torch.Tensor, k_data: torch.Tensor,
+              k_scale: torch.Tensor) -> None:
+        """Store K values ``x`` [n, H, D] at slots ``loc`` [n] of layer ``layer``'s rows.
         Slots of one block must be consecutive positions (SGLang's order); ValueError otherwise."""
         self.fresh[layer] = False
         if layer == 0:
@@ -121,19 +123,18 @@ class OpenBlocks:
                 f"int4_kivi pool: slots {loc.tolist()[:64]} do not fill their {BLOCK}-token K blocks in "
                 f"position order (speculative or out-of-order writes are not supported with int4_kivi)")
         end = start + cnt
-        data_view, scale_view = self.layout.split(k_buf)
         whole = (start == 0) & (cnt == BLOCK)
         if bool(whole.all()):  # a prefill of whole blocks: no shadow involved
-            self.codec.quantize_into(x, loc, data_view, scale_view)
+            self.codec.quantize_into(x, loc, k_data, k_scale)
             return
         if bool(whole.any()):
             rows = whole[inv]
-            self.codec.quantize_into(x[rows], loc[rows], data_view, scale_view)
+            self.codec.quantize_into(x[rows], loc[rows], k_data, k_scale)
         part = ~whole
         pb, ps, pe = ub[part], start[part], end[part]
         s = self._slots_for(pb)
         rows_of = pb[:, None] * BLOCK + torch.arange(BLOCK, device=pb.device)  # [m, 32]
-        current = k_buf[rows_of]  # [m, 32, H, R]
+        current = torch.cat([k_data[rows_of], k_scale[rows_of]], dim=-1)  # [m, 32, H, R]
         same = (current == self.coded[layer, s]).flatten(1).all(1)
         restore = ((self.fill[layer, s] != ps) | ~same) & (ps > 0)
         if bool(restore.any()):  # earlier rows written by someone else: decode them once
@@ -144,25 +145,29 @@ class OpenBlocks:
         self.fill[layer, s] = pe
         data, scales = self.codec.quantize_blocks(self.vals[layer, s], pe)
         new = torch.cat([data, self.codec.scale_bytes(scales)], dim=-1).reshape(current.shape)
-        k_buf[rows_of.reshape(-1)] = new.reshape(-1, self.h, self.layout.row_bytes)
+        flat, at = new.reshape(-1, self.h, self.layout.row_bytes), rows_of.reshape(-1)
+        k_data[at], k_scale[at] = flat[..., :self.layout.data_bytes], flat[..., self.layout.data_bytes:]
         self.coded[layer, s] = new
         self.fresh[layer, s] = pe < BLOCK  # a block completed here is read through its codes, as KIVI does
 
     def _decode(self, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """Whole blocks of pool rows [m, 32, H, row_bytes] -> K [m, 32, H, D] through their tables."""
-        data, raw = self.layout.split(rows.reshape(-1, self.h, self.layout.row_bytes))
+        """Whole blocks of rows [m, 32, H, code bytes + scale bytes] -> K [m, 32, H, D] through
+        their tables."""
+        flat = rows.reshape(-1, self.h, self.layout.row_bytes)
+        data, raw = flat[..., :self.layout.data_bytes], flat[..., self.layout.data_bytes:]
         x = self.codec.dequantize(data.contiguous(), self.codec.scales_from_bytes(raw.contiguous()), out_dtype)
         return x.reshape(-1, BLOCK, self.h, self.d)
 
     # ---- read ------------------------------------------------------------------------------
-    def read(self, layer: int, slots: torch.Tensor, k_buf: torch.Tensor, out_dtype: torch.dtype,
-             residual: bool = True) -> torch.Tensor:
+    def read(self, layer: int, slots: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+             out_dtype: torch.dtype, residual: bool = True) -> torch.Tensor:
         """K of ``slots`` [n] -> [n, H, D] in ``out_dtype`` (before any inverse K transform).
         ``residual=False`` reads every row through its codes (rows that just arrived)."""
-        slots = torch.as_tensor(slots, device=k_buf.device).long().reshape(-1)
+        slots = torch.as_tensor(slots, device=k_data.device).long().reshape(-1)
         blk, off = slots // BLOCK, slots % BLOCK
         ub, inv = torch.unique(blk, return_inverse=True)
-        out = self._decode(k_buf[ub[:, None] * BLOCK + torch.arange(BLOCK, device=ub.device)], out_dtype)[inv, off]
+        rows = ub[:, None] * BLOCK + torch.arange(BLOCK, device=ub.device)
+        out = self._decode(torch.cat([k_data[rows], k_scale[rows]], dim=-1), out_dtype)[inv, off]
         s = self.slot_of[blk]
         live = (s >= 0) & residual
         live[live.clone()] = self.fresh[layer, s[live]] & (off[live] < self.fill[layer, s[live]])

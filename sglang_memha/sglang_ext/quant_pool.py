@@ -1,18 +1,20 @@
 """``MemhaQuantKVPool``: an SGLang MHA KV pool that stores K and V in a ``kvformat`` format.
 
-Pool rows (one per token slot, per layer, for K and for V separately)::
+Buffers (format v4; ``kvformat/layout.py`` owns the byte geometry), per layer, K and V alike::
 
-    k_buffer[l], v_buffer[l]   uint8 [size + page_size, num_kv_heads, row_bytes_per_head]
-    row of one (slot, head)    [ data bytes (data_bytes_per_head) | scale bytes (scale_bytes_per_head) ]
+    k_buffer[l], v_buffer[l]               uint8 [size + page_size, num_kv_heads, data_bytes_per_head]
+    k_scale_buffer[l], v_scale_buffer[l]   uint8 [size + page_size, num_kv_heads, scale_bytes_per_head]
 
-The scale bytes of a (token, head) sit right after its data bytes, so a page of a layer is
-one contiguous byte range that carries its own scales. Consequences, all on purpose:
+The scale lists are None for formats without per-row scales (bf16, ``fp8_e4m3_tensor``). Data
+rows start on 16-byte boundaries (head_dim a multiple of 32), so a GPU kernel loads them with
+vector loads; scales sit in their own slot-indexed buffers. Consequences, all on purpose:
 
-* SGLang's PD transfer (``get_contiguous_buf_infos``) ships the quantized rows with no change:
-  item lengths come from the buffer shapes, so Mooncake moves ``row_bytes`` per token, not bf16.
-* Slot moves, CPU retraction copies (``get_cpu_copy``/``load_cpu_copy``) and ``get_kv_size_bytes``
-  are inherited unchanged and carry the scales with the data.
-* Per-layer sends (issue 5) need no companion-buffer bookkeeping.
+* SGLang's slot moves and ``get_kv_size_bytes`` already carry ``k_scale_buffer`` beside the
+  data (its FP4 pools use the same attribute), so they need no override here.
+* PD transfer publishes ``[K data, K scale, V data, V scale]`` per layer range
+  (``_build_kv_buffer_descs``/``_pd_registerable_tensors``): SGLang's MHA send splits that list
+  into a K half and a V half and ships each entry with its own page bytes.
+* CPU retraction copies (``get_cpu_copy``/``load_cpu_copy``) take the scale rows along.
 
 Writes quantize (``set_kv_buffer`` -> ``codec.quantize_into``). Reads go through
 ``QuantKVView``: ``get_key_buffer(l)[slots]`` dequantizes only the rows an attention backend
@@ -20,7 +22,7 @@ gathers (the torch-native backend indexes ``k_cache[per_req_tokens]``), never th
 Anything else on the view raises ``TypeError`` instead of handing uint8 codes to a kernel that
 would read them as bf16.
 
-Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``hooks.resolve_pool_class``
+Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``kv_hooks.resolve_pool_class``
 picks this class); attention backends call ``set_kv_buffer`` once per layer per forward and
 ``get_key_buffer``/``get_value_buffer`` right after; the PD managers read
 ``get_contiguous_buf_infos`` once at start-up. Nothing here blocks.
@@ -35,29 +37,12 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 
 from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec, k_offset
 from sglang_memha.kvformat.kivi import BLOCK as KIVI_BLOCK
+from sglang_memha.kvformat.layout import PoolLayout, RowLayout
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
 from sglang_memha.sglang_ext import state
 from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
 
 logger = logging.getLogger("sglang_memha")
-
-
-class RowLayout:
-    """Byte layout of one pool row: ``[data | scale]`` per (token, head). Pure arithmetic."""
-
-    def __init__(self, fmt: KVFormat | str, head_dim: int):
-        self.fmt = KVFormat.parse(fmt)
-        spec = format_spec(self.fmt)
-        self.head_dim = head_dim
-        self.data_bytes = spec.data_bytes_per_head(head_dim)
-        self.scale_bytes = spec.scale_bytes_per_head(head_dim)
-        self.row_bytes = self.data_bytes + self.scale_bytes
-        self.has_layer_scale = spec.scale_scope == "layer"
-
-    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """rows [..., H, row_bytes] uint8 -> (data view [..., H, data_bytes], scale view or None)."""
-        data = rows[..., : self.data_bytes]
-        return data, (rows[..., self.data_bytes:] if self.scale_bytes else None)
 
 
 def _attention_tp() -> tuple[int, int]:
@@ -90,7 +75,7 @@ class QuantKVView:
     def __getitem__(self, slots) -> torch.Tensor:
         if self._is_key and self._pool.open_blocks is not None:  # int4_kivi: K blocks, open ones in bf16
             return self._pool.read_kivi_k(self._layer_idx, slots)
-        return self._pool.read_slots(self._buf, slots, self._is_key, self._layer_idx)
+        return self._pool.read_slots(slots, self._is_key, self._layer_idx)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -105,7 +90,7 @@ class QuantKVView:
 class MemhaQuantKVPool(MHATokenToKVPool):
     """``MHATokenToKVPool`` whose rows hold ``kvformat`` bytes (see module docstring).
 
-    Extra class attributes are bound by ``hooks.resolve_pool_class`` through ``configured()``
+    Extra class attributes are bound by ``kv_hooks.resolve_pool_class`` through ``configured()``
     (SGLang constructs the pool with its stock kwargs, so the format rides on the class).
     """
 
@@ -142,18 +127,25 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         for name in ("k_scale_buffer", "v_scale_buffer", "native_k_scale_buffer",
                      "native_v_scale_buffer", "dq_k_buffer", "dq_v_buffer"):
             setattr(self, name, None)
+        if not self.layout.aligned:
+            logger.warning("sglang-memha KV pool: %s rows of head_dim %d are %d B, not a multiple of 16: "
+                           "GPU kernels cannot load them with 16-byte vector loads",
+                           self.memha_format.value, self.head_dim, self.layout.data_bytes)
         rows = self.size + self.page_size
         if block_coded:
             if self.page_size % KIVI_BLOCK:
                 raise ValueError(f"MEMHA_KV_FORMAT={self.memha_format.value} codes K per {KIVI_BLOCK}-token block, "
                                  f"so --page-size must be a multiple of {KIVI_BLOCK} (got {self.page_size})")
             rows = -(-rows // KIVI_BLOCK) * KIVI_BLOCK  # whole blocks
-        shape = (rows, self.head_num, self.layout.row_bytes)
+        def buffers(per_head: int) -> list[torch.Tensor]:
+            return [torch.zeros((rows, self.head_num, per_head), dtype=torch.uint8, device=self.device)
+                    for _ in range(self.layer_num)]
+
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.k_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device)
-                             for _ in range(self.layer_num)]
-            self.v_buffer = [torch.zeros(shape, dtype=torch.uint8, device=self.device)
-                             for _ in range(self.layer_num)]
+            self.k_buffer, self.v_buffer = buffers(self.layout.data_bytes), buffers(self.layout.data_bytes)
+            if self.layout.has_scale_rows:
+                self.k_scale_buffer = buffers(self.layout.scale_bytes)
+                self.v_scale_buffer = buffers(self.layout.scale_bytes)
         # fp8_e4m3_tensor: one scale per layer for K and V; 1.0 as SGLang defaults without a
         # calibrated checkpoint scale (so the data bytes equal a stock fp8 pool's).
         self.layer_scale = torch.ones(1, dtype=torch.float32, device=self.device)
@@ -162,6 +154,8 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             shadow_dtype = self.dtype if self.memha_k_transform == "none" else torch.float32
             self.open_blocks = OpenBlocks(get_codec(self.memha_format, role="k"), self.layout, self.layer_num, rows,
                                           self.head_num, shadow_dtype, self.device)
+        self.pool_layout = PoolLayout(self.memha_format, self.head_dim, self.head_num, self.layer_num,
+                                      self.page_size)
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
         self.k_offset, offset_digest = self._load_k_offset()
@@ -198,6 +192,26 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         """KV bytes one token occupies across all layers of this pool (K and V, scales included)."""
         return 2 * self.layer_num * self.head_num * self.layout.row_bytes
 
+    def scale_rows(self, is_key: bool, idx: int) -> torch.Tensor | None:
+        """Scale buffer of pool-local layer ``idx`` (K or V), or None (no per-row scales)."""
+        bufs = self.k_scale_buffer if is_key else self.v_scale_buffer
+        return None if bufs is None else bufs[idx]
+
+    # ---- PD publication (format v4 entry order: kvformat/layout.py) ------------------------
+    def _pd_registerable_tensors(self):
+        """Called by SGLang's ``get_contiguous_buf_infos`` (start-up): the entries in
+        ``PoolLayout.entries`` order, K half then V half."""
+        scales = self.k_scale_buffer is not None
+        return [*self.k_buffer, *(self.k_scale_buffer if scales else ()),
+                *self.v_buffer, *(self.v_scale_buffer if scales else ())]
+
+    def _build_kv_buffer_descs(self):
+        """SGLang's per-buffer span math for the same entries as ``_pd_registerable_tensors``."""
+        from sglang.srt.mem_cache.memory_pool import KvBufferDesc
+
+        return [KvBufferDesc(f"{e.side}_{e.kind}{e.layer}", tuple(t.shape), row_bytes=t[0].nbytes, tokens_per_row=1)
+                for e, t in zip(self.pool_layout.entries, self._pd_registerable_tensors())]
+
     # ---- write -----------------------------------------------------------------------------
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
@@ -218,10 +232,10 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
         k = self._to_stored_k(k, idx)
         if self.open_blocks is not None:
-            self.open_blocks.write(idx, k, loc, self.k_buffer[idx])
+            self.open_blocks.write(idx, k, loc, self.k_buffer[idx], self.k_scale_buffer[idx])
         else:
-            self._write(k, loc, self.k_buffer[idx])
-        self._write(v, loc, self.v_buffer[idx])
+            self._write(k, loc, self.k_buffer[idx], self.scale_rows(True, idx))
+        self._write(v, loc, self.v_buffer[idx], self.scale_rows(False, idx))
         if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
             self.memha_layer_listener(idx)
 
@@ -234,38 +248,40 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             k = apply_k_transform(self.memha_k_transform, k)
         return k
 
-    def _write(self, x: torch.Tensor, loc: torch.Tensor, buf: torch.Tensor) -> None:
-        data_view, scale_view = self.layout.split(buf)
+    def _write(self, x: torch.Tensor, loc: torch.Tensor, data: torch.Tensor, scales: torch.Tensor | None) -> None:
         if self.layout.has_layer_scale:
-            self.codec.quantize_into(x, loc, data_view, None, scale=float(self.layer_scale))
+            self.codec.quantize_into(x, loc, data, None, scale=float(self.layer_scale))
         else:
-            self.codec.quantize_into(x, loc, data_view, scale_view)
+            self.codec.quantize_into(x, loc, data, scales)
 
     # ---- read ------------------------------------------------------------------------------
-    def read_rows(self, rows: torch.Tensor, is_key: bool, idx: int) -> torch.Tensor:
-        """rows [n, H, row_bytes] uint8 (gathered from pool-local layer ``idx``) -> [n, H, head_dim]
-        in ``self.dtype``."""
-        data, raw_scales = self.layout.split(rows)
+    def read_rows(self, data: torch.Tensor, raw_scales: torch.Tensor | None, is_key: bool,
+                  idx: int) -> torch.Tensor:
+        """Gathered rows of pool-local layer ``idx``: data [n, H, data_bytes] and scale rows
+        [n, H, scale_bytes] (None without per-row scales) uint8 -> [n, H, head_dim] in ``self.dtype``."""
         if self.layout.has_layer_scale:
             scales = self.layer_scale
         else:
             scales = None if raw_scales is None else self.codec.scales_from_bytes(raw_scales.contiguous())
         return self._in_model_space(lambda dt: self.codec.dequantize(data.contiguous(), scales, dt), is_key, idx)
 
-    def read_slots(self, buf: torch.Tensor, slots, is_key: bool, idx: int) -> torch.Tensor:
-        """``read_rows(buf[slots])``: the codec's fused gather + dequantize where it has one and the
-        rows are already model space (V, or K with no transform or offset), else gather, then decode."""
+    def read_slots(self, slots, is_key: bool, idx: int) -> torch.Tensor:
+        """``read_rows`` of ``slots`` of pool-local layer ``idx``: the codec's fused gather +
+        dequantize where it has one and the rows are already model space (V, or K with no
+        transform or offset), else gather, then decode."""
+        data, scales = (self.k_buffer if is_key else self.v_buffer)[idx], self.scale_rows(is_key, idx)
         if not (is_key and self._k_not_model_space):
-            out = self.codec.gather_rows_fused(buf, slots, self.head_dim, self.dtype)
+            out = self.codec.gather_rows_fused(data, scales, slots, self.head_dim, self.dtype)
             if out is not None:
                 return out
-        return self.read_rows(buf[slots], is_key, idx)
+        return self.read_rows(data[slots], None if scales is None else scales[slots], is_key, idx)
 
     def read_kivi_k(self, idx: int, slots, residual: bool = True) -> torch.Tensor:
         """int4_kivi K of ``slots`` of pool-local layer ``idx`` -> [n, H, head_dim] in ``self.dtype``
         (``residual``: see ``OpenBlocks.read``)."""
         return self._in_model_space(
-            lambda dt: self.open_blocks.read(idx, slots, self.k_buffer[idx], dt, residual), True, idx)
+            lambda dt: self.open_blocks.read(idx, slots, self.k_buffer[idx], self.k_scale_buffer[idx], dt, residual),
+            True, idx)
 
     @property
     def _k_not_model_space(self) -> bool:
@@ -292,21 +308,32 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         from sglang_memha.kvformat.fp8 import fn_to_fnuz, fnuz_to_fn
 
         fn = {Bridge.FNUZ_TO_FN: fnuz_to_fn, Bridge.FN_TO_FNUZ: fn_to_fnuz}[bridge]
-        converted = []
-        for buf in (*self.k_buffer, *self.v_buffer):
-            data, scales = self.layout.split(buf[slots])
-            new_data, new_scales = fn(data.contiguous(), scales.contiguous())
-            converted.append(torch.cat([new_data, new_scales], dim=-1))
-        for buf, rows in zip((*self.k_buffer, *self.v_buffer), converted):
-            buf[slots] = rows
+        pairs = list(zip((*self.k_buffer, *self.v_buffer), (*self.k_scale_buffer, *self.v_scale_buffer)))
+        converted = [fn(data[slots].contiguous(), scales[slots].contiguous()) for data, scales in pairs]
+        for (data, scales), (new_data, new_scales) in zip(pairs, converted):
+            data[slots], scales[slots] = new_data, new_scales
 
     # ---- retraction (CPU backup of a request's rows) --------------------------------------------
     def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
-        """int4_kivi: whole K blocks, since an open block's later rows carry its channel table."""
-        return super().get_cpu_copy(self._whole_blocks(indices), mamba_indices, req_pool_index)
+        """Called by SGLang's decode scheduler when it retracts a request: every buffer's rows of
+        ``indices`` (data and scale rows), on CPU. int4_kivi: whole K blocks, since an open
+        block's later rows carry its channel table."""
+        indices = self._whole_blocks(indices)
+        return [[buf[indices].to("cpu") for buf in self.layer_buffers(i)] for i in range(self.layer_num)]
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
-        return super().load_cpu_copy(kv_cache_cpu, self._whole_blocks(indices), mamba_indices, req_pool_index)
+        """Inverse of ``get_cpu_copy`` when the retracted request is resumed."""
+        indices = self._whole_blocks(indices)
+        for i, rows in enumerate(kv_cache_cpu):
+            for buf, saved in zip(self.layer_buffers(i), rows):
+                buf[indices] = saved.to(buf.device)
+
+    def layer_buffers(self, idx: int) -> list[torch.Tensor]:
+        """Every buffer of pool-local layer ``idx``: K data, V data, then K and V scale rows."""
+        out = [self.k_buffer[idx], self.v_buffer[idx]]
+        if self.k_scale_buffer is not None:
+            out += [self.k_scale_buffer[idx], self.v_scale_buffer[idx]]
+        return out
 
     def _whole_blocks(self, indices):
         """A request's slots (position order) -> every slot of the K blocks they touch (int4_kivi;
@@ -359,8 +386,8 @@ class MemhaEagerKVPool(MemhaQuantKVPool):
             if self.open_blocks is not None:  # int4_kivi: K through its blocks' tables
                 self.k_dense[idx][slots] = self.read_kivi_k(idx, slots, residual=False)
             else:
-                self.k_dense[idx][slots] = self.read_slots(self.k_buffer[idx], slots, True, idx)
-            self.v_dense[idx][slots] = self.read_slots(self.v_buffer[idx], slots, False, idx)
+                self.k_dense[idx][slots] = self.read_slots(slots, True, idx)
+            self.v_dense[idx][slots] = self.read_slots(slots, False, idx)
 
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):

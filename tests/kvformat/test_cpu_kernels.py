@@ -153,16 +153,17 @@ def test_fused_round_trip_matches_reference_on_real_shapes():
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e4m3fnuz"])
 @pytest.mark.parametrize("head_dim", [64, 128, 40])  # 40: not a multiple of 16, the table path
 def test_gather_dequant_equals_gather_then_dequantize(fmt, head_dim, kernel_variant):
-    """Pool rows [codes | bf16 scale] gathered by slot and dequantized in one pass: the bytes of
-    ``codec.dequantize`` of the gathered rows (repeated, unordered and int32 slots too)."""
+    """Pool code rows and bf16 scale rows (format v4's two buffers) gathered by slot and
+    dequantized in one pass: the bytes of ``codec.dequantize`` of the gathered rows (repeated,
+    unordered and int32 slots too)."""
     codec = get_codec(fmt)
     x = _inputs("heavy", torch.bfloat16)[:, :, :1].repeat(1, 1, head_dim) * torch.randn(head_dim)
     data, scale = codec.quantize(x.to(torch.bfloat16))
-    buf = torch.cat([data, scale.view(torch.uint8)], dim=-1).contiguous()  # [512, 3, D + 2]
+    raw = scale.contiguous().view(torch.uint8).reshape(*data.shape[:2], 2)  # [512, 3, 2]
     slots = torch.tensor([5, 0, 511, 5, 77, 300, 1], dtype=torch.int32)
-    got = cpu_kernels.fp8_gather_dequantize_bf16(buf, slots, head_dim, codec.bias)
+    got = cpu_kernels.fp8_gather_dequantize_bf16(data, raw, slots, head_dim, codec.bias)
     want = codec.dequantize_reference(data[slots.long()], scale[slots.long()], torch.bfloat16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    assert cpu_kernels.fp8_gather_dequantize_bf16(buf, slots[:0], head_dim, codec.bias).shape == (0, 3, head_dim)
+    assert cpu_kernels.fp8_gather_dequantize_bf16(data, raw, slots[:0], head_dim, codec.bias).shape == (0, 3, head_dim)
     with pytest.raises(IndexError, match=r"out of range \[0, 512\): min 0, max 512"):
-        cpu_kernels.fp8_gather_dequantize_bf16(buf, torch.tensor([0, 512]), head_dim, codec.bias)
+        cpu_kernels.fp8_gather_dequantize_bf16(data, raw, torch.tensor([0, 512]), head_dim, codec.bias)

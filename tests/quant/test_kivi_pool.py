@@ -94,8 +94,9 @@ def check_rows_are_the_codecs(pool, seq, k_transform="none", layer=0):
     block = torch.zeros(1, B, H, D)
     block[0, : n - lo] = rotate(seq.k[lo:].float()) if k_transform != "none" else seq.k[lo:].float()
     data, scales = K.quantize_blocks(block, torch.tensor([n - lo]))
-    rows = pool.k_buffer[layer][seq.base + lo: seq.base + lo + B]
-    assert torch.equal(rows, torch.cat([data, K.scale_bytes(scales)], dim=-1))
+    at = slice(seq.base + lo, seq.base + lo + B)
+    assert torch.equal(pool.k_buffer[layer][at], data)
+    assert torch.equal(pool.k_scale_buffer[layer][at], K.scale_bytes(scales))
 
 
 @pytest.mark.parametrize("k_transform", ["none", "hadamard"])
@@ -134,8 +135,8 @@ def test_rows_landed_by_a_transfer_are_continued_from_their_codes():
     forward(decode, [stale.new(45)])
     pages = torch.arange(seq.base, seq.base + 2 * PAGE)
     for layer in range(L):  # the transfer: raw rows of the request's pages (Mooncake moves pages)
-        for buf in ("k_buffer", "v_buffer"):
-            getattr(decode, buf)[layer][pages] = getattr(prefill, buf)[layer][pages]
+        for dst, src in zip(decode.layer_buffers(layer), prefill.layer_buffers(layer)):
+            dst[pages] = src[pages]
     landed = [decode.get_key_buffer(layer)[seq.slots] for layer in range(L)]
     for layer in range(L):  # the complete block reads the same on both sides
         assert torch.equal(landed[layer][:32], prefill.get_key_buffer(layer)[seq.slots][:32])
@@ -143,8 +144,8 @@ def test_rows_landed_by_a_transfer_are_continued_from_their_codes():
     forward(decode, [(slots, k, v)])
     for layer in range(L):
         got = decode.get_key_buffer(layer)[seq.slots]
-        rows = prefill.k_buffer[layer][seq.base + 32: seq.base + 64]
-        restored = K.dequantize(rows[..., :32].contiguous(), K.scales_from_bytes(rows[..., 32:].contiguous()),
+        at = slice(seq.base + 32, seq.base + 64)
+        restored = K.dequantize(prefill.k_buffer[layer][at], K.scales_from_bytes(prefill.k_scale_buffer[layer][at]),
                                 torch.bfloat16)[:13]
         assert torch.equal(got[32:45], restored)
         assert not torch.equal(got[32:45], stale.k[32:45])
@@ -159,6 +160,7 @@ def test_cpu_copy_round_trip_then_continue():
     b.load_cpu_copy(a.get_cpu_copy(seq.slots), seq.slots)
     for layer in range(L):  # whole blocks copied: the open block's later rows hold its table
         assert torch.equal(b.k_buffer[layer], a.k_buffer[layer])
+        assert torch.equal(b.k_scale_buffer[layer], a.k_scale_buffer[layer])
     forward(b, [seq.new(1)])
     got = b.get_key_buffer(0)[seq.slots]
     assert torch.equal(got[:32], seq.want_k()[:32]) and torch.equal(got[50], seq.k[50])
@@ -216,12 +218,11 @@ def test_eager_pool_lands_kivi_blocks_through_their_codes():
     forward(eager, [Seq(base=3 * PAGE, seed=9).new(45)])  # an earlier owner's shadows, on the same blocks
     pages = torch.arange(seq.base, seq.base + 2 * PAGE)
     for layer in range(L):
-        eager.k_buffer[layer][pages] = prefill.k_buffer[layer][pages]
-        eager.v_buffer[layer][pages] = prefill.v_buffer[layer][pages]
+        for dst, src in zip(eager.layer_buffers(layer), prefill.layer_buffers(layer)):
+            dst[pages] = src[pages]
     eager.land(seq.slots)
     for layer in range(L):
-        rows = prefill.k_buffer[layer][pages]
-        want = K.dequantize(rows[..., :32].contiguous(), K.scales_from_bytes(rows[..., 32:].contiguous()),
+        want = K.dequantize(prefill.k_buffer[layer][pages], K.scales_from_bytes(prefill.k_scale_buffer[layer][pages]),
                             torch.bfloat16)[:45]
         assert torch.equal(eager.get_key_buffer(layer)[seq.slots], want)
         assert torch.equal(eager.get_value_buffer(layer)[seq.slots], seq.want_v())
@@ -246,5 +247,7 @@ def test_k_offset_pool_stores_k_minus_c_in_blocks(tmp_path):
         stored = (k.float() - off.values[1]).to(torch.bfloat16)
         plain.set_kv_buffer(_Layer(1), slots, stored.view(n, H * D), v.view(n, H * D))
     assert torch.equal(pool.k_buffer[1][seq.slots], plain.k_buffer[1][seq.slots])
-    want = (plain.open_blocks.read(1, seq.slots, plain.k_buffer[1], torch.float32, True) + off.values[1])
+    assert torch.equal(pool.k_scale_buffer[1][seq.slots], plain.k_scale_buffer[1][seq.slots])
+    want = (plain.open_blocks.read(1, seq.slots, plain.k_buffer[1], plain.k_scale_buffer[1], torch.float32, True)
+            + off.values[1])
     assert torch.equal(pool.get_key_buffer(1)[seq.slots], want.to(torch.bfloat16))

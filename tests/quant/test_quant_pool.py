@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, KVFormat, get_codec, kv_bytes_per_token, page_geometry
+from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.kvformat.transforms import rotate, unrotate
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
@@ -67,8 +68,15 @@ def test_transfer_geometry_is_the_formats(fmt):
     pool = make_pool(fmt, page=page)
     geo = page_geometry(fmt, page, H, D)
     ptrs, lens, item_lens = pool.get_contiguous_buf_infos()
-    assert len(ptrs) == 2 * L
-    assert item_lens == [geo.data_bytes + geo.scale_bytes] * (2 * L)  # page + its scales, one item
+    # format v4: [K data, K scale, V data, V scale] per layer range (no scale entries without scale rows)
+    scales = geo.scale_bytes > 0
+    want = [*pool.k_buffer, *(pool.k_scale_buffer if scales else ()),
+            *pool.v_buffer, *(pool.v_scale_buffer if scales else ())]
+    assert ptrs == [t.data_ptr() for t in want] and len(ptrs) == (4 if scales else 2) * L
+    per_side = [geo.data_bytes] * L + ([geo.scale_bytes] * L if scales else [])
+    assert item_lens == per_side * 2 == PoolLayout(fmt, D, H, L, page).item_lens()
+    assert lens == [n // page * (pool.size + page) for n in item_lens]
+    assert all(p % 16 == 0 for p in ptrs)  # data rows of D = 64 start on 16-byte boundaries
     assert pool.bytes_per_token() == L * kv_bytes_per_token(fmt, H, D)
     k_bytes, v_bytes = pool.get_kv_size_bytes()
     assert k_bytes + v_bytes == (pool.size + page) * pool.bytes_per_token()
@@ -113,8 +121,8 @@ def test_eager_pool_lands_arrived_rows_as_bf16(with_offset, tmp_path):
     deferred.set_kv_buffer(_Layer(2), loc, k, v)
     # What Mooncake does: the prefill's quantized rows land in the registered buffers.
     for idx in range(L):
-        pool.k_buffer[idx][loc] = deferred.k_buffer[idx][loc]
-        pool.v_buffer[idx][loc] = deferred.v_buffer[idx][loc]
+        for dst, src in zip(pool.layer_buffers(idx), deferred.layer_buffers(idx)):
+            dst[loc] = src[loc]
     pool.land(loc)
     assert torch.equal(pool.get_key_buffer(2)[loc], deferred.get_key_buffer(2)[loc])
     assert torch.equal(pool.get_value_buffer(2)[loc], deferred.get_value_buffer(2)[loc])
@@ -138,8 +146,9 @@ def test_fnuz_rows_bridged_in_place_equal_fn_rows():
         fn.set_kv_buffer(_Layer(layer), loc, k, v)
         fnuz.set_kv_buffer(_Layer(layer), loc, k, v)
     fnuz.apply_bridge(loc, Bridge.FNUZ_TO_FN)
-    for a, b in zip((*fn.k_buffer, *fn.v_buffer), (*fnuz.k_buffer, *fnuz.v_buffer)):
-        assert torch.equal(a, b)
+    for layer in range(L):
+        for a, b in zip(fn.layer_buffers(layer), fnuz.layer_buffers(layer)):
+            assert torch.equal(a, b)
 
 
 def test_bridge_refusal_writes_nothing():
@@ -235,7 +244,8 @@ def test_fused_gather_read_equals_gather_then_decode(fmt):
     k, v = (torch.randn(64, H * D) * 5).bfloat16(), torch.randn(64, H * D).bfloat16()
     pool.set_kv_buffer(_Layer(1), loc, k, v)
     slots = torch.tensor([79, 16, 40, 40, 17], dtype=torch.int32)  # SGLang's req_to_token is int32
-    for buf, view, is_key in ((pool.k_buffer[1], pool.get_key_buffer(1), True),
-                              (pool.v_buffer[1], pool.get_value_buffer(1), False)):
-        assert pool.codec.gather_rows_fused(buf, slots, D, torch.bfloat16) is not None  # the fused path ran
-        assert torch.equal(view[slots].view(torch.int16), pool.read_rows(buf[slots.long()], is_key, 1).view(torch.int16))
+    for view, is_key in ((pool.get_key_buffer(1), True), (pool.get_value_buffer(1), False)):
+        data, scales = (pool.k_buffer if is_key else pool.v_buffer)[1], pool.scale_rows(is_key, 1)
+        assert pool.codec.gather_rows_fused(data, scales, slots, D, torch.bfloat16) is not None  # the fused path ran
+        gathered = (data[slots.long()], None if scales is None else scales[slots.long()])
+        assert torch.equal(view[slots].view(torch.int16), pool.read_rows(*gathered, is_key, 1).view(torch.int16))

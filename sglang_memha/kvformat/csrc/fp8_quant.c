@@ -243,17 +243,16 @@ void memha_fp8_dequant_bf16(const uint8_t *data, const uint16_t *scale, uint16_t
  * slots  [n] int64 slot ids, each in [0, num_slots) (the caller checks)
  * out    [n, heads, dim] bf16 (as uint16) = dequantize(buf[slots])
  */
-void memha_fp8_gather_dequant_bf16(const uint8_t *buf, int64_t row_bytes, const int64_t *slots, int64_t n,
+/* Format v4 pool rows: codes [slots, heads, dim] and bf16 scales [slots, heads] in two buffers. */
+void memha_fp8_gather_dequant_bf16(const uint8_t *data, const uint16_t *scales, const int64_t *slots, int64_t n,
                                    int64_t heads, int64_t dim, uint16_t *out, int bias, int nthreads) {
     float lut[256];
     for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
     #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
         for (int64_t h = 0; h < heads; h++) {
-            const uint8_t *row = buf + (slots[i] * heads + h) * row_bytes;
-            uint16_t sb;
-            memcpy(&sb, row + dim, 2);
-            dequant_row(row, out + (i * heads + h) * dim, dim, bf16_to_f32(sb), bias, lut);
+            int64_t r = slots[i] * heads + h;
+            dequant_row(data + r * dim, out + (i * heads + h) * dim, dim, bf16_to_f32(scales[r]), bias, lut);
         }
     }
 }

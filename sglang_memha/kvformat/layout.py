@@ -1,0 +1,127 @@
+"""Where a pool's bytes live (format v4): the one module that maps slots and pages to addresses.
+
+A pool of ``L`` layers keeps, per layer and for K and V separately, two slot-indexed buffers::
+
+    data  [num_slots, num_kv_heads, data_bytes_per_head]   uint8
+    scale [num_slots, num_kv_heads, scale_bytes_per_head]  uint8  (absent when that is 0)
+
+Slot ``s`` is token ``s % page_size`` of page ``s // page_size``. Data row ``(s, h)`` starts at
+byte ``(s * H + h) * data_bytes_per_head`` of its data buffer, so with 16-byte aligned buffers
+every data row starts on a 16-byte boundary when ``data_bytes_per_head`` is a multiple of 16
+(head_dim a multiple of 32 for every format). Page ``p`` of a buffer is the byte range
+``[p * item, (p + 1) * item)`` with ``item = page_size * H * bytes_per_head`` of that buffer.
+
+The pool publishes its buffers (to SGLang's PD transfer and Mooncake) as *entries* in this order::
+
+    [K data 0..L-1, K scale 0..L-1, V data 0..L-1, V scale 0..L-1]   (formats with scale rows)
+    [K data 0..L-1, V data 0..L-1]                                   (bf16, fp8_e4m3_tensor)
+
+so the first half is K and the second V (SGLang splits its MHA entry list that way), and entry
+``i`` belongs to pool layer ``i % L``. A run of contiguous pages travels as one Mooncake slice
+per entry. Why separate scale buffers rather than ``[page data | page scales]`` in one buffer:
+a page-major page must be padded to 16 bytes, which at page size 1 and few KV heads per rank
+breaks fp8's byte goal (3 heads x D = 64: 198 -> 208 B, 0.54 of bf16; 1 head x D = 128: 130 ->
+144 B, 0.56), while separate buffers cost nothing at any page size; vLLM moved its fp8 scales
+to separate caches for the same alignment reason (vLLM PR #56164: 6.3x slower with inline
+260-byte slots). Pure arithmetic: no SGLang, no torch buffers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sglang_memha.kvformat.spec import KVFormat, format_spec
+
+ALIGN = 16  # bytes: the boundary every data row starts on (for data_bytes_per_head % 16 == 0)
+
+
+class RowLayout:
+    """Bytes of one (token, kv-head) row of one format: ``data_bytes`` in the data buffer,
+    ``scale_bytes`` in the scale buffer (0: no scale buffer)."""
+
+    def __init__(self, fmt: KVFormat | str, head_dim: int):
+        self.fmt = KVFormat.parse(fmt)
+        spec = format_spec(self.fmt)
+        self.head_dim = head_dim
+        self.data_bytes = spec.data_bytes_per_head(head_dim)
+        self.scale_bytes = spec.scale_bytes_per_head(head_dim)
+        self.row_bytes = self.data_bytes + self.scale_bytes  # both buffers together
+        self.has_layer_scale = spec.scale_scope == "layer"
+
+    @property
+    def has_scale_rows(self) -> bool:
+        return self.scale_bytes > 0
+
+    @property
+    def aligned(self) -> bool:
+        """Every data row starts on an ``ALIGN``-byte boundary (given an aligned buffer)."""
+        return self.data_bytes % ALIGN == 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One published buffer: K or V, data or scale rows, of pool-local ``layer``."""
+    side: str  # "k" | "v"
+    kind: str  # "data" | "scale"
+    layer: int
+
+
+class PoolLayout:
+    """Entries and page addresses of a pool of ``fmt`` (see the module docstring)."""
+
+    def __init__(self, fmt: KVFormat | str, head_dim: int, num_kv_heads: int, num_layers: int,
+                 page_size: int):
+        self.row = RowLayout(fmt, head_dim)
+        self.fmt, self.heads, self.layers, self.page_size = self.row.fmt, num_kv_heads, num_layers, page_size
+        kinds = ("data", "scale") if self.row.has_scale_rows else ("data",)
+        self.entries = [Entry(side, kind, layer) for side in "kv" for kind in kinds for layer in range(num_layers)]
+
+    @classmethod
+    def of(cls, desc) -> PoolLayout:
+        """The layout a ``FormatDescriptor`` describes."""
+        return cls(desc.fmt, desc.head_dim, desc.num_kv_heads, desc.num_layers, desc.page_size)
+
+    def token_bytes(self, entry: Entry) -> int:
+        """Bytes one token occupies in ``entry``'s buffer."""
+        return self.heads * (self.row.data_bytes if entry.kind == "data" else self.row.scale_bytes)
+
+    def token_lens(self) -> list[int]:
+        return [self.token_bytes(e) for e in self.entries]
+
+    def item_lens(self) -> list[int]:
+        """Bytes of one page of each entry, in publication order (SGLang's ``kv_item_lens``)."""
+        return [self.page_size * t for t in self.token_lens()]
+
+    def split(self, values: list) -> dict[tuple[str, str], list]:
+        """A per-entry list (pointers, lengths) -> ``{(side, kind): [per layer]}``."""
+        if len(values) != len(self.entries):
+            raise ValueError(f"{len(values)} buffers for a {self.fmt.value} pool of {self.layers} layers, "
+                             f"expected {len(self.entries)} ({'K/V data and scale' if self.row.has_scale_rows else 'K/V data'})")
+        out: dict[tuple[str, str], list] = {}
+        for e, v in zip(self.entries, values):
+            out.setdefault((e.side, e.kind), []).append(v)
+        return out
+
+
+def layer_of_entries(num_entries: int, num_layers: int) -> list[int]:
+    """Pool-local layer of each published entry (both entry orders above: ``i % L``)."""
+    if num_layers <= 0 or num_entries % (2 * num_layers):
+        raise ValueError(f"{num_entries} KV buffers do not split into K and V of {num_layers} layers")
+    return [i % num_layers for i in range(num_entries)]
+
+
+def page_blocks(src_ptr: int, dst_ptr: int, item_len: int, runs: np.ndarray) -> list[tuple[int, int, int]]:
+    """Mooncake blocks ``(src addr, dst addr, bytes)`` of one entry for page ``runs`` ([r, 3]
+    int: first src page, first dst page, pages), both sides using the same page bytes."""
+    return [(src_ptr + int(s) * item_len, dst_ptr + int(d) * item_len, int(n) * item_len) for s, d, n in runs]
+
+
+def token_blocks(src_ptr: int, dst_ptr: int, token_bytes: int, runs: np.ndarray) -> list[tuple[int, int, int]]:
+    """Mooncake blocks of one entry for token ``runs`` ([r, 3] int: first src slot or staged row,
+    first dst slot, tokens): re-paging and send-time conversion address tokens, not pages."""
+    return [(src_ptr + int(s) * token_bytes, dst_ptr + int(d) * token_bytes, int(c) * token_bytes)
+            for s, d, c in runs]
+
+
+__all__ = ["ALIGN", "Entry", "PoolLayout", "RowLayout", "layer_of_entries", "page_blocks", "token_blocks"]
