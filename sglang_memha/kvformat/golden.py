@@ -1,11 +1,14 @@
 """Golden test vectors: input values -> exact page bytes, one JSON file per format.
 
-Files live in ``golden/<format>.json``. Each case holds the input as raw little-endian bytes
-(``input_hex``, in ``input_dtype``) and as decimals (``input``), and the expected ``data_hex``,
-``scales_hex`` (the companion-buffer row bytes, or the fp32 layer scale for fp8_e4m3_tensor) and
-``dequant_fp32_hex``. Another implementation checks itself by decoding ``input_hex``, encoding,
-and comparing bytes. Regenerate (only when FORMAT_VERSION changes) with
-``python -m sglang_memha.kvformat.golden``; tests fail if the code and the files disagree.
+Files live in ``golden/<format>.json``; docs/kv_format.md ("Golden vectors") specifies the
+container. Each case holds the input as raw little-endian bytes (``input_hex``, in ``input_dtype``,
+row-major ``shape`` = [T, H, D]) and, for the worked example, as decimals (``input``), and the
+expected ``data_hex`` (the T x H data rows, as a pool's data buffer holds them at slots 0..T-1),
+``scales_hex`` (the T x H scale rows of the scale buffer; for fp8_e4m3_tensor the fp32 layer scale
+it divided by; empty for bf16) and ``dequant_fp32_hex``. Another implementation checks itself by
+decoding ``input_hex``, encoding, and comparing bytes. Regenerate with
+``python -m sglang_memha.kvformat.golden`` when FORMAT_VERSION changes or cases are added (a case's
+bytes never change within a version); tests fail if the code and the files disagree.
 """
 
 from __future__ import annotations
@@ -55,6 +58,101 @@ def golden_inputs() -> list[tuple[str, torch.Tensor, float | None]]:
         ("half_integer_ties", ties, None),
         ("normal_bf16", normal.to(torch.bfloat16), None),
         ("normal_bf16_layer_scale_0.05", (normal * 8).to(torch.bfloat16), 0.05),
+    ] + edge_inputs()
+
+
+def _row(values: list[float], d: int = 64) -> list[float]:
+    """values padded with +0 to d elements."""
+    assert len(values) <= d, len(values)
+    return values + [0.0] * (d - len(values))
+
+
+def _blocks(blocks: list[list[float]], size: int = 16) -> list[float]:
+    """A row made of ``size``-element blocks, each padded with +0."""
+    return [v for b in blocks for v in _row(b, size)]
+
+
+def _t(rows: list[list[float]], dtype: torch.dtype = torch.float32, heads: int = 1) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64).to(dtype).reshape(len(rows) // heads, heads, -1)
+
+
+def _pm(values: list[float]) -> list[float]:
+    """values and their negatives."""
+    return values + [-v for v in values]
+
+
+def edge_inputs() -> list[tuple[str, torch.Tensor, float | None]]:
+    """Cases that pin down each choice docs/kv_format.md makes (added in format v4). No random
+    draws, so the cases before them are unchanged; ``tests/kvformat/test_spec_edges.py`` checks
+    that each one tells the rule the doc states from the alternative it names."""
+    h = float.fromhex
+    below = 1 - 2.0**-24  # the fp32 just below 1: 2^k * below is the fp32 just below 2^k
+    sub = 2.0**-149  # fp32's smallest subnormal
+    return [
+        # fp8: RNE ties at s = 1 (amax 448), r = 1: 440 -> 432, 8.5 -> 8, 9.5 -> 10, 100 -> 96, subnormal
+        # ties 2^-10 -> 0, 3 * 2^-10 -> 2^-8; -2^-11 rounds to -0, written 0x00 (fp8_e4m3_tensor: 0x80)
+        ("fp8_ties_unit_scale", _t([_row([448.0] + _pm([440.0, 232.0, 100.0, 17.0, 19.0, 9.5, 8.5, 1.0625,
+                                                        1.1875, 0.53125, 2.0**-10, 3 * 2.0**-10, 5 * 2.0**-10,
+                                                        15 * 2.0**-10, 2.0**-11]) + [-0.0])]), None),
+        # fp8: RNE(fp32(x * fp32(1 / s))) differs from RNE(x / s) for these (s = bf16_up(3 / 448),
+        # bf16_up(10 / 448)): x * r lands on a midpoint (ties to even) or just below one
+        ("fp8_reciprocal_not_quotient", _t([
+            _row([3.0] + _pm([h("0x1.aa4p0") * 2.0**k for k in range(-12, 1)])
+                 + [h("0x1.d38002p0") * 2.0**k for k in range(-12, 1)]),
+            _row([10.0] + [h("0x1.84e002p0") * 2.0**k for k in range(-12, 3)]
+                 + _pm([h("0x1.e06002p0") * 2.0**k for k in range(-12, 3)]))]), None),
+        # int8: x / scale exactly k + 0.5 (scale = 127 / 127 = 1, 381 / 127 = 3): RNE, ties to even
+        ("int8_ties", _t([[127.0, -127.0] + [k + 0.5 for k in range(-31, 31)],
+                          [381.0, -381.0] + [(k + 0.5) * 3 for k in range(-31, 31)]]), None),
+        # int4: min_b = 0 / -8, scale_b = 1 in every group: (x - min_b) / scale_b = k + 0.5 ties to even
+        ("int4_ties", _t([2 * ([0.0, 15.0] + [k + 0.5 for k in range(15)] + [float(k) for k in range(15)]),
+                          2 * ([-8.0, 7.0] + [k - 7.5 for k in range(15)] + [float(k - 7) for k in range(15)])],
+                         heads=2), None),
+        # fp8_e4m3_tensor (layer scale 1): beyond 448 every value saturates to 448 (0x7e / 0xfe)
+        ("saturation_above_448", _t([_row(_pm([448.0, 449.0, 463.9, 464.0, 472.0, 479.9, 480.0, 500.0, 1000.0,
+                                               65504.0, 1e6, 2.0**40, 2.0**64]) + [1.0, 0.5, -0.25])]), None),
+        ("saturation_bf16_layer_scale_0.25", _t([_row(_pm([112.0, 116.0, 120.0, 124.0, 128.0, 1000.0, 2.0**20,
+                                                           2.0**64, 111.5, 1.0, 0.5]))], torch.bfloat16), 0.25),
+        # x / 0.001 overflows fp16 to inf for the largest values, then clamps to 448
+        ("saturation_fp16_layer_scale_0.001", _t([_row(_pm([65504.0, 60000.0, 1000.0, 1.0, 0.5, 0.4478, 0.44,
+                                                            0.001]))], torch.float16), 0.001),
+        # fp8_e4m3_tensor, bf16 input: the fp32 quotient is rounded to bf16 before the fp8 RNE, which
+        # changes the code of each of these (a single rounding would give the other neighbour)
+        ("tensor_bf16_quotient_rounded_0.3", _t([_row(_pm(
+            [h("0x1.2p-8")] + [h(m) * 2.0**k for k in range(-8, 7) for m in ("0x1.6cp0", "0x1.94p0")]))],
+            torch.bfloat16), 0.3),
+        # fp8_e4m3_tensor, fp32 input: x / fp32(0.3) (a division); x * fp32(1 / 0.3) gives other codes
+        ("tensor_fp32_division_0.3", _t([_row(_pm(
+            [h("0x1.800002p-10"), h("0x1.a66666p-9"), h("0x1.2p-8")]
+            + [h("0x1.e00002p0") * 2.0**k for k in range(-8, 7)] + [135.0, 200.0, 1000.0]))]), 0.3),
+        # bfp8: block maxima just below a power of two (an fp32 log2 rounds them up to it), at a power of
+        # two, and at 127.5 / 128 (mag RNE(127.5) = 128 saturates to 127)
+        ("bfp8_below_powers_of_two", _t([
+            _blocks([[below, 0.5, 0.25 * below, -below, 0.75, 0.3, -0.1],
+                     [1.0, below, 0.5 * below, -0.75, 2.0**-7 * 1.5],
+                     [2.0**-20 * below, -(2.0**-21), 2.0**-22 * 3, 2.0**-20 * below * -0.5],
+                     [2.0**40 * below, 2.0**39, -(2.0**38) * 3, 12345.0]]),
+            _blocks([[127.5 / 128, 126.5 / 128, -125.5 / 128, 0.5 / 128, 1.5 / 128],
+                     [2.0 * below, -1.0, 1.5, 2.0**-6],
+                     [-(2.0**-4) * below, 2.0**-5, 3 * 2.0**-7],
+                     [2.0**63 * below, -(2.0**62), 2.0**56, 1.0]])]), None),
+        # bfp8: exponent bytes 1 (amax 2^-126; 2^(133 - 1) is not an fp32) and 0 (subnormal amax: the
+        # largest one saturates to 127), fp32 subnormals, a block whose only values are +-2^-149 (mag 0)
+        ("bfp8_tiny_exponents", _t([_blocks([
+            [2.0**-126, 2.0**-127, 2.0**-133, 3 * 2.0**-133, 5 * 2.0**-133, -(2.0**-130), sub],
+            [2.0**-126 - sub, 2.0**-140, -(2.0**-127), 2.0**-128 * 3],
+            [1.5 * 2.0**-130, 2.0**-134, 3 * 2.0**-134, sub, -(2.0**-133)],
+            [sub, -sub]])]), None),
+        # all-zero blocks and rows of +0, -0 and both: exponent byte 0, int8 scale +0, int4 (+0, +0)
+        ("zero_blocks", _t([_blocks([[0.0] * 16, [-0.0] * 16, [0.0, -0.0] * 8, [1.0, -0.0, -0.001]]),
+                            [-0.0] * 64]), None),
+        # negative values whose code rounds to zero: written +0 by every encoder but bf16 (0x8000)
+        # and fp8_e4m3_tensor (0x80)
+        ("negative_rounding_to_zero", _t([_blocks([
+            [448.0, -(2.0**-11), -(2.0**-12), -1e-30, -1.0, -1.7, -0.0],
+            [1.0, -1e-41, -(2.0**-134), -(2.0**-9)],
+            [2.0, -(2.0**-8), -0.0],
+            [-(2.0**-120), -(2.0**-130)]])]), None),
     ]
 
 
@@ -98,7 +196,16 @@ def block_inputs() -> list[tuple[str, torch.Tensor, float | None]]:
         ("tiny_with_one_large", tiny, None),
         ("half_integer_ties", ties, None),
         ("normal_bf16", normal.to(torch.bfloat16), None),
+        ("int4_ties_per_channel", _kivi_ties(), None),
     ]
+
+
+def _kivi_ties() -> torch.Tensor:
+    """[32, 1, 64]: over its 32 tokens every channel holds its min and max (0 and 15, or -8 and 7 on
+    odd channels: scale_b = 1) and 15 half-integers, so (x - min_b) / scale_b = k + 0.5 ties to even."""
+    col = torch.tensor([0.0, 15.0] + [k + 0.5 for k in range(15)] + [float(k) for k in range(15)])
+    shift = torch.tensor([0.0, 8.0]).repeat(32)
+    return (col[:, None] - shift[None, :]).reshape(32, 1, 64)
 
 
 def _student_t(g: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:

@@ -41,6 +41,7 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from sglang_memha.config import load_config
 from sglang_memha.kvformat import KVFormat
+from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.sglang_ext import handshake, repage, state
 from sglang_memha.sglang_ext.pipeline import LayerPipeline
 
@@ -238,31 +239,30 @@ class MemhaKVManager(mc.MooncakeKVManager):
             except ValueError as e:
                 logger.error("sglang-memha: room %s: %s", self._memha_tls.room, e)
                 return -1
-        _, _, dst_k, dst_v, layers = self.get_mha_kv_ptrs_with_pp(self.kv_args.kv_data_ptrs, dst_kv_ptrs)
         if target.fmt != self.memha_desc.fmt:
             return self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
-                                             dst_k, dst_v, repage.runs(tokens.staged_rows, tokens.dst_slots),
+                                             dst_kv_ptrs, repage.runs(tokens.staged_rows, tokens.dst_slots),
                                              int(dst_item_len))
-        # same format, another page size: the pool's rows go as they are, token by token
+        # same format, another page size: every buffer's token rows go as they are
         row_runs = repage.runs(tokens.src_slots, tokens.dst_slots)
-        src_k, src_v = self.kv_args.kv_data_ptrs[:layers], self.kv_args.kv_data_ptrs[layers:2 * layers]
-        lens = self.kv_args.kv_item_lens
         blocks = []
-        for i, (src, dst) in enumerate(zip([*src_k, *src_v], [*dst_k, *dst_v])):
-            blocks += repage.blocks(row_runs, src, dst, lens[i] // src_p, int(dst_item_len) // dst_p)
+        for src, dst, src_item, dst_token in zip(self.kv_args.kv_data_ptrs, dst_kv_ptrs, self.kv_args.kv_item_lens,
+                                                 PoolLayout.of(target).token_lens()):
+            blocks += repage.blocks(row_runs, src, dst, src_item // src_p, dst_token)
         return self._transfer_data(session, blocks)
 
     def _conversion_problem(self, registration_info, target) -> str | None:
         """Prefill, bootstrap thread: why pages cannot be converted for this decode, or None."""
-        from sglang_memha.sglang_ext.transcode import row_bytes
-
-        layers, local = self.memha_desc.num_layers, self.memha_desc
+        local = self.memha_desc
         what = _target_note(local, target).removeprefix("; ")
         fix = ("use the same MEMHA_KV_FORMAT and --page-size on both servers"
                if target.page_size != local.page_size else "use the same MEMHA_KV_FORMAT on both servers")
-        want = target.page_size * target.num_kv_heads * row_bytes(target)
-        if self.pp_size != 1 or len(registration_info.dst_kv_ptrs) != 2 * layers:
-            return (f"{what}: supported for one pipeline stage and plain MHA KV registrations only; {fix}")
+        dst_layout = PoolLayout.of(target)
+        want = dst_layout.item_lens()[0]
+        if self.pp_size != 1 or len(registration_info.dst_kv_ptrs) != len(dst_layout.entries):
+            return (f"{what}: supported for one pipeline stage and plain MHA KV registrations only "
+                    f"(decode registered {len(registration_info.dst_kv_ptrs)} KV buffers, a {target.fmt.value} "
+                    f"pool of format v4 has {len(dst_layout.entries)}); {fix}")
         if registration_info.dst_kv_item_len != want:
             return (f"decode registered {registration_info.dst_kv_item_len} B per {target.fmt.value} page, "
                     f"expected {want} ({target.page_size} tokens); {fix}")
@@ -273,11 +273,10 @@ class MemhaKVManager(mc.MooncakeKVManager):
             if states:
                 return (f"{what}: this prefill's KV has state components "
                         f"{[getattr(t, 'value', t) for t in states]}, which are not re-paged; {fix}")
-            token_bytes = want // target.page_size
-            if target.fmt == local.fmt and any(n != local.page_size * token_bytes
-                                               for n in self.kv_args.kv_item_lens):
+            rows = dst_layout.token_lens()
+            if target.fmt == local.fmt and list(self.kv_args.kv_item_lens) != [local.page_size * t for t in rows]:
                 return (f"{what}: prefill pages of {sorted(set(self.kv_args.kv_item_lens))} B are not "
-                        f"{local.page_size} tokens of the decode's {token_bytes} B rows; {fix}")
+                        f"{local.page_size} tokens of the decode's {sorted(set(rows))} B rows; {fix}")
         if self.memha_desc.fmt == KVFormat.FP8_E4M3_TENSOR:
             from sglang_memha.sglang_ext.transcode import scale_problem
 

@@ -46,6 +46,7 @@ import torch
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
 
+from sglang_memha.kvformat.layout import layer_of_entries, page_blocks
 from sglang_memha.sglang_ext.layer_signal import LayerWritten
 
 logger = logging.getLogger("sglang_memha")
@@ -59,25 +60,25 @@ class _SessionRuns:
     """Where one request's pages of this forward go on one decode session.
 
     ``runs``: [n, 3] int64 rows (first src page, first dst page, pages), contiguous on both sides.
-    ``src_k/src_v/dst_k/dst_v``: per-layer base pointers; ``k_len/v_len``: bytes per page and layer.
+    ``entries``: per pool-local layer, its published buffers as (src base, dst base, bytes per
+    page): K and V data, and their scale rows in format v4 (``kvformat/layout.py``).
     """
     session: str
     runs: np.ndarray
-    src_k: list[int]
-    src_v: list[int]
-    dst_k: list[int]
-    dst_v: list[int]
-    k_len: list[int]
-    v_len: list[int]
+    entries: list[list[tuple[int, int, int]]]
 
     def layer_blocks(self, layer: int) -> list[tuple[int, int, int]]:
-        """Mooncake blocks (src addr, dst addr, bytes) of layer ``layer``'s K and V rows."""
-        out = []
-        for base_s, base_d, item in ((self.src_k[layer], self.dst_k[layer], self.k_len[layer]),
-                                     (self.src_v[layer], self.dst_v[layer], self.v_len[layer])):
-            for s, d, n in self.runs:
-                out.append((base_s + int(s) * item, base_d + int(d) * item, int(n) * item))
-        return out
+        """Mooncake blocks (src addr, dst addr, bytes) of every buffer of layer ``layer``."""
+        return [b for src, dst, item in self.entries[layer] for b in page_blocks(src, dst, item, self.runs)]
+
+
+def layer_entries(src_ptrs: list[int], dst_ptrs: list[int], item_lens: list[int],
+                  num_layers: int) -> list[list[tuple[int, int, int]]]:
+    """Both sides' published entries (same format, same order) grouped by pool-local layer."""
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(num_layers)]
+    for i, layer in enumerate(layer_of_entries(len(src_ptrs), num_layers)):
+        out[layer].append((src_ptrs[i], dst_ptrs[i], item_lens[i]))
+    return out
 
 
 @dataclass
@@ -238,19 +239,18 @@ class LayerPipeline:
                     or reg.dst_attn_tp_size != mgr.attn_tp_size
                     or session in mgr.failed_sessions
                     or session in mgr.memha_send_targets  # converted on send: the stock path
-                    or dst_idx[-1] >= len(info.dst_kv_indices)):
+                    or dst_idx[-1] >= len(info.dst_kv_indices)
+                    or len(reg.dst_kv_ptrs) != len(mgr.kv_args.kv_data_ptrs)):
                 return None  # a layout the stock path handles specially: leave it to SGLang
             dst_pages = np.asarray(info.dst_kv_indices, dtype=np.int64)[dst_idx]
             dst_by_session[session] = dst_pages.tolist()
             src_groups, dst_groups = group_concurrent_contiguous(src_pages, dst_pages)
             runs = np.array([(s[0], d[0], len(s)) for s, d in zip(src_groups, dst_groups)],
                             dtype=np.int64).reshape(-1, 3)
-            src_k, src_v, dst_k, dst_v, layers = mgr.get_mha_kv_ptrs_with_pp(
-                mgr.kv_args.kv_data_ptrs, reg.dst_kv_ptrs)
-            lens = mgr.kv_args.kv_item_lens
-            sessions.append(_SessionRuns(session, runs, src_k, src_v, dst_k, dst_v,
-                                         list(lens[:layers]), list(lens[layers:2 * layers])))
-        plan = RequestPlan(room=room, sessions=sessions, num_layers=len(sessions[0].src_k),
+            entries = layer_entries(mgr.kv_args.kv_data_ptrs, reg.dst_kv_ptrs, mgr.kv_args.kv_item_lens,
+                                    mgr.memha_desc.num_layers)
+            sessions.append(_SessionRuns(session, runs, entries))
+        plan = RequestPlan(room=room, sessions=sessions, num_layers=len(sessions[0].entries),
                            closes_left=len(sessions))
         with self._lock:
             self._in_flight[room] = self._in_flight.get(room, 0) + 1

@@ -1,6 +1,6 @@
 """``Bridge.REPAGE``: a prefill and a decode with different ``--page-size``.
 
-Every KV format here is token-local (one pool row per (token, head), data and scale together),
+Every KV format here is token-local (one code row and one scale row per (token, head), slot-indexed),
 so re-paging is addressing only: each token's rows go to the slot that token has in the
 decode's pages. This module is that addressing (pure numpy; tests/quant/test_repage.py) plus
 the decode's acceptance of a prefill whose page size differs.
@@ -41,6 +41,8 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from sglang_memha.kvformat.layout import token_blocks
 
 # Prefill side: decode session id -> (prefill page size, decode page size). One SGLang
 # scheduler process has one prefill KV manager, so a module-level table is enough (as
@@ -133,13 +135,13 @@ def runs(src_rows: np.ndarray, dst_rows: np.ndarray) -> np.ndarray:
 
 def blocks(row_runs: np.ndarray, src_base: int, dst_base: int, src_row_bytes: int,
            dst_row_bytes: int) -> list[tuple[int, int, int]]:
-    """Mooncake ``(src address, dst address, bytes)`` per run, for one buffer (a layer's K or V):
-    a row is one token's ``[heads, row_bytes]``; both sides' rows must have the same size."""
+    """Mooncake ``(src address, dst address, bytes)`` per run, for one published buffer (a layer's
+    K or V code rows, or their scale rows): a row is one token's bytes in that buffer; both sides'
+    rows must have the same size."""
     if src_row_bytes != dst_row_bytes:
         raise ValueError(f"re-paging copies token rows: prefill rows are {src_row_bytes} B, decode "
                          f"rows {dst_row_bytes} B (the formats differ without a conversion)")
-    return [(src_base + int(s) * src_row_bytes, dst_base + int(d) * dst_row_bytes, int(c) * src_row_bytes)
-            for s, d, c in row_runs]
+    return token_blocks(src_base, dst_base, src_row_bytes, row_runs)
 
 
 # ---- decode side ---------------------------------------------------------------------------

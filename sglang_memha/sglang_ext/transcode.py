@@ -4,8 +4,10 @@ When the handshake finds a sender-side bridge (``kvformat.SENDER_BRIDGES``) betw
 prefill's pool and a decode's, ``MemhaKVManager.send_kvcache`` hands that decode's pages to
 ``Converter.send`` instead of SGLang's memcpy of pool rows:
 
-    prefill pool rows of the chunk's pages  --convert_rows-->  staging rows (decode's format)
-    staging rows  --Mooncake batch_transfer_sync-->  decode slots (dst_ptr + slot * token bytes)
+    prefill pool rows of the chunk's pages  --convert_rows-->  staging rows (decode's format:
+        code rows and scale rows, format v4's two buffers)
+    staging rows  --Mooncake batch_transfer_sync-->  decode slots of each decode buffer
+        (``layout.token_blocks``: buffer base + slot * token bytes)
 
 Staging rows are token-ordered, so the same send serves a decode with another page size
 (``REPAGE`` with a format bridge): only the runs of decode slots differ (``repage``).
@@ -36,35 +38,25 @@ import torch
 
 from sglang_memha.kvformat import SENDER_BRIDGES, Bridge, FormatDescriptor, get_codec
 from sglang_memha.kvformat.fp8 import layer_to_token_scale
+from sglang_memha.kvformat.layout import PoolLayout, RowLayout, token_blocks
 from sglang_memha.kvformat.transforms import apply_k_transform
-from sglang_memha.sglang_ext import repage
-
 ARENA_MIN_BYTES = 16 << 20
 
 
-def row_bytes(desc: FormatDescriptor) -> int:
-    """Bytes of one (token, head) pool row ``[data | scale]`` in ``desc``'s format."""
-    from sglang_memha.sglang_ext.quant_pool import RowLayout
+def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescriptor, data_out: torch.Tensor,
+                 scale_out: torch.Tensor | None, is_key: bool, layer_scale: float = 1.0) -> None:
+    """Rows of ``src``'s pool (a format without scale rows) -> rows of ``dst``'s pool.
 
-    return RowLayout(desc.fmt, desc.head_dim).row_bytes
-
-
-def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescriptor, out: torch.Tensor,
-                 is_key: bool, layer_scale: float = 1.0) -> None:
-    """Rows of ``src``'s pool -> rows of ``dst``'s pool, written into ``out``.
-
-    src_rows: [n, H, row_bytes(src)] uint8 (a bf16 pool's rows viewed as bytes: [n, H, 2*D]).
-    out:      [n, H, row_bytes(dst)] uint8, contiguous.
+    src_rows:  [n, H, data_bytes(src)] uint8 (a bf16 pool's rows viewed as bytes: [n, H, 2*D]).
+    data_out:  [n, H, data_bytes(dst)] uint8, contiguous (the decode's code rows).
+    scale_out: [n, H, scale_bytes(dst)] uint8, contiguous, or None when ``dst`` has no scale rows.
     layer_scale: the source pool's layer scale (``fp8_e4m3_tensor`` only).
     Raises ValueError for a pair no sender bridge covers (the handshake refuses those first).
     """
-    from sglang_memha.sglang_ext.quant_pool import RowLayout
-
     bridge = sender_bridge(src, dst)
     layout = RowLayout(dst.fmt, dst.head_dim)
-    data_out, scale_out = layout.split(out)
     n, h = src_rows.shape[:2]
-    loc = torch.arange(n, device=out.device)
+    loc = torch.arange(n, device=data_out.device)
     if bridge == Bridge.ENCODE_ON_SEND:
         x = src_rows.contiguous().view(torch.bfloat16).reshape(n, h, src.head_dim)
         if is_key and src.k_transform == "none" and dst.k_transform != "none":
@@ -75,7 +67,7 @@ def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescr
         else:
             codec.quantize_into(x, loc, data_out, scale_out)
     else:  # Bridge.LAYER_TO_TOKEN_SCALE
-        data, scales = layer_to_token_scale(src_rows[..., :layout.data_bytes], layer_scale)
+        data, scales = layer_to_token_scale(src_rows, layer_scale)
         data_out.copy_(data)
         scale_out.copy_(scales.contiguous().view(torch.uint8).reshape(n, h, -1))
 
@@ -146,22 +138,22 @@ class Converter:
         return arena
 
     def send(self, transfer, session: str, src_pages: np.ndarray, dst: FormatDescriptor,
-             dst_k_ptrs: list[int], dst_v_ptrs: list[int], row_runs: np.ndarray,
-             dst_item_len: int) -> int:
+             dst_ptrs: list[int], row_runs: np.ndarray, dst_item_len: int) -> int:
         """Convert the K and V rows of ``src_pages`` (prefill page ids, [n] int) of every layer
         into ``dst``'s format, staged back to back (row ``k * P_prefill + j`` = token ``j`` of
-        page ``k``), and write them to the decode buffers ``dst_k_ptrs``/``dst_v_ptrs`` (one
-        address per layer) along ``row_runs`` ([r, 3] int: first staged row, first decode slot,
+        page ``k``), and write them to the decode's buffers ``dst_ptrs`` (its published entries,
+        ``PoolLayout`` order) along ``row_runs`` ([r, 3] int: first staged row, first decode slot,
         count; ``repage.token_map(...).staged_rows/dst_slots`` through ``repage.runs``: the
-        decode's pages may hold another number of tokens). ``dst_item_len``: bytes of one
-        decode page. ``transfer(session, blocks)`` is the manager's ``_transfer_data``.
-        Returns 0, or its non-zero status."""
-        page = self.src.page_size
-        heads, row = self.src.num_kv_heads, row_bytes(dst)
-        token_bytes = heads * row
-        if dst.page_size * token_bytes != dst_item_len:
+        decode's pages may hold another number of tokens). ``dst_item_len``: bytes of the
+        decode's first entry's page (its registration's). ``transfer(session, blocks)`` is the
+        manager's ``_transfer_data``. Returns 0, or its non-zero status."""
+        page, heads = self.src.page_size, self.src.num_kv_heads
+        layout = PoolLayout.of(dst)
+        if layout.item_lens()[0] != dst_item_len:
             raise ValueError(f"decode page of {dst.fmt.value} is {dst_item_len} B, expected "
-                             f"{dst.page_size} tokens x {heads} heads x {row} B = {dst.page_size * token_bytes} B")
+                             f"{dst.page_size} tokens x {heads} heads x {layout.row.data_bytes} B = "
+                             f"{layout.item_lens()[0]} B")
+        ptrs = layout.split(dst_ptrs)
         src_pages = np.asarray(src_pages, dtype=np.int64)
         n = len(src_pages)
         if n == 0 or len(row_runs) == 0:
@@ -169,20 +161,30 @@ class Converter:
         dev = self.pool.k_buffer[0].device
         slots = (torch.as_tensor(src_pages, device=dev)[:, None] * page
                  + torch.arange(page, device=dev)).reshape(-1)
-        buffers = [(b, True, p) for b, p in zip(self.pool.k_buffer, dst_k_ptrs)] + \
-                  [(b, False, p) for b, p in zip(self.pool.v_buffer, dst_v_ptrs)]
-        chunk_bytes = n * page * token_bytes
+        buffers = [(b, side == "k", layer) for side, bufs in (("k", self.pool.k_buffer), ("v", self.pool.v_buffer))
+                   for layer, b in enumerate(bufs)]
+        data_bytes, scale_bytes = n * page * heads * layout.row.data_bytes, n * page * heads * layout.row.scale_bytes
+        chunk_bytes = data_bytes + scale_bytes
         per_round = max(1, ARENA_MIN_BYTES // chunk_bytes)
         arena = self._arena(min(per_round, len(buffers)) * chunk_bytes)
         scales = layer_scales(self.pool)
         for start in range(0, len(buffers), per_round):
             blocks = []
-            for i, (buf, is_key, dst_ptr) in enumerate(buffers[start:start + per_round]):
-                layer = (start + i) % len(self.pool.k_buffer)
-                out = arena.buf[i * chunk_bytes:(i + 1) * chunk_bytes].view(n * page, heads, row)
+            for i, (buf, is_key, layer) in enumerate(buffers[start:start + per_round]):
+                side = "k" if is_key else "v"
+                base = i * chunk_bytes
+                data_out = arena.buf[base:base + data_bytes].view(n * page, heads, layout.row.data_bytes)
+                scale_out = None
+                if scale_bytes:
+                    scale_out = arena.buf[base + data_bytes:base + chunk_bytes].view(n * page, heads,
+                                                                                     layout.row.scale_bytes)
                 convert_rows(buf[slots].view(torch.uint8).reshape(n * page, heads, -1), self.src, dst,
-                             out, is_key, scales[layer][0 if is_key else 1])
-                blocks += repage.blocks(row_runs, out.data_ptr(), dst_ptr, token_bytes, token_bytes)
+                             data_out, scale_out, is_key, scales[layer][0 if is_key else 1])
+                blocks += token_blocks(data_out.data_ptr(), ptrs[(side, "data")][layer],
+                                       heads * layout.row.data_bytes, row_runs)
+                if scale_out is not None:
+                    blocks += token_blocks(scale_out.data_ptr(), ptrs[(side, "scale")][layer],
+                                           heads * layout.row.scale_bytes, row_runs)
             if dev.type == "cuda":
                 torch.cuda.current_stream(dev).synchronize()
             ret = transfer(session, blocks)
@@ -196,4 +198,4 @@ class Converter:
             arena.release()
 
 
-__all__ = ["Converter", "convert_rows", "layer_scales", "row_bytes", "scale_problem", "sender_bridge"]
+__all__ = ["Converter", "convert_rows", "layer_scales", "scale_problem", "sender_bridge"]

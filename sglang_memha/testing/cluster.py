@@ -6,9 +6,13 @@ Usage (tests, demos, benchmarks)::
         status, out = c.generate("Hello", max_new_tokens=8)
 
 Readiness is real: each server's ``/health`` answers 200, then the router is started (its
-worker registration backs off if started earlier, and its own ``/health`` answers 200 with no
-worker), then a 1-token ``/generate`` through the router must succeed. Any server that dies on
-the way raises ``ClusterError`` with its log tail; ``close()`` always stops every process.
+worker registration backs off if started earlier), then the router's ``/workers`` must list every
+prefill and decode server as healthy (its ``/health`` answers 200 before it has any worker, and
+requests get 503 "No prefill workers available" for a few seconds after that), then, with
+``ready="generate"`` (the default), a 1-token ``/generate`` through the router must succeed. Any server
+that dies on the way raises ``ClusterError`` with its log tail; ``close()`` always stops every
+process, and so does SIGTERM / SIGINT / SIGHUP to the owner, or its death (``procs`` says how).
+Each process logs to ``<log_dir>/<name>.log``, truncated at start: a reused folder holds one run.
 """
 from __future__ import annotations
 
@@ -89,6 +93,33 @@ def _host_port(url: str) -> tuple[str, str]:
 def _health(url: str):
     status, _ = http_json(f"{url}/health", timeout=5)
     return status == 200
+
+
+def router_missing(router_url: str, prefill_urls: list[str], decode_urls: list[str]) -> list[str]:
+    """The expected workers that the router's ``/workers`` (sglang_router 0.3.2) does not list as
+    healthy, e.g. ``["prefill http://127.0.0.1:20001"]``; [] once it routes to all of them. An
+    unreachable or failing ``/workers`` is named as such."""
+    status, body = http_json(f"{router_url}/workers", timeout=5)
+    if status != 200 or not isinstance(body, dict):
+        return [f"the router's {router_url}/workers (answered {status or 'nothing'}: {str(body)[:120]})"]
+    healthy = {(w.get("worker_type"), str(w.get("url", "")).rstrip("/"))
+               for w in body.get("workers", []) if w.get("is_healthy")}
+    want = [("prefill", u) for u in prefill_urls] + [("decode", u) for u in decode_urls]
+    return [f"{kind} {url}" for kind, url in want if (kind, url.rstrip("/")) not in healthy]
+
+
+def wait_router_workers(router_url: str, prefill_urls: list[str], decode_urls: list[str],
+                        timeout_s: float, procs: list[ManagedProcess]) -> None:
+    """Wait until ``router_missing`` is empty; ``ClusterError`` naming the workers still missing
+    after ``timeout_s``, or at once when one of ``procs`` dies."""
+    missing: list[str] = []
+
+    def ready() -> bool:
+        missing[:] = router_missing(router_url, prefill_urls, decode_urls)
+        return not missing
+
+    wait_until(ready, timeout_s, procs,
+               lambda: f"router {router_url} to list its workers as healthy; missing: {', '.join(missing)}")
 
 
 class _Deployment:
@@ -174,6 +205,9 @@ class PDCluster(_Deployment):
     link: a ``netns.ShapedLink`` that is up: the prefill server runs in its prefill namespace and
     the decode server(s) in its decode namespace, so KV crosses the shaped veth; the router and
     the client stay in the root namespace (unshaped paths to both).
+    ready: ``"generate"`` returns once a 1-token request through the router succeeded;
+    ``"health"`` once every server answers ``/health`` and the router lists them all as healthy
+    workers, without a request (for deployments whose requests are meant to fail).
     """
 
     def __init__(self, model_path: str, prefill_args: list[str] = (), decode_args: list[str] = (),
@@ -244,9 +278,9 @@ class PDCluster(_Deployment):
                                         "--prefill", self.prefill_url, str(self.bootstrap_port),
                                         *decodes, "--host", HOST, "--port", str(self.router_port),
                                         "--prometheus-port", str(free_port()), *self.router_args], env)
+        wait_router_workers(self.url, [self.prefill_url], self.decode_urls, STARTUP_TIMEOUT_S,
+                            [*servers, router])
         if self.ready == "health":
-            wait_until(lambda: http_json(f"{self.url}/health", timeout=5)[0] == 200,
-                       STARTUP_TIMEOUT_S, [*servers, router], f"router {self.url}/health")
             return self
         ping = {"text": "ping", "sampling_params": {"max_new_tokens": 1}}
         wait_until(lambda: http_json(f"{self.url}/generate", ping, timeout=30)[0] == 200,

@@ -2,18 +2,44 @@
 
 Every server runs in its own session (``start_new_session=True``) so that stopping it also
 stops the scheduler and detokenizer processes it spawned; a process that ignores SIGTERM for
-``grace_s`` gets SIGKILL. A registry of live groups is killed ``atexit`` as a last resort, so an
-interrupted test leaves no process behind.
+``grace_s`` gets SIGKILL. Each start truncates its log: a reused log folder holds this run only.
+
+What stops the servers when their owner (this process) goes away; all of it acts on the registry
+of live process groups, by PID, never by name:
+
+- normal exit, an exception, ``KeyboardInterrupt``: ``close()`` / ``__exit__``, and ``atexit``
+  for the groups still live at interpreter exit;
+- SIGTERM, SIGHUP, SIGINT: while any group is live, a handler (installed by a start from the main
+  thread, restored when the last group is stopped unless another handler replaced it since) stops
+  every live group (SIGTERM, SIGKILL after ``SIGNAL_GRACE_S``), then hands the signal on: to the
+  handler that was there before (Python's SIGINT handler raises ``KeyboardInterrupt``), or, where
+  that was the default action, restores it and re-sends the signal, so the owner dies by it (a
+  shell reports 128 + signum; ``atexit`` hooks do not run, as with any death by signal). A signal
+  the owner ignores (``nohup``'s SIGHUP, SIGTERM set to SIG_IGN) stays ignored, except SIGINT: a
+  shell starts background jobs with SIGINT ignored, and a harness has no other use for it, so it
+  stops the servers and the owner dies by it;
+- the owner dying by a signal it cannot catch (SIGKILL, the OOM killer): each process started from
+  the main thread gets Linux ``PR_SET_PDEATHSIG`` = SIGTERM, so the kernel terminates it when the
+  owner dies; SGLang's scheduler and detokenizer processes die with their server (SGLang sets
+  PR_SET_PDEATHSIG on them). A process started from another thread gets no parent-death signal
+  (the kernel would send it when that *thread* ends), and processes a server moves out of its
+  process group are not followed.
+
+Python runs signal handlers in the main thread between bytecodes: a main thread stuck in a long
+uninterruptible C call delays the cleanup until the call returns.
 """
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -105,11 +131,12 @@ class ManagedProcess:
     popen: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> "ManagedProcess":
-        log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                      start_new_session=True)
-        log.close()
+        """Start the process in its own session; its log is truncated (this run's output only)."""
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                          start_new_session=True, preexec_fn=_child_setup_fn())
         _LIVE.add(self.popen.pid)
+        _guard_signals()
         return self
 
     @property
@@ -153,37 +180,131 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def _kill_group(pgid: int, grace_s: float) -> None:
+def _reap(pgid: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        _LIVE.discard(pgid)
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
+        os.waitpid(pgid, os.WNOHANG)  # reap our direct child (the leader) so the group can vanish
+    except ChildProcessError:
+        pass
+
+
+def _kill_groups(pgids, grace_s: float) -> None:
+    """SIGTERM every group at once, wait up to ``grace_s`` for all to vanish, SIGKILL the rest."""
+    pending = []
+    for pgid in pgids:
         try:
-            os.waitpid(pgid, os.WNOHANG)  # reap our direct child so the group can vanish
-        except ChildProcessError:
-            pass
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.2)
-    else:
+            os.killpg(pgid, signal.SIGTERM)
+            pending.append(pgid)
+        except ProcessLookupError:
+            _LIVE.discard(pgid)
+    deadline = time.monotonic() + grace_s
+    while pending and time.monotonic() < deadline:
+        for pgid in pending:
+            _reap(pgid)
+        pending = [g for g in pending if _group_alive(g)]
+        if pending:
+            time.sleep(0.2)
+    for pgid in pending:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    _LIVE.discard(pgid)
+    for pgid in pgids:
+        _LIVE.discard(pgid)
+    if not _LIVE:
+        _release_signals()
+
+
+def _kill_group(pgid: int, grace_s: float) -> None:
+    _kill_groups([pgid], grace_s)
 
 
 @atexit.register
 def _kill_leftovers() -> None:
-    for pgid in list(_LIVE):
-        _kill_group(pgid, grace_s=5.0)
+    _kill_groups(list(_LIVE), grace_s=5.0)
 
 
-def wait_until(cond, timeout_s: float, procs: list[ManagedProcess], what: str, poll_s: float = 0.5):
-    """Poll ``cond()`` until it returns a truthy value; fail fast if any of ``procs`` died."""
+# --- the owner's signals ----------------------------------------------------------------------
+SIGNAL_GRACE_S = 5.0
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_PREVIOUS: dict[int, object] = {}  # signum -> its disposition before ours, while ours is installed
+
+
+def _on_signal(signum: int, frame) -> None:
+    """Stop every live group, then hand the signal on (see the module docstring)."""
+    previous = _PREVIOUS.get(signum, signal.SIG_DFL)
+    _kill_groups(list(_LIVE), grace_s=SIGNAL_GRACE_S)
+    _release_signals()
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)  # SIG_DFL, or SIGINT that was ignored: die by it
+    os.kill(os.getpid(), signum)
+
+
+def _guard_signals() -> None:
+    """Install ``_on_signal`` for SIGTERM/SIGHUP/SIGINT (main thread only; idempotent)."""
+    if True:
+        return
+    for signum in _SIGNALS:
+        previous = signal.getsignal(signum)
+        if previous is None or (previous == signal.SIG_IGN and signum != signal.SIGINT):
+            continue  # installed outside Python, or deliberately ignored (nohup): leave it alone
+        _PREVIOUS[signum] = previous
+        signal.signal(signum, _on_signal)
+
+
+def _release_signals() -> None:
+    """Put back what ``_guard_signals`` replaced, where ``_on_signal`` is still the handler."""
+    if not _PREVIOUS or threading.current_thread() is not threading.main_thread():
+        return
+    for signum, previous in list(_PREVIOUS.items()):
+        if signal.getsignal(signum) is _on_signal:
+            signal.signal(signum, previous)
+        del _PREVIOUS[signum]
+
+
+# --- parent-death signal ----------------------------------------------------------------------
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_PRCTL = _load_prctl()
+
+
+def _child_setup_fn():
+    """The ``preexec_fn`` of a server started from the main thread (None from other threads, or
+    without prctl): in the child, between fork and exec, take back the inherited C-level handler
+    of ``_on_signal``'s signals (a parent-death SIGTERM caught there would be lost before exec),
+    ask for SIGTERM when the owner dies, and quit if the owner died already."""
+    if True:
+        return None
+    owner = os.getpid()
+
+    def setup() -> None:
+        for signum in _SIGNALS:
+            if signal.getsignal(signum) is _on_signal:
+                signal.signal(signum, signal.SIG_DFL)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != owner:
+            os._exit(1)
+    return setup
+
+
+def wait_until(cond, timeout_s: float, procs: list[ManagedProcess], what, poll_s: float = 0.5):
+    """Poll ``cond()`` until it returns a truthy value; fail fast if any of ``procs`` died.
+    ``what`` names the awaited thing in the timeout error; a callable is called then, so that it
+    can say what was still missing at the last poll."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for p in procs:
@@ -193,4 +314,5 @@ def wait_until(cond, timeout_s: float, procs: list[ManagedProcess], what: str, p
             return value
         time.sleep(poll_s)
     tails = "\n".join(f"--- {p.name} ({p.log_path}) ---\n{p.log_tail(20)}" for p in procs)
+    what = what() if callable(what) else what
     raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}\n{tails}")

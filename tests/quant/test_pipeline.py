@@ -19,7 +19,10 @@ from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
 
 from sglang_memha.sglang_ext.pipeline import LayerPipeline, around_run_batch  # noqa: E402
 
-LAYERS, PAGE, ITEM, POOL_PAGES = 3, 16, 48, 32  # ITEM: bytes of one page of one layer (K or V)
+LAYERS, PAGE, POOL_PAGES = 3, 16, 32
+# Format v4 entries [K data, K scale, V data, V scale] x layers; ITEMS: bytes of one page of each
+ITEMS = ([48] * LAYERS + [16] * LAYERS) * 2
+ENTRIES = len(ITEMS)
 SESSION, SESSION_B = "10.0.0.2:1234", "10.0.0.3:1234"
 
 
@@ -28,13 +31,13 @@ class FakeManager:
 
     def __init__(self, fail_layer: int | None = None):
         rng = np.random.default_rng(0)
-        self.src = [rng.integers(0, 256, POOL_PAGES * ITEM, dtype=np.uint8) for _ in range(2 * LAYERS)]
-        self.dst = [np.zeros(POOL_PAGES * ITEM, dtype=np.uint8) for _ in range(2 * LAYERS)]
-        self.kv_args = SimpleNamespace(kv_data_ptrs=[a.ctypes.data for a in self.src],
-                                       kv_item_lens=[ITEM] * (2 * LAYERS))
+        self.src = [rng.integers(0, 256, POOL_PAGES * item, dtype=np.uint8) for item in ITEMS]
+        self.dst = [np.zeros(POOL_PAGES * item, dtype=np.uint8) for item in ITEMS]
+        self.kv_args = SimpleNamespace(kv_data_ptrs=[a.ctypes.data for a in self.src], kv_item_lens=list(ITEMS))
+        self.memha_desc = SimpleNamespace(num_layers=LAYERS)
         self.request_status: dict[int, int] = {}
         self.transfer_infos: dict[int, dict] = {}
-        self.dst_b = [np.zeros(POOL_PAGES * ITEM, dtype=np.uint8) for _ in range(2 * LAYERS)]
+        self.dst_b = [np.zeros(POOL_PAGES * item, dtype=np.uint8) for item in ITEMS]
         self.decode_kv_args_table = {s: SimpleNamespace(
             dst_kv_ptrs=[a.ctypes.data for a in pool], dst_attn_tp_size=1, requires_dcp_relayout=False)
             for s, pool in ((SESSION, self.dst), (SESSION_B, self.dst_b))}
@@ -55,10 +58,6 @@ class FakeManager:
 
     def check_status(self, room):
         return self.request_status[room]
-
-    def get_mha_kv_ptrs_with_pp(self, src, dst):
-        n = len(src) // 2
-        return src[:n], src[n:], dst[:n], dst[n:], n
 
     def _transfer_data(self, session, blocks):
         self.calls.append((getattr(self._memha_tls, "room", None), getattr(self._memha_tls, "phase", None)))
@@ -108,18 +107,19 @@ def _slots(pages: list[int], tokens: int) -> list[int]:
 
 
 def _page_bytes(pool, layer_buf: int, page: int) -> bytes:
-    return pool[layer_buf][page * ITEM:(page + 1) * ITEM].tobytes()
+    item = ITEMS[layer_buf]
+    return pool[layer_buf][page * item:(page + 1) * item].tobytes()
 
 
 def _assert_landed(mgr, src_pages, dst_pages):
-    for buf in range(2 * LAYERS):
+    for buf in range(ENTRIES):
         for s, d in zip(src_pages, dst_pages):
             assert _page_bytes(mgr.dst, buf, d) == _page_bytes(mgr.src, buf, s), (buf, s, d)
 
 
 def _untouched(mgr, dst_pages) -> bool:
     others = [p for p in range(POOL_PAGES) if p not in dst_pages]
-    return all(not mgr.dst[b][p * ITEM:(p + 1) * ITEM].any() for b in range(2 * LAYERS) for p in others)
+    return all(not mgr.dst[b][p * ITEMS[b]:(p + 1) * ITEMS[b]].any() for b in range(ENTRIES) for p in others)
 
 
 def test_whole_forward_pipelined_then_claimed():
@@ -220,8 +220,8 @@ def test_chunked_prefill_partial_page_is_resent_by_the_later_chunk():
     _forward(pipe, req, row, 0, 40)
     rest, _, status = pipe.claim(3, SESSION, np.array([1, 2]), np.array([10, 11]))
     assert status == 0 and len(rest) == 0
-    for buf in range(2 * LAYERS):  # chunk 2's forward writes the second half of page 3
-        mgr.src[buf][3 * ITEM + ITEM // 2:4 * ITEM] ^= 0xFF
+    for buf in range(ENTRIES):  # chunk 2's forward writes the second half of page 3
+        mgr.src[buf][3 * ITEMS[buf] + ITEMS[buf] // 2:4 * ITEMS[buf]] ^= 0xFF
     _forward(pipe, req, row, 40, 30)
     rest, _, status = pipe.claim(3, SESSION, np.array([3, 4, 5]), np.array([12, 13, 14]))
     assert status == 0 and len(rest) == 0
@@ -275,9 +275,9 @@ def test_dead_session_does_not_stall_another_sessions_requests():
     pipe.close(plan)
     rp1, rp2 = plan.reqs
     assert rp2.done.wait(10) and rp2.complete and not rp1.done.is_set()
-    for buf in range(2 * LAYERS):
+    for buf in range(ENTRIES):
         for s_, d in ((8, 6), (9, 7)):
-            assert mgr.dst_b[buf][d * ITEM:(d + 1) * ITEM].tobytes() == _page_bytes(mgr.src, buf, s_)
+            assert mgr.dst_b[buf][d * ITEMS[buf]:(d + 1) * ITEMS[buf]].tobytes() == _page_bytes(mgr.src, buf, s_)
     assert pipe.in_flight(1) and not pipe.in_flight(2)
     gate.set()
     assert rp1.done.wait(10) and "failed" in rp1.failure and not pipe.in_flight(1)

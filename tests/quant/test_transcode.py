@@ -76,20 +76,21 @@ def send(src_pool, src_desc, dst_pool, dst_desc, src_pages, dst_pages, calls=Non
     from position 0 (re-paged, the chunk's pages being positions 0..n-1)."""
     engine = FakeEngine()
     conv = transcode.Converter(engine, src_pool, src_desc)
-    row = transcode.row_bytes(dst_desc)
     tokens = repage.token_map(src_pages, np.arange(len(src_pages)), dst_pages, src_desc.page_size,
                               dst_desc.page_size, n_tokens)
+    ptrs, _, item_lens = dst_pool.get_contiguous_buf_infos()
     ret = conv.send(memmove_transfer(calls if calls is not None else []), "sess", np.array(src_pages),
-                    dst_desc, [b.data_ptr() for b in dst_pool.k_buffer], [b.data_ptr() for b in dst_pool.v_buffer],
-                    repage.runs(tokens.staged_rows, tokens.dst_slots), dst_desc.page_size * H * row)
+                    dst_desc, ptrs, repage.runs(tokens.staged_rows, tokens.dst_slots), item_lens[0])
     conv.close()
     assert engine.registered and [p for p, _ in engine.registered] == engine.deregistered
     return ret
 
 
 def rows(pool, pages):
+    """Every published buffer's rows of ``pages`` (code rows, then scale rows where the format has them)."""
     loc = (torch.as_tensor(pages)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
-    return [b[loc] for b in (*pool.k_buffer, *pool.v_buffer)]
+    scales = getattr(pool, "k_scale_buffer", None) or []
+    return [b[loc] for b in (*pool.k_buffer, *pool.v_buffer, *scales, *(pool.v_scale_buffer if scales else []))]
 
 
 SRC_PAGES, DST_PAGES = [1, 2, 3, 7, 9], [4, 5, 11, 12, 2]  # runs broken on both sides
@@ -122,10 +123,11 @@ def test_layer_scale_pool_gets_per_row_scales_bytes_kept():
     src, dst = quant_pool("fp8_e4m3_tensor"), quant_pool("fp8_e4m3")
     write_same_kv([src], SRC_PAGES)
     assert send(src, desc("fp8_e4m3_tensor"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES) == 0
-    for got, want in zip(rows(dst, DST_PAGES), rows(src, SRC_PAGES)):
-        assert torch.equal(got[..., :D], want)
-        assert torch.equal(got[..., D:].contiguous().view(torch.bfloat16),
-                           torch.ones(got.shape[0], H, 1, dtype=torch.bfloat16))
+    got = rows(dst, DST_PAGES)
+    for data, want in zip(got[:2 * L], rows(src, SRC_PAGES)):
+        assert torch.equal(data, want)
+    for scales in got[2 * L:]:
+        assert torch.equal(scales.contiguous().view(torch.bfloat16), torch.ones(scales.shape[0], H, 1, dtype=torch.bfloat16))
     for layer in range(L):
         a = dst.get_key_buffer(layer)[torch.arange(DST_PAGES[0] * PAGE, (DST_PAGES[0] + 1) * PAGE)]
         b = src.get_key_buffer(layer)[torch.arange(SRC_PAGES[0] * PAGE, (SRC_PAGES[0] + 1) * PAGE)]
@@ -140,8 +142,8 @@ def test_small_arena_sends_in_rounds_same_bytes(monkeypatch):
     calls = []
     assert send(src, desc("bf16"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES, calls) == 0
     assert len(calls) == 2 * L  # one buffer per round
-    # dst runs: [4,5], [11,12], [2] -> 3 blocks per buffer
-    assert all(n == 3 for _, n in calls)
+    # dst runs: [4,5], [11,12], [2] -> 3 blocks per buffer, for its code rows and its scale rows
+    assert all(n == 6 for _, n in calls)
     for got, want in zip(rows(dst, DST_PAGES), rows(ref, SRC_PAGES)):
         assert torch.equal(got, want)
 
@@ -162,7 +164,8 @@ def test_encoded_and_re_paged_in_one_send(dst_page, dst_pages):
     dst_slots = torch.as_tensor(dst_pages)[t // dst_page] * dst_page + t % dst_page
     written = torch.zeros(SIZE + dst_page, dtype=torch.bool)
     written[dst_slots] = True
-    for got, want in zip((*dst.k_buffer, *dst.v_buffer), (*ref.k_buffer, *ref.v_buffer)):
+    for got, want in zip(dst.get_contiguous_buf_infos()[0], ref.get_contiguous_buf_infos()[0]):
+        got, want = _tensor_at(dst, got), _tensor_at(ref, want)
         assert torch.equal(got[dst_slots], want[src_slots])
         assert int(got[~written[:got.shape[0]]].sum()) == 0
 
@@ -170,23 +173,31 @@ def test_encoded_and_re_paged_in_one_send(dst_page, dst_pages):
 def test_transfer_failure_status_is_returned():
     src, dst = stock_pool(), quant_pool("fp8_e4m3")
     conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
-    ret = conv.send(lambda s, b: -1, "sess", np.array([1]), desc("fp8_e4m3"),
-                    [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer],
-                    np.array([[0, 2 * PAGE, PAGE]]), PAGE * H * transcode.row_bytes(desc("fp8_e4m3")))
+    ptrs, _, item_lens = dst.get_contiguous_buf_infos()
+    ret = conv.send(lambda s, b: -1, "sess", np.array([1]), desc("fp8_e4m3"), ptrs,
+                    np.array([[0, 2 * PAGE, PAGE]]), item_lens[0])
     assert ret == -1
 
 
 def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
     src, dst = stock_pool(), quant_pool("fp8_e4m3")
     conv = transcode.Converter(FakeEngine(), src, desc("bf16"))
+    ptrs = dst.get_contiguous_buf_infos()[0]
     with pytest.raises(ValueError, match="decode page of fp8_e4m3 is 100 B"):
-        conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"),
-                  [b.data_ptr() for b in dst.k_buffer], [b.data_ptr() for b in dst.v_buffer],
+        conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"), ptrs,
                   np.array([[0, 2 * PAGE, PAGE]]), 100)
-    out = torch.empty(4, H, transcode.row_bytes(desc("fp8_e4m3")), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"3 buffers for a fp8_e4m3 pool of 3 layers, expected 12"):
+        conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"), ptrs[:3],
+                  np.array([[0, 2 * PAGE, PAGE]]), PAGE * H * D)
+    data, scales = torch.empty(4, H, D, dtype=torch.uint8), torch.empty(4, H, 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="KV format mismatch"):  # int8 -> fp8 would re-quantize
-        transcode.convert_rows(torch.zeros(4, H, D + 2, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
-                               out, True)
+        transcode.convert_rows(torch.zeros(4, H, D, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
+                               data, scales, True)
+
+
+def _tensor_at(pool, ptr):
+    """The published buffer of ``pool`` whose base address is ``ptr``."""
+    return next(t for layer in range(L) for t in pool.layer_buffers(layer) if t.data_ptr() == ptr)
 
 
 def stock_fp8_pool():
@@ -205,12 +216,12 @@ def test_stock_fp8_pool_bytes_kept_model_scales_per_row(scales):
     assert transcode.scale_problem(src) is None
     assert send(src, desc("fp8_e4m3_tensor"), dst, desc("fp8_e4m3"), SRC_PAGES, DST_PAGES) == 0
     pairs = transcode.layer_scales(src)
-    got, want = rows(dst, DST_PAGES), rows(src, SRC_PAGES)
-    for i, (g, w) in enumerate(zip(got, want)):
+    got, want = rows(dst, DST_PAGES), rows(src, SRC_PAGES)  # dst: 2L code buffers, then 2L scale buffers
+    for i, w in enumerate(want):
         layer, is_v = i % L, i >= L
-        assert torch.equal(g[..., :D], w.view(torch.uint8))
-        assert torch.equal(g[..., D:].contiguous().view(torch.bfloat16),
-                           torch.full((g.shape[0], H, 1), pairs[layer][is_v], dtype=torch.bfloat16))
+        assert torch.equal(got[i], w.view(torch.uint8))
+        assert torch.equal(got[2 * L + i].contiguous().view(torch.bfloat16),
+                           torch.full((w.shape[0], H, 1), pairs[layer][is_v], dtype=torch.bfloat16))
 
 
 def test_stock_fp8_scale_that_bf16_cannot_hold_is_refused():
