@@ -52,14 +52,15 @@ def build(kind: str, size: int):
 
 def step_fn(kind: str, pool, reqs):
     if kind.endswith("(unfused)"):
-        def read(buf, s, is_key, layer):
-            return pool.read_rows(buf[s], is_key, layer)
+        def read(s, is_key, layer):
+            data, scales = (pool.k_buffer if is_key else pool.v_buffer)[layer], pool.scale_rows(is_key, layer)
+            return pool.read_rows(data[s], None if scales is None else scales[s], is_key, layer)
 
         def step():
             for layer in range(L):
                 for s in reqs:
-                    read(pool.k_buffer[layer], s, True, layer)
-                    read(pool.v_buffer[layer], s, False, layer)
+                    read(s, True, layer)
+                    read(s, False, layer)
         return step
 
     def step():

@@ -39,6 +39,7 @@ from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_c
 from sglang_memha.kvformat.kivi import BLOCK as KIVI_BLOCK
 from sglang_memha.kvformat.layout import PoolLayout, RowLayout
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
+from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, quantize_to_slots, triton_available
 from sglang_memha.sglang_ext import state
 from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
 
@@ -156,6 +157,9 @@ class MemhaQuantKVPool(MHATokenToKVPool):
                                           self.head_num, shadow_dtype, self.device)
         self.pool_layout = PoolLayout(self.memha_format, self.head_dim, self.head_num, self.layer_num,
                                       self.page_size)
+        # CUDA: quantize-on-write with the Triton codecs, in place in the v4 buffers, no host sync
+        self.triton_write = (torch.device(self.device).type == "cuda" and self.codec.fmt in TRITON_FORMATS
+                             and triton_available())
         self._kv_buffer_descs = self._build_kv_buffer_descs()
         self._init_data_ptrs_and_strides()
         self.k_offset, offset_digest = self._load_k_offset()
@@ -249,7 +253,9 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         return k
 
     def _write(self, x: torch.Tensor, loc: torch.Tensor, data: torch.Tensor, scales: torch.Tensor | None) -> None:
-        if self.layout.has_layer_scale:
+        if self.triton_write:
+            quantize_to_slots(self.codec.fmt, x.contiguous(), loc.long(), data, scales)
+        elif self.layout.has_layer_scale:
             self.codec.quantize_into(x, loc, data, None, scale=float(self.layer_scale))
         else:
             self.codec.quantize_into(x, loc, data, scales)
