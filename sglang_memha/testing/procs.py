@@ -132,7 +132,7 @@ class ManagedProcess:
 
     def start(self) -> "ManagedProcess":
         """Start the process in its own session; its log is truncated (this run's output only)."""
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                           start_new_session=True, preexec_fn=_child_setup_fn())
         _LIVE.add(self.popen.pid)
@@ -243,7 +243,7 @@ def _on_signal(signum: int, frame) -> None:
 
 def _guard_signals() -> None:
     """Install ``_on_signal`` for SIGTERM/SIGHUP/SIGINT (main thread only; idempotent)."""
-    if True:
+    if _PREVIOUS or threading.current_thread() is not threading.main_thread():
         return
     for signum in _SIGNALS:
         previous = signal.getsignal(signum)
@@ -287,7 +287,7 @@ def _child_setup_fn():
     without prctl): in the child, between fork and exec, take back the inherited C-level handler
     of ``_on_signal``'s signals (a parent-death SIGTERM caught there would be lost before exec),
     ask for SIGTERM when the owner dies, and quit if the owner died already."""
-    if True:
+    if _PRCTL is None or threading.current_thread() is not threading.main_thread():
         return None
     owner = os.getpid()
 
