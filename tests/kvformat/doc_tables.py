@@ -27,9 +27,9 @@ def code_tables() -> dict[str, list[list[str]]]:
     geometry = []
     for f in KVFormat:
         g = page_geometry(f, 16, 8, 128)
+        buffers = 4 if g.scale_bytes_per_head else 2  # K data (+ K scale), V data (+ V scale)
         geometry.append([f.value, str(g.data_bytes_per_head), str(g.scale_bytes_per_head), str(g.data_bytes),
-                         str(g.scale_bytes), str(g.v_data_offset), str(g.k_scale_offset), str(g.v_scale_offset),
-                         str(g.packed_bytes)])
+                         str(g.scale_bytes), str(buffers)])
     versions = [[str(v), text] for v, text in FORMAT_VERSION_HISTORY]
     worked = []
     for f in KVFormat:
@@ -49,7 +49,9 @@ def doc_tables(text: str | None = None) -> dict[str, list[list[str]]]:
     text = DOC.read_text() if text is None else text
     out = {}
     for m in re.finditer(r"<!-- table: (\w+) -->\n((?:\|.*\n)+)", text):
-        rows = [[c.strip().strip("`") for c in line.strip().strip("|").split("|")] for line in m.group(2).splitlines()]
+        # cells split on unescaped pipes; "\\|" in a cell is a literal "|" (markdown's escape)
+        rows = [[c.strip().strip("`").replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+                for line in m.group(2).splitlines()]
         out[m.group(1)] = rows[2:]
     return out
 
@@ -57,5 +59,6 @@ def doc_tables(text: str | None = None) -> dict[str, list[list[str]]]:
 def markdown(name: str, header: list[str]) -> str:
     rows = code_tables()[name]
     lines = [f"<!-- table: {name} -->", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(r)) + " |" for r in rows]
+    cells = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines += ["| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(r)) + " |" for r in cells]
     return "\n".join(lines)

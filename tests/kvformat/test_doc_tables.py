@@ -18,3 +18,8 @@ def test_parser_sees_a_changed_cell():
     text = "<!-- table: t -->\n| a | b |\n|---|---|\n| `x` | 1 |\n"
     assert doc_tables(text) == {"t": [["x", "1"]]}
     assert doc_tables(text.replace("| 1 |", "| 2 |")) != {"t": [["x", "1"]]}
+
+
+def test_parser_keeps_an_escaped_pipe_in_a_cell():
+    text = "<!-- table: t -->\n| a | b |\n|---|---|\n| `x` | [data \\| scale] |\n"
+    assert doc_tables(text) == {"t": [["x", "[data | scale]"]]}
