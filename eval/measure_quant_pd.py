@@ -27,7 +27,7 @@ import os
 import random
 import time
 
-from sglang_memha.kvformat import kv_bytes_per_token
+from sglang_memha.kvformat import FORMAT_VERSION, kv_bytes_per_token
 from sglang_memha.models.smollm2 import ensure_smollm2
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.procs import http_json
@@ -91,7 +91,8 @@ def main() -> None:
                                 page_size=args.page_size)
         print("   ", runs[name], flush=True)
     stock = runs["stock"]
-    out = {"model": "SmolLM2-135M-Instruct", "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+    out = {"model": "SmolLM2-135M-Instruct", "format_version": FORMAT_VERSION,
+           "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
            "page_size": args.page_size,
            "mem_fraction_static": args.mem_fraction_static, "runs": runs,
            "command": "python eval/measure_quant_pd.py " + " ".join(

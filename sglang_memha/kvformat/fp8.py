@@ -192,7 +192,9 @@ class Fp8TensorCodec(KVCodec):
         s = float(scale)
         if not (s > 0 and s < float("inf")):
             raise ValueError(f"scale={scale!r}: expected a positive finite per-layer scale")
-        y = x if s == 1.0 else x / s
+        # a 0-dim fp32 tensor divisor: a true fp32 division (in x's dtype out) on every device;
+        # CUDA turns division by a Python float into a multiply by its reciprocal (other bytes)
+        y = x if s == 1.0 else x / torch.tensor(s, dtype=torch.float32, device=x.device)
         data = y.clamp(-E4M3FN_MAX, E4M3FN_MAX).to(torch.float8_e4m3fn)
         return data.view(torch.uint8), torch.tensor([s], dtype=torch.float32, device=x.device)
 
