@@ -5,6 +5,7 @@
 | ``MEMHA_CACHE_DIR``   | ``~/.cache/sglang-memha`` | built models and downloaded wheels (outside the repo) |
 | ``MEMHA_CPU_COMPAT``  | ``auto``                  | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
 | ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
+| ``MEMHA_CHECK_KV``    | ``0``                     | ``1``: codecs also check K/V values on a GPU (a host sync per call; debugging only). CPU always checks; pools zero non-finite K/V without a sync and fail only that request |
 | ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_K_OFFSET``    | unset                     | a K offset file (``python -m sglang_memha.calibrate``): subtract a calibrated per-channel K vector before quantizing (exact for attention; better fp8/int8 quality, large-K-bias models). Needs ``MEMHA_KV_FORMAT``; set the same file on both sides |
@@ -39,6 +40,7 @@ class MemhaConfig:
     cache_dir: str
     cpu_compat: str  # one of _CPU_COMPAT_VALUES
     cpu_kernels: bool = True
+    check_kv: bool = False  # codecs' value check on GPU tensors too (a host sync per call)
     kv_format: str | None = None  # None: the quantized-KV path is off (stock SGLang pools)
     k_transform: str = "none"
     k_offset: str | None = None  # path of a kvformat.k_offset file
@@ -98,6 +100,7 @@ def load_config() -> MemhaConfig:
         cache_dir=os.environ.get("MEMHA_CACHE_DIR") or os.path.expanduser("~/.cache/sglang-memha"),
         cpu_compat=os.environ.get("MEMHA_CPU_COMPAT", "auto"),
         cpu_kernels=_flag("MEMHA_CPU_KERNELS", True),
+        check_kv=_flag("MEMHA_CHECK_KV", False),
         kv_format=os.environ.get("MEMHA_KV_FORMAT") or None,
         k_transform=os.environ.get("MEMHA_K_TRANSFORM") or "none",
         k_offset=os.environ.get("MEMHA_K_OFFSET") or None,

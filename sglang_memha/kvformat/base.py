@@ -14,6 +14,7 @@ Inputs must be finite with ``|x| <= MAX_ABS_INPUT``; anything else raises ``Valu
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -34,7 +35,10 @@ def check_input(x: torch.Tensor, spec: FormatSpec, name: str = "x") -> torch.Ten
         raise ValueError(f"{name}.dtype={x.dtype}: expected one of bf16, fp16, fp32")
     spec.check_head_dim(x.shape[-1])
     x32 = x.float()
-    if x32.numel():
+    # The value check reads the result on the host: on a GPU that is a sync per call (and breaks
+    # CUDA-graph capture), so there it runs only with MEMHA_CHECK_KV=1; pools screen their
+    # inputs without a sync instead (``quant_pool._screen``).
+    if x32.numel() and (not x32.is_cuda or _check_on_gpu()):
         lo, hi = torch.aminmax(x32)  # one pass, no temporaries; NaN propagates
         if not (-MAX_ABS_INPUT <= float(lo) and float(hi) <= MAX_ABS_INPUT):
             bad = ~(x32.abs() <= MAX_ABS_INPUT)  # also true for NaN
@@ -45,6 +49,13 @@ def check_input(x: torch.Tensor, spec: FormatSpec, name: str = "x") -> torch.Ten
                 f"KV codecs reject them instead of encoding garbage"
             )
     return x32
+
+
+@functools.cache
+def _check_on_gpu() -> bool:
+    from sglang_memha.config import load_config
+
+    return load_config().check_kv
 
 
 def bf16_round(x32: torch.Tensor, up: bool) -> torch.Tensor:

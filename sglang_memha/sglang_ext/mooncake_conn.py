@@ -188,6 +188,8 @@ class MemhaKVManager(mc.MooncakeKVManager):
         pipeline on, pages a per-layer plan already shipped are waited for and left out
         (``LayerPipeline.claim``). A decode session with a send target (another format or page
         size) goes to ``_send_converted``; the pipeline never plans those."""
+        if self._refuse_nonfinite(prefill_kv_indices):
+            return 0  # the room failed with its reason; the session stays healthy
         stats = self._room_stats()
         target = self.memha_send_targets.get(mooncake_session_id)
         if stats is not None:
@@ -213,6 +215,22 @@ class MemhaKVManager(mc.MooncakeKVManager):
                                         dst_kv_indices, *args, **kwargs)
         finally:
             self._memha_tls.phase = None
+
+    def _refuse_nonfinite(self, prefill_kv_indices) -> bool:
+        """Transfer worker: fail this chunk's room if its pages hold K/V that was non-finite when
+        the forward wrote it (``MemhaQuantKVPool.nonfinite_layers``). Returns True when refused:
+        nothing is sent, SGLang's Failed path tells the decode, and both sides free the pages."""
+        pool = state.local_pool() if self.memha_desc is not None else None
+        layers = pool.nonfinite_layers(prefill_kv_indices) if hasattr(pool, "nonfinite_layers") else []
+        if not layers:
+            return False
+        room = self._memha_tls.room
+        reason = (f"sglang-memha: the model produced non-finite K/V (NaN, inf or |x| > 2^64) for this "
+                  f"request in layer(s) {layers[:8]}{' ...' if len(layers) > 8 else ''}; its KV is not sent "
+                  f"and the request fails (other requests are unaffected)")
+        logger.error("sglang-memha: room %s: %s", room, reason)
+        self.conclude_failure(bootstrap_room=room, failure_reason=reason)
+        return True
 
     def _send_converted(self, session, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices, target,
                         dst_item_len) -> int:

@@ -38,6 +38,7 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
 from sglang_memha.kvformat import FormatDescriptor, KVFormat, format_spec, get_codec, k_offset
 from sglang_memha.kvformat.kivi import BLOCK as KIVI_BLOCK
 from sglang_memha.kvformat.layout import PoolLayout, RowLayout
+from sglang_memha.kvformat.spec import MAX_ABS_INPUT
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
 from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, quantize_to_slots, triton_available
 from sglang_memha.sglang_ext import state
@@ -155,6 +156,9 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             shadow_dtype = self.dtype if self.memha_k_transform == "none" else torch.float32
             self.open_blocks = OpenBlocks(get_codec(self.memha_format, role="k"), self.layout, self.layer_num, rows,
                                           self.head_num, shadow_dtype, self.device)
+        # per (layer, slot): the last K/V written there was non-finite (or |x| > MAX_ABS_INPUT); set
+        # on the device without a host sync, read by the prefill's sender (``nonfinite_layers``)
+        self.kv_nonfinite = torch.zeros((self.layer_num, rows), dtype=torch.bool, device=self.device)
         self.pool_layout = PoolLayout(self.memha_format, self.head_dim, self.head_num, self.layer_num,
                                       self.page_size)
         # CUDA: quantize-on-write with the Triton codecs, in place in the v4 buffers, no host sync
@@ -232,8 +236,9 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         loc, _, _ = unwrap_write_loc(loc_info)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         idx = layer_id - self.start_layer
-        k = cache_k.reshape(-1, self.head_num, self.head_dim)
-        v = cache_v.reshape(-1, self.head_num, self.v_head_dim)
+        k, k_bad = _screen(cache_k.reshape(-1, self.head_num, self.head_dim))
+        v, v_bad = _screen(cache_v.reshape(-1, self.head_num, self.v_head_dim))
+        self.kv_nonfinite[idx, loc] = k_bad | v_bad
         k = self._to_stored_k(k, idx)
         if self.open_blocks is not None:
             self.open_blocks.write(idx, k, loc, self.k_buffer[idx], self.k_scale_buffer[idx])
@@ -242,6 +247,17 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         self._write(v, loc, self.v_buffer[idx], self.scale_rows(False, idx))
         if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
             self.memha_layer_listener(idx)
+
+    def nonfinite_layers(self, pages) -> list[int]:
+        """Pool-local layers where any slot of ``pages`` ([n] page ids) holds K/V that was
+        non-finite when written (stored as zeros). Called by the prefill's transfer worker before
+        a chunk's pages go out, so only that request fails; reads one device flag (a sync on a
+        GPU, on that thread, not on the forward's)."""
+        pages = torch.as_tensor(pages, device=self.kv_nonfinite.device).long().reshape(-1)
+        if pages.numel() == 0:
+            return []
+        slots = (pages[:, None] * self.page_size + torch.arange(self.page_size, device=pages.device)).reshape(-1)
+        return self.kv_nonfinite[:, slots].any(dim=1).nonzero().flatten().tolist()
 
     def _to_stored_k(self, k: torch.Tensor, idx: int) -> torch.Tensor:
         """Model-space K [n, H, D] -> what the rows store: K - offset (fp32, then back to K's dtype
@@ -357,6 +373,18 @@ class MemhaQuantKVPool(MHATokenToKVPool):
 
     def set_kv_buffer_prefix_valid(self, *args, **kwargs):
         raise NotImplementedError("prefix-valid commit is not supported by sglang-memha KV formats")
+
+
+def _screen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, H, D] -> (x with every non-finite or |x| > MAX_ABS_INPUT element replaced by 0, bad
+    [n] bool: the token had such an element). No host sync on a GPU: a NaN in one request's K
+    must fail that request at send time (``nonfinite_layers``), not raise inside the forward,
+    which would end the scheduler and every request on it. CPU skips the rewrite when all is well."""
+    ok = x.abs() <= MAX_ABS_INPUT  # False for NaN and +-inf
+    bad = ~ok.flatten(1).all(dim=1)
+    if x.is_cuda or bool(bad.any()):
+        x = torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x, bad
 
 
 class MemhaEagerKVPool(MemhaQuantKVPool):

@@ -249,3 +249,33 @@ def test_fused_gather_read_equals_gather_then_decode(fmt):
         assert pool.codec.gather_rows_fused(data, scales, slots, D, torch.bfloat16) is not None  # the fused path ran
         gathered = (data[slots.long()], None if scales is None else scales[slots.long()])
         assert torch.equal(view[slots].view(torch.int16), pool.read_rows(*gathered, is_key, 1).view(torch.int16))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_g64", "bf16", "int4_kivi"])
+def test_nonfinite_kv_is_zeroed_and_flagged_not_raised(fmt):
+    """A NaN / inf / huge K or V element must not raise inside the forward (that would end the
+    scheduler): the pool stores 0 there and flags the token's slot for its layer, so the
+    prefill's sender fails only that request (``nonfinite_layers``); a later finite write of the
+    slot clears the flag."""
+    page = 32 if fmt == "int4_kivi" else PAGE
+    pool, ref = make_pool(fmt, page=page), make_pool(fmt, page=page)
+    loc = torch.arange(2 * page, 3 * page)  # page 2
+    k, v = (torch.randn(page, H, D) * 2).bfloat16(), torch.randn(page, H, D).bfloat16()
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[3, 1, 7], bad_v[5, 0, 0] = float("nan"), float("inf")
+    clean_k, clean_v = k.clone(), v.clone()
+    clean_k[3, 1, 7], clean_v[5, 0, 0] = 0.0, 0.0
+    pool.set_kv_buffer(_Layer(1), loc, bad_k.view(page, -1), bad_v.view(page, -1))
+    ref.set_kv_buffer(_Layer(1), loc, clean_k.view(page, -1), clean_v.view(page, -1))
+    for layer in range(L):
+        for a, b in zip(pool.layer_buffers(layer), ref.layer_buffers(layer)):
+            assert torch.equal(a, b)  # the bytes of the same K/V with 0 in place of the bad values
+    assert pool.nonfinite_layers([2]) == [1] and pool.nonfinite_layers([1, 3]) == []
+    assert pool.nonfinite_layers([]) == []
+    huge = k.clone()
+    huge[0, 0, 0] = 2.0**70
+    pool.set_kv_buffer(_Layer(0), loc, huge.view(page, -1), v.view(page, -1))
+    assert pool.nonfinite_layers([2]) == [0, 1]
+    pool.set_kv_buffer(_Layer(1), loc, k.view(page, -1), v.view(page, -1))  # the page's next owner
+    pool.set_kv_buffer(_Layer(0), loc, k.view(page, -1), v.view(page, -1))
+    assert pool.nonfinite_layers([2]) == []
