@@ -78,6 +78,12 @@ class _RoomTrackingQueue:
 
 
 class MemhaKVManager(mc.MooncakeKVManager):
+    # A prefill's Failed status carries its reason to the decode (and so to the client), as
+    # SGLang's NIXL and Mori managers do; Mooncake's sends none, so the decode reported "it might
+    # be dead" for a request refused on purpose. The frame is optional on parse: a stock peer
+    # on either side still reads these messages.
+    kv_status_msg_carries_reason = True
+
     def __init__(self, args, disaggregation_mode, server_args, is_mla_backend=False):
         self._memha_tls = threading.local()
         self._memha_lock = threading.Lock()
