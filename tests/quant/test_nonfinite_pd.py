@@ -18,6 +18,7 @@ import torch
 
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.cluster import used_tokens
+from sglang_memha.testing.transfer_log import transfer_rows
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.cluster
@@ -43,26 +44,34 @@ def poisoned_copy(model_dir: str, out: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("pipeline", ["0", "1"])
-def test_nonfinite_kv_fails_only_its_request(tiny_model, tmp_path, pipeline):
+def test_nonfinite_kv_fails_only_its_request(tiny_model, tmp_path):
+    """One cluster covers both send paths: with ``MEMHA_PIPELINE_MIN_TOKENS=200`` the long bad
+    prompt's layers go out during the forward, the short one's whole after it."""
     model = poisoned_copy(tiny_model, str(tmp_path / "model"))
-    env = {"MEMHA_KV_FORMAT": "fp8_e4m3", "MEMHA_PIPELINE": pipeline, "MEMHA_PIPELINE_MIN_TOKENS": "16"}
+    env = {"MEMHA_KV_FORMAT": "fp8_e4m3", "MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "200"}
     good = [list(range(100 + i, 400 + i)) for i in range(3)]
-    bad = list(range(100, 250)) + [POISON] + list(range(250, 400))
+    bad_long = list(range(100, 250)) + [POISON] + list(range(250, 400))  # pipelined
+    bad_short = list(range(500, 540)) + [POISON] + list(range(540, 600))  # sent whole
     with PDCluster(model, ["--page-size", "16"], ["--page-size", "16"], env=env,
                    decode_env={"MEMHA_KV_FORMAT": "fp8_e4m3"}, log_dir=str(tmp_path / "logs")) as c:
         alone = [c.generate(input_ids=ids, **SAMPLING) for ids in good]
         assert all(s == 200 for s, _ in alone), alone
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # the bad prompt batched with good ones
-            futs = [pool.submit(c.generate, input_ids=ids, **SAMPLING) for ids in [*good, bad]]
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:  # the bad prompts batched with good ones
+            futs = [pool.submit(c.generate, input_ids=ids, **SAMPLING) for ids in [*good, bad_long, bad_short]]
             results = [f.result() for f in futs]
         for (status, body), (_, want) in zip(results[:3], alone):
             assert status == 200, body
             assert body["output_ids"] == want["output_ids"]  # the others are untouched
-        status, body = results[3]
-        assert status >= 400 and "non-finite K/V" in str(body), (status, body)
+        for status, body in results[3:]:
+            assert status >= 400 and "non-finite K/V" in str(body), (status, body)
         assert all(c.generate(input_ids=ids, **SAMPLING)[0] == 200 for ids in good)  # still serving
         assert [used_tokens(u) for u in (c.prefill_url, c.decode_url)] == [0, 0]
         logs = c.logs()
         assert "non-finite K/V" in logs["prefill"] and "layer(s) [0, 1" in logs["prefill"]
+        rows = transfer_rows(logs["prefill"])
+        assert any(r.status == "ok" and r.pipelined_pages > 0 for r in rows)  # the pipeline was on
+        refused = [r for r in rows if r.status != "ok"]
+        # refused before the stock send: no page asked for (the pipelined prompt's layers written
+        # during the forward did go out; the decode frees them with the failed request)
+        assert refused and all(r.pages == 0 for r in refused)
     assert descendants() == []
