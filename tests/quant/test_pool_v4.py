@@ -102,10 +102,12 @@ def test_doc_worked_example_matches_a_real_pool():
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_write_fills_v4_buffers_in_place_under_interpreter():
     """The pool's CUDA write path (``triton_write``: Triton quantize-on-write straight into the
-    v4 code and scale buffers) gives the bytes of its torch write, run here on CPU tensors under
-    TRITON_INTERPRET=1 (fp32 inputs: the interpreter's bf16 handling is not the GPU's)."""
+    v4 code and scale buffers) gives the bytes of its torch write, and the Triton page gather
+    reads those buffers as the pool does; run here on CPU tensors under TRITON_INTERPRET=1 (fp32:
+    the interpreter's bf16 handling is not the GPU's)."""
     script = f"""
 import torch
+from sglang_memha.kvformat.triton_kernels import dequantize_pages
 from tests.quant.test_pool_v4 import make_pool, _Layer
 for fmt in {[f.value for f in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ, KVFormat.INT8, KVFormat.INT4_G32)]}:
     a, b = make_pool(fmt, 2, 64, 2, 16), make_pool(fmt, 2, 64, 2, 16)
@@ -118,6 +120,12 @@ for fmt in {[f.value for f in (KVFormat.FP8_E4M3, KVFormat.FP8_E4M3FNUZ, KVForma
         p.set_kv_buffer(_Layer(1), loc, k, v)
     for x, y in zip(a.layer_buffers(1), b.layer_buffers(1)):
         assert torch.equal(x, y), fmt
+    pages = torch.tensor([12, 0, 1])  # the pages of loc, gathered out of order
+    slots = (pages[:, None] * 16 + torch.arange(16)).reshape(-1)
+    for data, scales, view in ((b.k_buffer[1], b.k_scale_buffer[1], b.get_key_buffer(1)),
+                               (b.v_buffer[1], b.v_scale_buffer[1], b.get_value_buffer(1))):
+        got = dequantize_pages(fmt, data, scales, pages, 16, 64, torch.float32)
+        assert torch.allclose(got, view[slots], rtol=2.0**-22, atol=0), fmt  # int4: FMA may differ by 1 ulp
 print("interpreter ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
