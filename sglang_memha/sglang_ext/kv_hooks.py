@@ -74,7 +74,7 @@ def resolve_pool_class(original, kvc, *, kind, default):
     if bad:
         raise UnsupportedSetup(f"MEMHA_KV_FORMAT={cfg.kv_format} cannot serve: {'; '.join(bad)}. "
                                f"Fix these or unset MEMHA_KV_FORMAT")
-    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
+    from sglang_memha.sglang_ext.pool.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
 
     base = MemhaEagerKVPool if _eager_decode(kvc.server_args) else MemhaQuantKVPool
     return base.configured(cfg.kv_format, cfg.k_transform, model_id(kvc.model_config), cfg.k_offset)
@@ -122,7 +122,7 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     from sglang.srt.disaggregation.utils import prepare_abort
     from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
-    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
+    from sglang_memha.sglang_ext.pool.quant_pool import MemhaEagerKVPool, MemhaQuantKVPool
 
     req = decode_req.req
     pool = queue.scheduler.token_to_kv_pool_allocator.get_kvcache()
@@ -132,7 +132,7 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
             or req.kv.req_pool_idx is None):
         return result
     slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
-    from sglang_memha.sglang_ext import integrity
+    from sglang_memha.sglang_ext.transfer import integrity
 
     rooms = _corrupt_rooms()
     if rooms:
@@ -224,7 +224,7 @@ def record_layer_scales(result, queue, *args, **kwargs):
 
 def register_metrics() -> None:
     """Measured-bytes Mooncake manager (and the handshake, which is inert without a format)."""
-    from sglang_memha.sglang_ext import mooncake_conn
+    from sglang_memha.sglang_ext.transfer import mooncake_conn
 
     HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", describe_stock_pool, HookType.AFTER)
     HookRegistry.register("sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.__init__",
@@ -244,7 +244,7 @@ def register_kv_format() -> None:
     HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
                           land_on_arrival, HookType.AFTER)
     if load_config().pipeline:
-        from sglang_memha.sglang_ext.pipeline import around_run_batch
+        from sglang_memha.sglang_ext.transfer.pipeline import around_run_batch
 
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.run_batch", around_run_batch,
                               HookType.AROUND)

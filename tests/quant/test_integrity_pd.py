@@ -1,5 +1,5 @@
 """KV checksum on the wire (issue 9): SGLang's ``--disaggregation-enable-kv-checksum`` working
-on CPU and on quantized pools (``sglang_ext.integrity``). A transfer whose bytes were altered
+on CPU and on quantized pools (``sglang_ext.transfer.integrity``). A transfer whose bytes were altered
 (one byte flipped on the decode as it arrived, ``MEMHA_TEST_CORRUPT_KV_ROOMS``) is failed with
 "KV checksum mismatch" on arrival, before the request is queued for decoding, its pages are freed, and concurrent
 clean requests complete verified."""
@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from sglang_memha.sglang_ext.integrity import crc_pages
+from sglang_memha.sglang_ext.transfer.integrity import crc_pages
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.cluster import wait_idle
 from tests.conftest import descendants

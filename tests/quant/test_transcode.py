@@ -1,4 +1,4 @@
-"""Send-time conversion (``sglang_ext.transcode``) in-process, with real SGLang pools on CPU.
+"""Send-time conversion (``sglang_ext.transfer.transcode``) in-process, with real SGLang pools on CPU.
 
 Reference: a decode-format pool written directly with the same K/V. The rows the converter
 lands in a decode pool must equal, byte for byte, the rows that pool format holds for the same
@@ -16,8 +16,8 @@ from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, FormatDescriptor, KVForma
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
-from sglang_memha.sglang_ext import repage, transcode  # noqa: E402
-from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
+from sglang_memha.sglang_ext.transfer import repage, transcode  # noqa: E402
+from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool  # noqa: E402
 from tests.quant.test_quant_pool import _Layer  # noqa: E402
 
 H, D, L, PAGE, SIZE = 2, 64, 3, 16, 256

@@ -42,8 +42,9 @@ from sglang.srt.disaggregation.utils import DisaggregationMode
 from sglang_memha.config import load_config
 from sglang_memha.kvformat import KVFormat
 from sglang_memha.kvformat.layout import PoolLayout
-from sglang_memha.sglang_ext import handshake, repage, state
-from sglang_memha.sglang_ext.pipeline import LayerPipeline
+from sglang_memha.sglang_ext import state
+from sglang_memha.sglang_ext.transfer import handshake, repage
+from sglang_memha.sglang_ext.transfer.pipeline import LayerPipeline
 
 logger = logging.getLogger("sglang_memha")
 
@@ -97,7 +98,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
             args.kv_layout = handshake.encode_layout(self.memha_desc, self.memha_secret)
         super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
         if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
-            from sglang_memha.sglang_ext.transcode import Converter
+            from sglang_memha.sglang_ext.transfer.transcode import Converter
 
             self.memha_converter = Converter(self.engine, state.local_pool(), self.memha_desc)
         self.memha_pipeline = None
@@ -278,7 +279,7 @@ class MemhaKVManager(mc.MooncakeKVManager):
                 return (f"{what}: prefill pages of {sorted(set(self.kv_args.kv_item_lens))} B are not "
                         f"{local.page_size} tokens of the decode's {sorted(set(rows))} B rows; {fix}")
         if self.memha_desc.fmt == KVFormat.FP8_E4M3_TENSOR:
-            from sglang_memha.sglang_ext.transcode import scale_problem
+            from sglang_memha.sglang_ext.transfer.transcode import scale_problem
 
             return scale_problem(state.local_pool())
         return None

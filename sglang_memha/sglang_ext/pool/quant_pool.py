@@ -41,7 +41,7 @@ from sglang_memha.kvformat.layout import PoolLayout, RowLayout
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
 from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, quantize_to_slots, triton_available
 from sglang_memha.sglang_ext import state
-from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
+from sglang_memha.sglang_ext.pool.kivi_pool import OpenBlocks
 
 logger = logging.getLogger("sglang_memha")
 

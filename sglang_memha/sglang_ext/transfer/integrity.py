@@ -67,7 +67,8 @@ def memha_signature(kv_args, layout: str) -> int:
 def align_signature(result, queue, *args, **kwargs):
     """AFTER ``PrefillBootstrapQueue.__init__`` / ``DecodePreallocQueue.__init__`` (scheduler
     start-up): sign the memha layout on both sides when the checksum is on."""
-    from sglang_memha.sglang_ext import handshake, state
+    from sglang_memha.sglang_ext import state
+    from sglang_memha.sglang_ext.transfer import handshake
 
     desc = state.local_descriptor()
     # A described stock pool keeps SGLang's signature: its stock decodes still verify.
