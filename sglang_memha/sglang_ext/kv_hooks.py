@@ -5,8 +5,8 @@
 | ``mem_cache.kv_cache_configurator.KVCacheConfigurator._resolve_kv_pool_class`` | AROUND | the MHA pool becomes ``MemhaQuantKVPool`` (refuses setups it cannot serve, at start-up) |
 | ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size`` | AROUND | bytes per token from the format, so the same memory holds ~2x (fp8) to ~3.5x (int4) tokens |
 | ``disaggregation.mooncake.conn.MooncakeKVManager`` / ``MooncakeKVReceiver`` | REPLACE | handshake + measured bytes (``mooncake_conn``) |
-| ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame |
-| ``disaggregation.mooncake.conn.TransferInfo.from_zmq``             | AROUND  | a decode with another page size: its pages kept aside, the worker slices prefill page positions (``repage``) |
+| ``disaggregation.mooncake.conn.KVArgsRegisterInfo.from_zmq``       | AROUND  | keeps decode's ``MEMHA1`` registration frame (``conn_handshake``) |
+| ``disaggregation.mooncake.conn.TransferInfo.from_zmq``             | AROUND  | a decode with another page size: its pages kept aside, the worker slices prefill page positions (``repage``, ``conn_bridges``) |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 |
 | ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward (``pipeline``) |
 | ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 or fp8 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) |
@@ -224,7 +224,7 @@ def record_layer_scales(result, queue, *args, **kwargs):
 
 def register_metrics() -> None:
     """Measured-bytes Mooncake manager (and the handshake, which is inert without a format)."""
-    from sglang_memha.sglang_ext.transfer import mooncake_conn
+    from sglang_memha.sglang_ext.transfer import conn_bridges, conn_handshake, mooncake_conn
 
     HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", describe_stock_pool, HookType.AFTER)
     HookRegistry.register("sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.__init__",
@@ -232,9 +232,9 @@ def register_metrics() -> None:
 
     HookRegistry.register(f"{_MC}.MooncakeKVManager", mooncake_conn.MemhaKVManager, HookType.REPLACE)
     HookRegistry.register(f"{_MC}.MooncakeKVReceiver", mooncake_conn.MemhaKVReceiver, HookType.REPLACE)
-    HookRegistry.register(f"{_MC}.KVArgsRegisterInfo.from_zmq", mooncake_conn.attach_memha_frame,
+    HookRegistry.register(f"{_MC}.KVArgsRegisterInfo.from_zmq", conn_handshake.attach_memha_frame,
                           HookType.AROUND)
-    HookRegistry.register(f"{_MC}.TransferInfo.from_zmq", mooncake_conn.virtualize_repaged_destination,
+    HookRegistry.register(f"{_MC}.TransferInfo.from_zmq", conn_bridges.virtualize_repaged_destination,
                           HookType.AROUND)
 
 

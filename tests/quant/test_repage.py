@@ -116,7 +116,7 @@ def test_acceptance():
 
 def test_transfer_info_keeps_decode_pages_and_gets_positions():
     mc = pytest.importorskip("sglang.srt.disaggregation.mooncake.conn")
-    from sglang_memha.sglang_ext.transfer.mooncake_conn import virtualize_repaged_destination
+    from sglang_memha.sglang_ext.transfer.conn_bridges import virtualize_repaged_destination
 
     def parse(cls, msg):
         return cls(room=1, endpoint="e", dst_port=1, mooncake_session_id=msg[0], dst_kv_indices=msg[1],
