@@ -111,7 +111,7 @@ def test_unsupported_write_args_are_refused():
 @pytest.mark.parametrize("with_offset", [False, True])
 def test_eager_pool_lands_arrived_rows_as_bf16(with_offset, tmp_path):
     """Landed rows read as the deferred pool reads them (the K offset added back when set)."""
-    from sglang_memha.sglang_ext.pool.quant_pool import MemhaEagerKVPool
+    from sglang_memha.sglang_ext.pool.eager_pool import MemhaEagerKVPool
 
     path = _offset_file(tmp_path)[0] if with_offset else None
     pool = _offset_pool("fp8_e4m3", "none", path, MemhaEagerKVPool)

@@ -79,7 +79,7 @@ def align_signature(result, queue, *args, **kwargs):
 
 
 def verify_on_arrival(scheduler, req) -> str | None:
-    """Decode scheduler, from ``kv_hooks.land_on_arrival`` (AFTER ``_commit_transfer_to_req``,
+    """Decode scheduler, from ``arrival.land_on_arrival`` (AFTER ``_commit_transfer_to_req``,
     once per request whose KV arrived, before bridges touch the rows and before the request is
     queued as ready). Digests the request's arrived pages and compares with the prefill's digest;
     returns the mismatch message (the caller aborts the request, SGLang frees its pages) or
