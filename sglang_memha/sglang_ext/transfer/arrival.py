@@ -9,18 +9,9 @@ then, in the eager ablation, dequantization into the bf16 buffers (``pool/eager_
 """
 from __future__ import annotations
 
-import functools
 import logging
 
-from sglang_memha.config import load_config
-
 logger = logging.getLogger("sglang_memha")
-
-
-@functools.cache
-def _corrupt_rooms() -> frozenset:
-    """``MEMHA_TEST_CORRUPT_KV_ROOMS``, read once per process (not on every arrival)."""
-    return load_config().test_corrupt_rooms
 
 
 def land_on_arrival(result, queue, decode_req, *args, **kwargs):
@@ -45,9 +36,6 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     slots = queue.scheduler.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :len(req.origin_input_ids)].long()
     from sglang_memha.sglang_ext.transfer import integrity
 
-    rooms = _corrupt_rooms()
-    if rooms:
-        integrity.corrupt_for_test(pool, slots, req.bootstrap_room, rooms)
     mismatch = integrity.verify_on_arrival(queue.scheduler, req)
     if mismatch is not None:  # the wire's bytes, before any bridge rewrites them
         logger.error("sglang-memha: %s", mismatch)

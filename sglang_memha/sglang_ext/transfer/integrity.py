@@ -14,20 +14,17 @@ servers):
 | ``checksum.KvChecksumComputer.compute`` | AROUND | SGLang's digest is a CUDA kernel; CPU page indices get a CRC-32 over every layer's K and V page rows (quantized data with their scales: the raw bytes that crossed the wire), chained layer by layer. CUDA indices keep SGLang's kernel |
 | ``prefill.PrefillBootstrapQueue.__init__``, ``decode.DecodePreallocQueue.__init__`` | AFTER | the layout signature covers ``kv_args.kv_layout``, which only our prefill sets (its format descriptor): both sides now sign ``memha_signature`` (page geometry + descriptor), so equal formats compare; different ones (a bridged fnuz -> fn pair, pages converted on send, the eager ablation's pool) are logged once by SGLang and admitted unverified |
 
-Cost: one gather + CRC per layer buffer per request on each side (zlib's CRC-32, GB/s).
-``MEMHA_TEST_CORRUPT_KV_ROOMS`` (tests only) flips one byte of a listed room's arrived KV on
-the decode, so a test sees a real corrupted transfer being caught.
+Cost: one gather + CRC per layer buffer per request on each side (zlib's CRC-32, GB/s). Tests
+corrupt a request's arrived KV from outside, with a test-only plugin that hooks
+``verify_on_arrival`` in the decode (``sglang_memha.testing.kv_corruption``).
 """
 from __future__ import annotations
 
 import ctypes
-import logging
 import zlib
 from types import SimpleNamespace
 
 import numpy as np
-
-logger = logging.getLogger("sglang_memha")
 
 
 def crc_pages(ptrs: list[int], item_lens: list[int], pages: np.ndarray) -> int:
@@ -104,14 +101,6 @@ def verify_on_arrival(scheduler, req) -> str | None:
         return None
     return (f"KV checksum mismatch req={req.rid} bootstrap_room={req.bootstrap_room} "
             f"expected={expected:#x} got={actual:#x} (detected on arrival, before decoding)")
-
-
-def corrupt_for_test(pool, slots, room: int, rooms: frozenset[int]) -> None:
-    """``MEMHA_TEST_CORRUPT_KV_ROOMS``: flip the first byte of layer 0's K row of the room's
-    first token, as if the wire had (decode scheduler, on arrival)."""
-    if room in rooms and len(slots):
-        pool.k_buffer[0][int(slots[0]), 0, 0] ^= 0xFF
-        logger.warning("sglang-memha test: corrupted one KV byte of room %s on arrival", room)
 
 
 def register() -> None:
