@@ -37,7 +37,7 @@ class _Layer:
 def build(kind: str, size: int):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
-    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+    from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool
 
     cls = MHATokenToKVPool if kind == "stock_bf16" else MemhaQuantKVPool.configured(kind.split()[0], "none", "bench")
     pool = cls(size, page_size=16, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L, device="cpu",

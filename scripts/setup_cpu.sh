@@ -86,8 +86,8 @@ t "${PIP[@]}" install -q "mooncake-transfer-engine-non-cuda==$MOONCAKE_VERSION" 
 # 4) This package, editable, with its extras; constraints keep CPU torch.
 t "${PIP[@]}" install -q --no-deps -e .
 # The CPU boot hooks (sgl_kernel stand-in, torchvision op schemas) must exist before SGLang's
-# plugin loader runs, so they start from a .pth (see sglang_memha/sglang_ext/cpu_boot.py).
-"$VENV/bin/python" -m sglang_memha.sglang_ext.cpu_boot --install >/dev/null
+# plugin loader runs, so they start from a .pth (see sglang_memha/sglang_ext/cpu/cpu_boot.py).
+"$VENV/bin/python" -m sglang_memha.sglang_ext.cpu.cpu_boot --install >/dev/null
 if [ -n "$EXTRAS" ]; then
   EXTRA_REQS=$("$VENV/bin/python" - "$EXTRAS" <<'PY'
 import sys, tomllib

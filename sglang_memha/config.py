@@ -14,7 +14,6 @@
 | ``MEMHA_PIPELINE_MIN_TOKENS`` | ``256``           | prompts shorter than this are sent whole after the forward (256: the shortest measured, already a gain; see eval/RESULTS.md) |
 | ``MEMHA_ENCODE_ON_SEND`` | ``1``                | prefill on SGLang's own bf16 or fp8 pool (``MEMHA_KV_FORMAT`` unset): publish its format so a decode with ``MEMHA_KV_FORMAT`` accepts it, and convert the pages it sends into that decode's format. ``0``: behave as stock SGLang (a memha decode refuses it) |
 | ``MEMHA_SHARED_SECRET`` | unset                 | both servers: the handshake carries HMAC-SHA256 tags with this secret; a peer with another (or no) secret is refused with a message, before any KV byte moves. ``MEMHA_SHARED_SECRET_FILE``: read it from a file instead (first line) |
-| ``MEMHA_TEST_CORRUPT_KV_ROOMS`` | unset           | tests only, decode: comma-separated bootstrap rooms whose arrived KV gets one byte flipped (to show ``--disaggregation-enable-kv-checksum`` catching it) |
 
 The variables are read in every SGLang process the plugin loads in (the schedulers inherit the
 launcher's environment), so setting them on the launch command is enough.
@@ -48,7 +47,6 @@ class MemhaConfig:
     pipeline: bool = False
     pipeline_min_tokens: int = 256
     encode_on_send: bool = True
-    test_corrupt_rooms: frozenset = frozenset()
     shared_secret: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,7 +106,6 @@ def load_config() -> MemhaConfig:
         pipeline=_flag("MEMHA_PIPELINE", False),
         pipeline_min_tokens=_int("MEMHA_PIPELINE_MIN_TOKENS", 256),
         encode_on_send=_flag("MEMHA_ENCODE_ON_SEND", True),
-        test_corrupt_rooms=_rooms("MEMHA_TEST_CORRUPT_KV_ROOMS"),
         shared_secret=_secret(),
     )
 
@@ -125,14 +122,6 @@ def _secret() -> str | None:
             raise ValueError(f"MEMHA_SHARED_SECRET_FILE={path!r}: the file's first line is empty")
         return value
     return os.environ.get("MEMHA_SHARED_SECRET") or None
-
-
-def _rooms(name: str) -> frozenset:
-    value = os.environ.get(name) or ""
-    try:
-        return frozenset(int(r) for r in value.split(",") if r.strip())
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected comma-separated integer bootstrap rooms") from None
 
 
 def _int(name: str, default: int) -> int:

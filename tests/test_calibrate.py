@@ -53,7 +53,7 @@ def test_cli_writes_a_file_the_pool_accepts(tiny_model, tmp_path):
     assert off.calibration["tokens"] == 256 and off.calibration["source"] == f"files: {text}"
 
     pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+    from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool
 
     pool = MemhaQuantKVPool.configured("fp8_e4m3", "none", off.model_id, out)(
         64, page_size=16, dtype=torch.bfloat16, head_num=2, head_dim=64, layer_num=2, device="cpu",

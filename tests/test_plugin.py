@@ -41,14 +41,14 @@ def test_sgl_kernel_stand_in_served_as_plain_module():
 
 
 def test_stand_in_unknown_op_raises_naming_it():
-    from sglang_memha.sglang_ext import sgl_kernel_cpu
+    from sglang_memha.sglang_ext.cpu import sgl_kernel_cpu
 
     with pytest.raises(NotImplementedError, match="sgl_kernel.fancy_op"):
         sgl_kernel_cpu.fancy_op(1)
 
 
 def test_assign_req_to_token_pool_matches_reference():
-    from sglang_memha.sglang_ext.sgl_kernel_cpu import assign_req_to_token_pool_cpu
+    from sglang_memha.sglang_ext.cpu.sgl_kernel_cpu import assign_req_to_token_pool_cpu
 
     req_to_token = torch.zeros(4, 10, dtype=torch.int32)
     rows, starts, ends = torch.tensor([2, 0]), torch.tensor([1, 3]), torch.tensor([4, 5])
@@ -61,7 +61,7 @@ def test_assign_req_to_token_pool_matches_reference():
 
 
 def test_copy_all_layer_kv_cache_moves_rows_in_every_buffer():
-    from sglang_memha.sglang_ext.sgl_kernel_cpu import copy_all_layer_kv_cache_cpu
+    from sglang_memha.sglang_ext.cpu.sgl_kernel_cpu import copy_all_layer_kv_cache_cpu
 
     bufs = [torch.arange(40, dtype=torch.float32).reshape(10, 4) + 1000 * i for i in range(3)]
     before = [b.clone() for b in bufs]
@@ -76,6 +76,19 @@ def test_copy_all_layer_kv_cache_moves_rows_in_every_buffer():
 def test_cpu_boot_pth_installed():
     pth = os.path.join(sysconfig.get_paths()["purelib"], "sglang_memha_cpu_boot.pth")
     assert os.path.exists(pth), "run scripts/setup_cpu.sh (it installs the CPU boot .pth)"
+
+
+@pytest.mark.parametrize("line", ["new", "pre-cpu/ (shim)"])
+def test_cpu_boot_pth_line_installs_the_finder(line):
+    """The line ``cpu_boot --install`` writes, and the one an env set up before ``cpu/`` existed
+    still has, both install the CPU boot finder (``-S``: no site-packages, so no installed .pth)."""
+    from sglang_memha.sglang_ext.cpu.cpu_boot import PTH_LINE
+
+    pth = PTH_LINE if line == "new" else "import sglang_memha.sglang_ext.cpu_boot as _m; _m.install_finder()"
+    code = (f"import sys; sys.path.insert(0, {REPO!r})\n{pth}\n"
+            "assert any(type(f).__name__ == '_CpuBootFinder' for f in sys.meta_path), sys.meta_path")
+    env = {k: v for k, v in os.environ.items() if k != "MEMHA_CPU_COMPAT"}
+    subprocess.run([sys.executable, "-S", "-c", code], check=True, env=env)
 
 
 def test_upstream_patch_applies_to_pinned_sglang():

@@ -264,7 +264,7 @@ def test_koff_mode_equals_the_pool_with_the_offset(fmt, had, tmp_path):
     MEMHA_K_OFFSET returns for the same K (so the offline figures are the product's)."""
     pytest.importorskip("sglang.srt.mem_cache.memory_pool")
     from sglang_memha.kvformat import k_offset
-    from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool
+    from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool
     import eval.quality_offline as qo
 
     layers, h, t, d = 3, 2, 40, 64

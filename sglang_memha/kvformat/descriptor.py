@@ -22,7 +22,7 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
       bf16 K/V;
     - ``REPAGE`` (prefill): different page sizes; every format is token-local (a row of one
       (token, head) holds its data and scale), so the prefill writes each token's rows to the
-      decode slot that token has in the decode's pages (``sglang_ext.repage``); combines with a
+      decode slot that token has in the decode's pages (``sglang_ext.transfer.repage``); combines with a
       format bridge;
 * anything else -> ``FormatMismatchError`` naming every differing field with both values
   (other formats would need a lossy re-quantization, which we refuse to do silently).

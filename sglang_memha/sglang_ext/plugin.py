@@ -65,11 +65,12 @@ def register() -> None:
         HookRegistry.register(target, _refuse_bad_config(e), HookType.BEFORE)
         return
     if cfg.cpu_compat_enabled:
-        from sglang_memha.sglang_ext import cpu_compat
+        from sglang_memha.sglang_ext.cpu import cpu_compat
 
         cpu_compat.register()
     if in_scheduler:
-        from sglang_memha.sglang_ext import integrity, kv_hooks
+        from sglang_memha.sglang_ext import kv_hooks
+        from sglang_memha.sglang_ext.transfer import integrity
 
         kv_hooks.register_metrics()
         integrity.register()

@@ -2,7 +2,7 @@
 
 One SGLang scheduler process owns one KV pool (one TP/PP rank), so a module-level slot is
 enough. The pool side sets it when it allocates (``MemhaQuantKVPool``, or
-``kv_hooks.describe_stock_pool`` for a prefill on SGLang's own pool); ``MemhaKVManager`` reads
+``pool/stock_pool.describe_stock_pool`` for a prefill on SGLang's own pool); ``MemhaKVManager`` reads
 it when SGLang creates the PD manager (after the pool, in the same process).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parse the prefill's per-request transfer line (``mooncake_conn.MemhaKVManager.conclude_transfer``).
+"""Parse the prefill's per-request transfer line (``sglang_ext/transfer/conn_bytes.py``).
 
 One line per concluded request (WARNING level)::
 

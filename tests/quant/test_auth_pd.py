@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from sglang_memha.sglang_ext import handshake
+from sglang_memha.sglang_ext.transfer import handshake
 
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.cluster import used_tokens

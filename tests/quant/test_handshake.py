@@ -2,7 +2,7 @@
 import pytest
 
 from sglang_memha.kvformat import FORMAT_VERSION, FormatDescriptor, KVFormat
-from sglang_memha.sglang_ext import handshake as hs
+from sglang_memha.sglang_ext.transfer import handshake as hs
 
 
 def desc(**kw):

@@ -26,7 +26,7 @@ from sglang_memha.kvformat import FORMAT_VERSION, Bridge, FormatDescriptor, KVFo
 from sglang_memha.kvformat.descriptor import LAYOUTS
 from sglang_memha.kvformat.spec import SUPPORTED_VERSIONS
 from sglang_memha.kvformat.transforms import K_TRANSFORMS
-from sglang_memha.sglang_ext import handshake as hs
+from sglang_memha.sglang_ext.transfer import handshake as hs
 
 PEER = "10.9.8.7:4242"
 FIELDS = ("fmt", "page_size", "num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform",

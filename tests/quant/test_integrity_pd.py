@@ -1,6 +1,6 @@
 """KV checksum on the wire (issue 9): SGLang's ``--disaggregation-enable-kv-checksum`` working
-on CPU and on quantized pools (``sglang_ext.integrity``). A transfer whose bytes were altered
-(one byte flipped on the decode as it arrived, ``MEMHA_TEST_CORRUPT_KV_ROOMS``) is failed with
+on CPU and on quantized pools (``sglang_ext.transfer.integrity``). A transfer whose bytes were altered
+(one byte flipped on the decode as it arrived, by the test-only plugin ``testing.kv_corruption``) is failed with
 "KV checksum mismatch" on arrival, before the request is queued for decoding, its pages are freed, and concurrent
 clean requests complete verified."""
 from __future__ import annotations
@@ -12,9 +12,10 @@ import zlib
 import numpy as np
 import pytest
 
-from sglang_memha.sglang_ext.integrity import crc_pages
+from sglang_memha.sglang_ext.transfer.integrity import crc_pages
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.cluster import wait_idle
+from sglang_memha.testing.kv_corruption import server_env as corrupting_env
 from tests.conftest import descendants
 
 
@@ -37,7 +38,7 @@ def test_corrupted_transfer_is_caught_and_others_complete(tiny_model, tmp_path):
     flags = ["--page-size", "16", "--disaggregation-enable-kv-checksum"]
     with PDCluster(tiny_model, flags, flags, env={"MEMHA_KV_FORMAT": "int4_g64"},
                    prefill_env={"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
-                   decode_env={"MEMHA_TEST_CORRUPT_KV_ROOMS": str(bad_room)},
+                   decode_env=corrupting_env(str(tmp_path / "plugin"), [bad_room]),
                    log_dir=str(tmp_path), ready="health") as c:
         def run(room):
             body = {"input_ids": [random.randrange(100, 1000) for _ in range(300)],

@@ -15,7 +15,7 @@ from sglang_memha.kvformat import get_codec
 from sglang_memha.kvformat.transforms import rotate, unrotate
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
+from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool  # noqa: E402
 
 H, D, L, PAGE, B = 2, 64, 2, 32, 32
 K = get_codec("int4_kivi", role="k")
@@ -207,7 +207,7 @@ def test_refusals():
 def test_eager_pool_lands_kivi_blocks_through_their_codes():
     """MEMHA_DECODE_DEQUANT=eager with int4_kivi: arrived pages decode through their blocks'
     tables, the open block too (its rows as the prefill coded them)."""
-    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+    from sglang_memha.sglang_ext.pool.eager_pool import MemhaEagerKVPool
 
     prefill = make_pool()
     cls = MemhaEagerKVPool.configured("int4_kivi", "none", "test#0")

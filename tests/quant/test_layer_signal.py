@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from sglang_memha.sglang_ext.layer_signal import LayerWritten
+from sglang_memha.sglang_ext.transfer.layer_signal import LayerWritten
 
 
 def test_cpu_marker_is_ready_at_once():

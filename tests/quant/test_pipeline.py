@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("sglang")
 from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
 
-from sglang_memha.sglang_ext.pipeline import LayerPipeline, around_run_batch  # noqa: E402
+from sglang_memha.sglang_ext.transfer.pipeline import LayerPipeline, around_run_batch  # noqa: E402
 
 LAYERS, PAGE, POOL_PAGES = 3, 16, 32
 # Format v4 entries [K data, K scale, V data, V scale] x layers; ITEMS: bytes of one page of each
@@ -180,7 +180,7 @@ def test_layers_queued_behind_a_slow_call_go_out_in_one_call():
 def test_sender_waits_for_the_layer_marker_before_reading_pages(monkeypatch):
     """On GPU a layer's writes may still be queued when it is signalled: the sender must wait on
     the marker (a CUDA event there) before any byte of that layer goes to the transfer engine."""
-    from sglang_memha.sglang_ext import pipeline
+    from sglang_memha.sglang_ext.transfer import pipeline
 
     gate, waited = threading.Event(), []
 

@@ -12,7 +12,7 @@ from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.kvformat.triton_kernels import triton_available
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
+from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

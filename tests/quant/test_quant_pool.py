@@ -12,7 +12,7 @@ from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.kvformat.transforms import rotate, unrotate
 
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
-from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool, QuantKVView  # noqa: E402
+from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool, QuantKVView  # noqa: E402
 
 H, D, L, PAGE = 2, 64, 3, 16
 
@@ -111,7 +111,7 @@ def test_unsupported_write_args_are_refused():
 @pytest.mark.parametrize("with_offset", [False, True])
 def test_eager_pool_lands_arrived_rows_as_bf16(with_offset, tmp_path):
     """Landed rows read as the deferred pool reads them (the K offset added back when set)."""
-    from sglang_memha.sglang_ext.quant_pool import MemhaEagerKVPool
+    from sglang_memha.sglang_ext.pool.eager_pool import MemhaEagerKVPool
 
     path = _offset_file(tmp_path)[0] if with_offset else None
     pool = _offset_pool("fp8_e4m3", "none", path, MemhaEagerKVPool)

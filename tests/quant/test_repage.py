@@ -1,10 +1,10 @@
-"""``Bridge.REPAGE`` addressing (``sglang_ext.repage``): which prefill rows go to which decode
+"""``Bridge.REPAGE`` addressing (``sglang_ext.transfer.repage``): which prefill rows go to which decode
 slots, as Mooncake blocks, worked out by hand for each case below (no servers)."""
 import numpy as np
 import pytest
 
 from sglang_memha.kvformat import FormatDescriptor
-from sglang_memha.sglang_ext import repage
+from sglang_memha.sglang_ext.transfer import repage
 
 
 def run_list(tokens, staged=False):
@@ -116,7 +116,7 @@ def test_acceptance():
 
 def test_transfer_info_keeps_decode_pages_and_gets_positions():
     mc = pytest.importorskip("sglang.srt.disaggregation.mooncake.conn")
-    from sglang_memha.sglang_ext.mooncake_conn import virtualize_repaged_destination
+    from sglang_memha.sglang_ext.transfer.conn_bridges import virtualize_repaged_destination
 
     def parse(cls, msg):
         return cls(room=1, endpoint="e", dst_port=1, mooncake_session_id=msg[0], dst_kv_indices=msg[1],

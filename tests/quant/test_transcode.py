@@ -1,4 +1,4 @@
-"""Send-time conversion (``sglang_ext.transcode``) in-process, with real SGLang pools on CPU.
+"""Send-time conversion (``sglang_ext.transfer.transcode``) in-process, with real SGLang pools on CPU.
 
 Reference: a decode-format pool written directly with the same K/V. The rows the converter
 lands in a decode pool must equal, byte for byte, the rows that pool format holds for the same
@@ -16,8 +16,8 @@ from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, FormatDescriptor, KVForma
 pytest.importorskip("sglang.srt.mem_cache.memory_pool")
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
-from sglang_memha.sglang_ext import repage, transcode  # noqa: E402
-from sglang_memha.sglang_ext.quant_pool import MemhaQuantKVPool  # noqa: E402
+from sglang_memha.sglang_ext.transfer import repage, transcode  # noqa: E402
+from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool  # noqa: E402
 from tests.quant.test_quant_pool import _Layer  # noqa: E402
 
 H, D, L, PAGE, SIZE = 2, 64, 3, 16, 256
@@ -236,7 +236,8 @@ def test_stock_fp8_scale_that_bf16_cannot_hold_is_refused():
 def test_stock_pools_described_for_memha_decodes(monkeypatch):
     from types import SimpleNamespace
 
-    from sglang_memha.sglang_ext import kv_hooks, state
+    from sglang_memha.sglang_ext import state
+    from sglang_memha.sglang_ext.pool import stock_pool as stock
 
     monkeypatch.delenv("MEMHA_KV_FORMAT", raising=False)
     monkeypatch.delenv("MEMHA_ENCODE_ON_SEND", raising=False)
@@ -247,27 +248,27 @@ def test_stock_pools_described_for_memha_decodes(monkeypatch):
     try:
         for pool, fmt in ((stock_pool(), "bf16"), (stock_fp8_pool(), "fp8_e4m3_tensor")):
             state.set_local_descriptor(None)
-            assert kv_hooks.describe_stock_pool(pool, kvc) is pool
+            assert stock.describe_stock_pool(pool, kvc) is pool
             d = state.local_descriptor()
             assert (d.fmt.value, d.page_size, d.num_kv_heads, d.head_dim, d.num_layers) == (fmt, PAGE, H, D, L)
             assert state.local_is_stock() and state.local_pool() is pool and d.model_id.startswith("tiny#")
         state.set_local_descriptor(None)
         fp16 = MHATokenToKVPool(SIZE, page_size=PAGE, dtype=torch.float16, head_num=H, head_dim=D,
                                 layer_num=L, device="cpu", enable_memory_saver=False)
-        kv_hooks.describe_stock_pool(fp16, kvc)  # not convertible: stays undescribed
+        stock.describe_stock_pool(fp16, kvc)  # not convertible: stays undescribed
         assert state.local_descriptor() is None
         decode = SimpleNamespace(server_args=SimpleNamespace(disaggregation_mode="decode"), model_config=None)
-        kv_hooks.describe_stock_pool(stock_pool(), decode)  # only prefills are described
+        stock.describe_stock_pool(stock_pool(), decode)  # only prefills are described
         assert state.local_descriptor() is None
         monkeypatch.setenv("MEMHA_ENCODE_ON_SEND", "0")
-        kv_hooks.describe_stock_pool(stock_pool(), kvc)
+        stock.describe_stock_pool(stock_pool(), kvc)
         assert state.local_descriptor() is None
     finally:
         state.set_local_descriptor(saved[0], pool=saved[1], stock=saved[2])
 
 
 def test_attention_scales_read_from_radix_attention_like_modules():
-    from sglang_memha.sglang_ext.kv_hooks import attention_scales
+    from sglang_memha.sglang_ext.pool.stock_pool import attention_scales
 
     class Attn(torch.nn.Module):
         def __init__(self, layer_id, k, v):

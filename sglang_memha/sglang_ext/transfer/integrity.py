@@ -14,20 +14,17 @@ servers):
 | ``checksum.KvChecksumComputer.compute`` | AROUND | SGLang's digest is a CUDA kernel; CPU page indices get a CRC-32 over every layer's K and V page rows (quantized data with their scales: the raw bytes that crossed the wire), chained layer by layer. CUDA indices keep SGLang's kernel |
 | ``prefill.PrefillBootstrapQueue.__init__``, ``decode.DecodePreallocQueue.__init__`` | AFTER | the layout signature covers ``kv_args.kv_layout``, which only our prefill sets (its format descriptor): both sides now sign ``memha_signature`` (page geometry + descriptor), so equal formats compare; different ones (a bridged fnuz -> fn pair, pages converted on send, the eager ablation's pool) are logged once by SGLang and admitted unverified |
 
-Cost: one gather + CRC per layer buffer per request on each side (zlib's CRC-32, GB/s).
-``MEMHA_TEST_CORRUPT_KV_ROOMS`` (tests only) flips one byte of a listed room's arrived KV on
-the decode, so a test sees a real corrupted transfer being caught.
+Cost: one gather + CRC per layer buffer per request on each side (zlib's CRC-32, GB/s). Tests
+corrupt a request's arrived KV from outside, with a test-only plugin that hooks
+``verify_on_arrival`` in the decode (``sglang_memha.testing.kv_corruption``).
 """
 from __future__ import annotations
 
 import ctypes
-import logging
 import zlib
 from types import SimpleNamespace
 
 import numpy as np
-
-logger = logging.getLogger("sglang_memha")
 
 
 def crc_pages(ptrs: list[int], item_lens: list[int], pages: np.ndarray) -> int:
@@ -67,7 +64,8 @@ def memha_signature(kv_args, layout: str) -> int:
 def align_signature(result, queue, *args, **kwargs):
     """AFTER ``PrefillBootstrapQueue.__init__`` / ``DecodePreallocQueue.__init__`` (scheduler
     start-up): sign the memha layout on both sides when the checksum is on."""
-    from sglang_memha.sglang_ext import handshake, state
+    from sglang_memha.sglang_ext import state
+    from sglang_memha.sglang_ext.transfer import handshake
 
     desc = state.local_descriptor()
     # A described stock pool keeps SGLang's signature: its stock decodes still verify.
@@ -78,7 +76,7 @@ def align_signature(result, queue, *args, **kwargs):
 
 
 def verify_on_arrival(scheduler, req) -> str | None:
-    """Decode scheduler, from ``kv_hooks.land_on_arrival`` (AFTER ``_commit_transfer_to_req``,
+    """Decode scheduler, from ``arrival.land_on_arrival`` (AFTER ``_commit_transfer_to_req``,
     once per request whose KV arrived, before bridges touch the rows and before the request is
     queued as ready). Digests the request's arrived pages and compares with the prefill's digest;
     returns the mismatch message (the caller aborts the request, SGLang frees its pages) or
@@ -103,14 +101,6 @@ def verify_on_arrival(scheduler, req) -> str | None:
         return None
     return (f"KV checksum mismatch req={req.rid} bootstrap_room={req.bootstrap_room} "
             f"expected={expected:#x} got={actual:#x} (detected on arrival, before decoding)")
-
-
-def corrupt_for_test(pool, slots, room: int, rooms: frozenset[int]) -> None:
-    """``MEMHA_TEST_CORRUPT_KV_ROOMS``: flip the first byte of layer 0's K row of the room's
-    first token, as if the wire had (decode scheduler, on arrival)."""
-    if room in rooms and len(slots):
-        pool.k_buffer[0][int(slots[0]), 0, 0] ^= 0xFF
-        logger.warning("sglang-memha test: corrupted one KV byte of room %s on arrival", room)
 
 
 def register() -> None:

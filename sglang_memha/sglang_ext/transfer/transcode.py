@@ -85,7 +85,7 @@ def sender_bridge(src: FormatDescriptor, dst: FormatDescriptor) -> Bridge:
 
 def layer_scales(pool) -> list[tuple[float, float]]:
     """(K, V) scale of each pool layer for ``fp8_e4m3_tensor`` rows: a stock fp8 pool's model
-    scales (``kv_hooks.record_layer_scales``; a layer without one: 1.0), else our pool's single
+    scales (``pool/stock_pool.record_layer_scales``; a layer without one: 1.0), else our pool's single
     ``layer_scale`` (1.0)."""
     recorded = getattr(pool, "memha_kv_scales", None)
     if recorded is not None:

@@ -22,7 +22,7 @@ gathers (the torch-native backend indexes ``k_cache[per_req_tokens]``), never th
 Anything else on the view raises ``TypeError`` instead of handing uint8 codes to a kernel that
 would read them as bf16.
 
-Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``kv_hooks.resolve_pool_class``
+Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``configure.resolve_pool_class``
 picks this class); attention backends call ``set_kv_buffer`` once per layer per forward and
 ``get_key_buffer``/``get_value_buffer`` right after; the PD managers read
 ``get_contiguous_buf_infos`` once at start-up. Nothing here blocks.
@@ -42,7 +42,7 @@ from sglang_memha.kvformat.spec import MAX_ABS_INPUT
 from sglang_memha.kvformat.transforms import apply_k_transform, unrotate
 from sglang_memha.kvformat.triton_kernels import TRITON_FORMATS, quantize_to_slots, triton_available
 from sglang_memha.sglang_ext import state
-from sglang_memha.sglang_ext.kivi_pool import OpenBlocks
+from sglang_memha.sglang_ext.pool.kivi_pool import OpenBlocks
 
 logger = logging.getLogger("sglang_memha")
 
@@ -92,7 +92,7 @@ class QuantKVView:
 class MemhaQuantKVPool(MHATokenToKVPool):
     """``MHATokenToKVPool`` whose rows hold ``kvformat`` bytes (see module docstring).
 
-    Extra class attributes are bound by ``kv_hooks.resolve_pool_class`` through ``configured()``
+    Extra class attributes are bound by ``configure.resolve_pool_class`` through ``configured()``
     (SGLang constructs the pool with its stock kwargs, so the format rides on the class).
     """
 
@@ -385,64 +385,3 @@ def _screen(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_cuda or bool(bad.any()):
         x = torch.where(ok, x, torch.zeros((), dtype=x.dtype, device=x.device))
     return x, bad
-
-
-class MemhaEagerKVPool(MemhaQuantKVPool):
-    """Decode pool of the eager-dequantization ablation (``MEMHA_DECODE_DEQUANT=eager``).
-
-    Arrived pages land as quantized rows (the PD-registered ``k_buffer``/``v_buffer``, same
-    geometry as the prefill's, so the wire is unchanged) and are dequantized once, on arrival,
-    into bf16 buffers that attention reads directly (``land``). Tokens the decode server
-    generates are written in bf16. The landing rows are slot-indexed (Mooncake writes page p of
-    a request to the decode's page p), so this pool costs *more* memory per token than stock
-    bf16; it exists to measure what deferred dequantization saves, not to be deployed.
-    """
-
-    def _create_buffers(self):
-        super()._create_buffers()
-        shape = (self.size + self.page_size, self.head_num, self.head_dim)
-        with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
-            self.k_dense = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layer_num)]
-            self.v_dense = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layer_num)]
-
-    def bytes_per_token(self) -> int:
-        return super().bytes_per_token() + 2 * self.layer_num * self.head_num * self.head_dim * self.dtype.itemsize
-
-    def get_kv_size_bytes(self):
-        k, v = super().get_kv_size_bytes()
-        dense = sum(t.numel() * t.element_size() for t in self.k_dense)
-        return k + dense, v + dense
-
-    def land(self, slots: torch.Tensor) -> None:
-        """Dequantize arrived rows ``slots`` ([n] int64) of every layer into the bf16 buffers.
-        Called by the decode scheduler right after a request's transfer is committed."""
-        for idx in range(self.layer_num):
-            if self.open_blocks is not None:  # int4_kivi: K through its blocks' tables
-                self.k_dense[idx][slots] = self.read_kivi_k(idx, slots, residual=False)
-            else:
-                self.k_dense[idx][slots] = self.read_slots(slots, True, idx)
-            self.v_dense[idx][slots] = self.read_slots(slots, False, idx)
-
-    def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
-                      layer_id_override=None, dcp_kv_mask=None):
-        loc, _, _ = unwrap_write_loc(loc_info)
-        layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
-        idx = layer_id - self.start_layer
-        self.k_dense[idx][loc] = cache_k.reshape(-1, self.head_num, self.head_dim).to(self.dtype)
-        self.v_dense[idx][loc] = cache_v.reshape(-1, self.head_num, self.head_dim).to(self.dtype)
-
-    def _get_key_buffer(self, layer_id: int):
-        return self.k_dense[layer_id - self.start_layer]
-
-    def _get_value_buffer(self, layer_id: int):
-        return self.v_dense[layer_id - self.start_layer]
-
-    def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
-        """Retraction backup: the bf16 rows are the live KV here (landing rows are consumed)."""
-        return [[self.k_dense[i][indices].clone(), self.v_dense[i][indices].clone()]
-                for i in range(self.layer_num)]
-
-    def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
-        for i, (k, v) in enumerate(kv_cache_cpu):
-            self.k_dense[i][indices] = k.to(self.device)
-            self.v_dense[i][indices] = v.to(self.device)

@@ -47,7 +47,7 @@ from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.common.utils import group_concurrent_contiguous
 
 from sglang_memha.kvformat.layout import layer_of_entries, page_blocks
-from sglang_memha.sglang_ext.layer_signal import LayerWritten
+from sglang_memha.sglang_ext.transfer.layer_signal import LayerWritten
 
 logger = logging.getLogger("sglang_memha")
 

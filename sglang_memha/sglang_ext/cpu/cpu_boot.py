@@ -1,0 +1,106 @@
+"""Import hooks installed at interpreter start on CPU hosts, before SGLang loads any plugin.
+
+Why not the entry point: ``import sglang`` itself fails on a CPU host (transformers imports
+torchvision, whose CUDA-linked ``_C`` does not load, and ``torchvision._meta_registrations``
+then registers fakes for undefined ops), and SGLang's scheduler module imports ``sgl_kernel``
+at module level before its process calls ``load_plugins()``. So these two fixes run from a
+``.pth`` file that ``python -m sglang_memha.sglang_ext.cpu.cpu_boot --install`` writes into
+site-packages (``scripts/setup_cpu.sh`` does it). Everything else uses SGLang's HookRegistry
+(see ``cpu_compat``).
+
+Cost at interpreter start: one meta-path finder; nothing is imported until the target
+module is. Both hooks are no-ops where the real module works (a CUDA host with
+``sgl_kernel`` and a matching torchvision).
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+PTH_NAME = "sglang_memha_cpu_boot.pth"
+# What the .pth runs at interpreter start. A .pth written before this module moved into ``cpu/``
+# names ``sglang_memha.sglang_ext.cpu_boot``, a shim kept for such envs until they re-run set-up.
+PTH_LINE = "import sglang_memha.sglang_ext.cpu.cpu_boot as _m; _m.install_finder()\n"
+
+
+def _real_spec(name: str, path, target, skip) -> importlib.machinery.ModuleSpec | None:
+    for finder in sys.meta_path:
+        if finder is skip or not hasattr(finder, "find_spec"):
+            continue
+        spec = finder.find_spec(name, path, target)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _define_torchvision_ops(_module) -> None:
+    """Guards ``torchvision._meta_registrations``: defines ``nms``/``qnms`` schemas when
+    torchvision's ``_C`` failed to load (CUDA build on CPU torch), so registering fakes works."""
+    import torch
+    import torchvision.extension as ext
+
+    if ext._has_ops():
+        return
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for schema in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+                   "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
+        try:
+            lib.define(schema)
+        except RuntimeError:  # already defined
+            pass
+    _KEEP_ALIVE.append(lib)
+
+
+_KEEP_ALIVE: list = []
+
+
+class _CpuBootFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "sgl_kernel":
+            if _real_spec(name, path, target, self) is not None:
+                return None  # a real sgl_kernel is installed: use it
+            # Guards: sglang/kernels/ops/kvcache/cache_move.py and mem_cache/allocation.py do
+            # `from sgl_kernel import ...` at import time; there is no CPU wheel on PyPI.
+            # Served as a plain module named sgl_kernel (not a package), so submodule imports
+            # such as sgl_kernel.scalar_type raise ImportError and SGLang takes its fallbacks.
+            stand_in = os.path.join(os.path.dirname(__file__), "sgl_kernel_cpu.py")
+            return importlib.util.spec_from_file_location("sgl_kernel", stand_in)
+        if name == "torchvision._meta_registrations":
+            spec = _real_spec(name, path, target, self)
+            if spec is None:
+                return None
+            orig = spec.loader.exec_module
+
+            def exec_module(module, _orig=orig):
+                _define_torchvision_ops(module)
+                _orig(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+        return None
+
+
+def install_finder() -> None:
+    if os.environ.get("MEMHA_CPU_COMPAT") == "0":
+        return
+    if not any(isinstance(f, _CpuBootFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CpuBootFinder())
+
+
+def install_pth() -> str:
+    """Write the .pth that runs ``install_finder`` at every interpreter start of this env."""
+    import sysconfig
+
+    path = os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)
+    with open(path, "w") as f:
+        f.write(PTH_LINE)
+    return path
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--install"]:
+        sys.exit("usage: python -m sglang_memha.sglang_ext.cpu.cpu_boot --install")
+    print(install_pth())

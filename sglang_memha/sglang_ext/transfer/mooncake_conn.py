@@ -1,0 +1,192 @@
+"""SGLang's Mooncake KV manager / receiver with the sglang-memha additions.
+
+Installed by ``kv_hooks.register_metrics`` as HookRegistry REPLACEs of
+``sglang.srt.disaggregation.mooncake.conn.Mooncake{KVManager,KVReceiver}``: SGLang sees one
+manager class, ``MemhaKVManager``, assembled from one mixin per concern. The bootstrap protocol
+(router ``bootstrap_host/port/room``, the bootstrap server's ``/route``, the ZMQ registration and
+metadata messages) is SGLang's; we only add to it:
+
+* **Handshake and authentication** (only when ``MEMHA_KV_FORMAT`` is set; ``conn_handshake``):
+  the descriptor (and, with a shared secret, HMAC tags) on SGLang's bootstrap messages, checked
+  on both sides; a mismatch fails *the request* with the reason, never the server.
+* **Measured bytes** (always; ``conn_bytes``): the bytes of every successful Mooncake call,
+  per room, KV pages vs the rest, and one ``sglang-memha transfer room=...`` line per room.
+* **Send-time bridges** (``conn_bridges``): a decode in another format (``transcode``) or with
+  another page size (``repage``) gets its pages converted / re-paged by ``_send_converted``;
+  the decode accepts a prefill with another page size in ``try_ensure_parallel_info``
+  (``_accept_repaged``).
+* **Per-layer pipeline** (``MEMHA_PIPELINE=1``, prefill): pages a per-layer plan already shipped
+  during the forward are left out of SGLang's send (``send_kvcache``; ``pipeline``).
+
+Here: the manager's state (``__init__``), the send entry point that routes a chunk to the
+pipeline, the bridges or SGLang's own send, the room's conclusion, and the receiver's
+per-request checks. The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
+owner per target).
+
+All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
+beyond what the overridden SGLang method already does.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.mooncake import conn as mc
+from sglang.srt.disaggregation.utils import DisaggregationMode
+
+from sglang_memha.config import load_config
+from sglang_memha.sglang_ext import state
+from sglang_memha.sglang_ext.transfer import handshake
+from sglang_memha.sglang_ext.transfer.conn_bridges import BridgeMixin
+from sglang_memha.sglang_ext.transfer.conn_bytes import ByteAccountingMixin
+from sglang_memha.sglang_ext.transfer.conn_handshake import HandshakeMixin
+from sglang_memha.sglang_ext.transfer.pipeline import LayerPipeline
+
+logger = logging.getLogger("sglang_memha")
+
+
+class MemhaKVManager(HandshakeMixin, BridgeMixin, ByteAccountingMixin, mc.MooncakeKVManager):
+    # SGLang's manager, for calling its methods on a probe (``_accept_repaged``); once the REPLACE
+    # is applied, ``mc.MooncakeKVManager`` names this class.
+    memha_sglang_cls = mc.MooncakeKVManager
+    # A prefill's Failed status carries its reason to the decode (and so to the client), as
+    # SGLang's NIXL and Mori managers do; Mooncake's sends none, so the decode reported "it might
+    # be dead" for a request refused on purpose. The frame is optional on parse: a stock peer
+    # on either side still reads these messages.
+    kv_status_msg_carries_reason = True
+
+    def __init__(self, args, disaggregation_mode, server_args, is_mla_backend=False):
+        self._init_room_stats()
+        self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
+        # A prefill on SGLang's own pool: described for memha decodes, stock for the others.
+        self.memha_stock = state.local_is_stock()
+        self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
+        # prefill: decode session -> its descriptor, when pages must be converted on send
+        self.memha_send_targets: dict[str, object] = {}
+        self.memha_converter = None
+        self.memha_refused_prefills: dict[str, str] = {}  # decode: address -> why its info was refused
+        cfg = load_config()
+        self.memha_secret = cfg.shared_secret
+        if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            # Read by CommonKVManager.__init__ and published to the bootstrap server (/route).
+            args.kv_layout = handshake.encode_layout(self.memha_desc, self.memha_secret)
+        super().__init__(args, disaggregation_mode, server_args, is_mla_backend)
+        if self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            from sglang_memha.sglang_ext.transfer.transcode import Converter
+
+            self.memha_converter = Converter(self.engine, state.local_pool(), self.memha_desc)
+        self.memha_pipeline = None
+        if cfg.pipeline and self.memha_desc is not None and disaggregation_mode == DisaggregationMode.PREFILL:
+            self.memha_pipeline = LayerPipeline(self, cfg.pipeline_min_tokens)
+
+    def send_kvcache(self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
+                     *args, **kwargs):
+        """Transfer worker, once per chunk and decode session; blocks for the transfer. With the
+        pipeline on, pages a per-layer plan already shipped are waited for and left out
+        (``LayerPipeline.claim``). A decode session with a send target (another format or page
+        size) goes to ``_send_converted``; the pipeline never plans those."""
+        if self._refuse_nonfinite(prefill_kv_indices):
+            return 0  # the room failed with its reason; the session stays healthy
+        stats = self._room_stats()
+        target = self.memha_send_targets.get(mooncake_session_id)
+        if stats is not None:
+            asked = len(prefill_kv_indices)
+            stats.pages += asked
+            if self.memha_pipeline is not None and target is None:  # plans skip converted sessions
+                prefill_kv_indices, dst_kv_indices, status = self.memha_pipeline.claim(
+                    self._memha_tls.room, mooncake_session_id, np.asarray(prefill_kv_indices),
+                    np.asarray(dst_kv_indices))
+                if status != 0:
+                    return status
+                stats.pipelined_pages += asked - len(prefill_kv_indices)  # delivered during the forward
+                if len(prefill_kv_indices) == 0:
+                    return 0
+        self._memha_tls.phase = "kv"
+        try:
+            if target is not None:
+                if stats is not None:
+                    stats.wire_fmt = target.fmt.value
+                return self._send_converted(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                            dst_kv_indices, target, kwargs.get("dst_kv_item_len"))
+            return super().send_kvcache(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                        dst_kv_indices, *args, **kwargs)
+        finally:
+            self._memha_tls.phase = None
+
+    def _refuse_nonfinite(self, prefill_kv_indices) -> bool:
+        """Transfer worker: fail this chunk's room if its pages hold K/V that was non-finite when
+        the forward wrote it (``MemhaQuantKVPool.nonfinite_layers``). Returns True when refused:
+        nothing is sent, SGLang's Failed path tells the decode, and both sides free the pages."""
+        pool = state.local_pool() if self.memha_desc is not None else None
+        layers = pool.nonfinite_layers(prefill_kv_indices) if hasattr(pool, "nonfinite_layers") else []
+        if not layers:
+            return False
+        room = self._memha_tls.room
+        reason = (f"sglang-memha: the model produced non-finite K/V (NaN, inf or |x| > 2^64) for this "
+                  f"request in layer(s) {layers[:8]}{' ...' if len(layers) > 8 else ''}; its KV is not sent "
+                  f"and the request fails (other requests are unaffected)")
+        logger.error("sglang-memha: room %s: %s", room, reason)
+        self.conclude_failure(bootstrap_room=room, failure_reason=reason)
+        return True
+
+    def conclude_transfer(self, *, bootstrap_room, status, targets=None, failure_reason=None):
+        emitted = super().conclude_transfer(bootstrap_room=bootstrap_room, status=status,
+                                            targets=targets, failure_reason=failure_reason)
+        if emitted in (KVPoll.Success, KVPoll.Failed):
+            if self.memha_pipeline is not None:
+                self.memha_pipeline.forget(bootstrap_room)
+            self._log_room(bootstrap_room, "ok" if emitted == KVPoll.Success else "failed")
+        self._sweep_rooms()
+        return emitted
+
+    def _maybe_ack_drained_abort(self, room: int) -> None:
+        """SGLang (transfer worker, bootstrap thread, sender ``clear``) acks a decode's abort of
+        ``room`` once the room's chunks drained, and the decode then reuses its pages. Layers the
+        pipeline still has on the wire count as undrained: the pipeline calls this again when
+        the room's last plan is done."""
+        if self.memha_pipeline is not None and self.memha_pipeline.in_flight(room):
+            return
+        super()._maybe_ack_drained_abort(room)
+
+
+class MemhaKVReceiver(mc.MooncakeKVReceiver):
+    def init(self, prefill_dp_rank: int):
+        """Decode scheduler, once per request before allocation: SGLang's init, then the
+        descriptor check against the prefill's published layout."""
+        super().init(prefill_dp_rank)
+        local = self.kv_mgr.memha_desc if isinstance(self.kv_mgr, MemhaKVManager) else None
+        if local is None or self.conclude_state == KVPoll.Failed:
+            return
+        info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
+        reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
+                                              peer=self.bootstrap_addr, secret=self.kv_mgr.memha_secret)
+        if reason is None:
+            bridges = handshake.bridges_for(local, info.kv_layout)
+            if bridges:
+                self.kv_mgr.memha_bridges[self.bootstrap_room] = bridges
+            return
+        logger.error("sglang-memha: room %s: %s", self.bootstrap_room, reason)
+        self.kv_mgr.record_failure(self.bootstrap_room, reason)
+        self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+        self.conclude_state = KVPoll.Failed
+        # Tell the prefill ranks, which would otherwise wait for this request's metadata.
+        self.ensure_abort_notified()
+
+    def abort(self):
+        """Decode scheduler: SGLang aborts the requests of a prefill whose info never became
+        ready; for one refused by ``try_ensure_parallel_info`` the failure carries the reason."""
+        reason = getattr(self.kv_mgr, "memha_refused_prefills", {}).get(self.bootstrap_addr)
+        if reason is not None and self.conclude_state != KVPoll.Failed:
+            self.kv_mgr.record_failure(self.bootstrap_room, reason)
+            self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
+            self.conclude_state = KVPoll.Failed
+        return super().abort()
+
+    def failure_exception(self):
+        """A failed room never reaches the arrival hook: drop its bridges here (SGLang calls
+        this on every failure path, then raises the reason to the scheduler)."""
+        if isinstance(self.kv_mgr, MemhaKVManager):
+            self.kv_mgr.memha_bridges.pop(self.bootstrap_room, None)
+        return super().failure_exception()
