@@ -31,8 +31,8 @@ For the per-token formats the dots run on the exact code values and the scales a
 the logit row (K) and to the softmax weights (V). fp8 is decoded by integer arithmetic (any GPU,
 the interpreter) or by the GPU's e4m3fn conversion (``hw``, sm_89+), with the same values.
 Dot precision: fp32 q runs fp32 dots (``input_precision="ieee"``, no TF32); bf16/fp16 q runs dots
-in q's dtype (codes are exact in it; int4's dequantized values and the softmax weights are
-rounded to it, as in SGLang's bf16 kernel).
+in q's dtype (codes are exact in it; int4's dequantized values, bf16 K/V under fp16 q and the
+softmax weights are rounded to it, as in SGLang's bf16 kernel).
 
 K offset (``MEMHA_K_OFFSET``) and the Hadamard rotation are applied outside this kernel. A K
 offset needs no correction here: keys stored as k - c give q . (k - c) = q . k - q . c, and q . c
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -143,6 +144,8 @@ def _check(fmt, q, k_data, k_scale, v_data, v_scale, kv_indptr, kv_indices, sm_s
     devs = {n: t.device for n, t in named if t is not None}
     if len(set(devs.values())) != 1:
         raise ValueError(f"all tensors must be on one device, got {devs}")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"q on {q.device}: expected CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
 
 
 def decode_attention(

@@ -10,11 +10,12 @@ the interpreter's bf16 dot is wrong); on a GPU also with bf16 q (tolerance below
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-from sglang_memha.attention.decode import DECODE_FORMATS, decode_attention
+from sglang_memha.attention.decode import DECODE_FORMATS, decode_attention, default_num_kv_splits
 from sglang_memha.kvformat import get_codec, page_geometry
 from tests.kvformat.test_triton import run_interpreted
 
@@ -154,6 +155,13 @@ def test_launcher_checks_arguments():
         decode_attention(**{**bf, "k_scale": case["k_scale"]})
     with pytest.raises(ValueError, match="num_q_heads must be a multiple"):
         decode_attention(**{**case, "q": torch.zeros(2, 3, 64)})
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="^q on cpu: expected CUDA tensors"):
+            decode_attention(**case)
+
+
+def test_default_num_kv_splits():
+    assert [default_num_kv_splits(n) for n in (0, 1, 64, 65, 300, 10**6)] == [1, 1, 1, 2, 5, 16]
 
 
 @pytest.mark.gpu
