@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, for a session lent a CUDA machine: the Triton kernels and the pipeline's CUDA-event
-# marker against the torch references (tests marked `gpu`), then the Triton bandwidth bench.
+# marker and the decode-attention kernel against the torch references (tests marked `gpu`), then
+# the Triton bandwidth bench and the decode-attention bench.
 # Needs torch + triton + pytest (+ pytest-xdist, hypothesis); no SGLang, no network.
 #   scripts/gpu_checks.sh [OUTDIR]     -> OUTDIR/{device.txt,pytest_gpu.log,codecs_gpu.json,...}
 set -u
@@ -12,8 +13,10 @@ date -u | tee "$out/device.txt"
 nvidia-smi -L | tee -a "$out/device.txt"
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee -a "$out/device.txt"
-timeout 300 $py -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/kvformat/test_triton.py tests/kvformat/test_codecs_cuda.py tests/quant/test_layer_signal.py \
+timeout 300 $py -m pytest -q -p no:cacheprovider -n 8 -m gpu tests/kvformat/test_triton.py tests/kvformat/test_codecs_cuda.py tests/quant/test_layer_signal.py tests/attention/test_decode_kernel.py \
   >"$out/pytest_gpu.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$out/pytest_gpu.log"
 timeout 240 $py eval/bench_codecs.py --gpu-only --out "$out/codecs_gpu.json" 2>&1 | tee "$out/bench_codecs_gpu.log"
 echo "bench rc=${PIPESTATUS[0]}"
+timeout 240 $py eval/bench_decode_attention.py --out "$out/decode_attention_gpu.json" 2>&1 | tee "$out/bench_decode_attention_gpu.log"
+echo "decode bench rc=${PIPESTATUS[0]}"
