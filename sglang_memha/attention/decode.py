@@ -8,7 +8,7 @@ the KV is made. Tensors (all on one CUDA device, or CPU under ``TRITON_INTERPRET
     k_data     [num_slots, num_kv_heads, data_bytes_per_head]     uint8, contiguous (bf16: 2 * head_dim bytes)
     k_scale    [num_slots, num_kv_heads, scale_bytes_per_head]    uint8, contiguous; None for bf16
     v_data     like k_data;  v_scale like k_scale
-    kv_indptr  [batch + 1]                                        int32: request b owns kv_indices[indptr[b]:indptr[b+1]]
+    kv_indptr  [batch + 1]                                        int32; request b: kv_indices[indptr[b]:indptr[b+1]]
     kv_indices [total_kv_tokens]                                  int32 | int64 slot ids, in token order
     out        [batch, num_q_heads, head_dim]                     fp32 | bf16 | fp16 (default: q's dtype)
 

@@ -39,7 +39,8 @@ def make_case(fmt, lens, page, head_dim, num_kv_heads, group, dtype=torch.float3
     codec = get_codec(fmt)
     bufs = {}
     for side in "kv":
-        x = torch.randn(slots, num_kv_heads, head_dim, generator=g) * (1.0 + torch.rand(slots, num_kv_heads, 1, generator=g))
+        spread = 1.0 + torch.rand(slots, num_kv_heads, 1, generator=g)  # rows of different scales
+        x = torch.randn(slots, num_kv_heads, head_dim, generator=g) * spread
         if side == "k":
             x = x + torch.randn(head_dim, generator=g)  # a per-channel offset, as real K has
         data = torch.zeros(slots, num_kv_heads, geo.data_bytes_per_head, dtype=torch.uint8)
