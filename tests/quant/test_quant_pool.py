@@ -279,3 +279,11 @@ def test_nonfinite_kv_is_zeroed_and_flagged_not_raised(fmt):
     pool.set_kv_buffer(_Layer(1), loc, k.view(page, -1), v.view(page, -1))  # the page's next owner
     pool.set_kv_buffer(_Layer(0), loc, k.view(page, -1), v.view(page, -1))
     assert pool.nonfinite_layers([2]) == []
+    pool.set_kv_buffer(_Layer(1), loc, bad_k.view(page, -1), bad_v.view(page, -1))
+    part = loc[:3]  # a next owner that writes only the page's first 3 slots (the bad ones were 3, 5)
+    pool.set_kv_buffer(_Layer(1), part, k[:3].reshape(3, -1), v[:3].reshape(3, -1))
+    assert pool.nonfinite_layers([2]) == []  # the freed owner's flags in slots 3..page-1 are gone
+    pool.set_kv_buffer(_Layer(1), loc[3:4], bad_k[3:4].reshape(1, -1), v[3:4].reshape(1, -1))
+    assert pool.nonfinite_layers([2]) == [1]  # a chunk continuing the page keeps its own flags
+    pool.set_kv_buffer(_Layer(1), loc[4:6], k[4:6].reshape(2, -1), v[4:6].reshape(2, -1))
+    assert pool.nonfinite_layers([2]) == [1]

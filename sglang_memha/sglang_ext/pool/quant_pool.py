@@ -238,7 +238,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         idx = layer_id - self.start_layer
         k, k_bad = _screen(cache_k.reshape(-1, self.head_num, self.head_dim))
         v, v_bad = _screen(cache_v.reshape(-1, self.head_num, self.v_head_dim))
-        self.kv_nonfinite[idx, loc] = k_bad | v_bad
+        self._flag_nonfinite(idx, loc, k_bad | v_bad)
         k = self._to_stored_k(k, idx)
         if self.open_blocks is not None:
             self.open_blocks.write(idx, k, loc, self.k_buffer[idx], self.k_scale_buffer[idx])
@@ -247,6 +247,19 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         self._write(v, loc, self.v_buffer[idx], self.scale_rows(False, idx))
         if self.memha_layer_listener is not None:  # prefill, MEMHA_PIPELINE=1: ship layer idx now
             self.memha_layer_listener(idx)
+
+    def _flag_nonfinite(self, idx: int, loc: torch.Tensor, bad: torch.Tensor) -> None:
+        """Record ``bad`` ([n] bool) for slots ``loc`` of layer ``idx``. A write at a page's
+        first slot starts that page for its new owner, so the whole page's flags are cleared
+        first: ``nonfinite_layers`` checks whole pages, and slots the new owner leaves unwritten
+        must not keep a freed request's flags (that refused healthy requests). A chunk that
+        continues a page does not touch its first slot, so its earlier flags stay."""
+        flags = self.kv_nonfinite[idx]
+        if self.page_size > 1:
+            starts = loc[loc % self.page_size == 0]
+            if starts.numel():
+                flags[(starts[:, None] + torch.arange(self.page_size, device=loc.device)).reshape(-1)] = False
+        flags[loc] = bad
 
     def nonfinite_layers(self, pages) -> list[int]:
         """Pool-local layers where any slot of ``pages`` ([n] page ids) holds K/V that was
