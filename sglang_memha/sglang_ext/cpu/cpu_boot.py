@@ -83,9 +83,38 @@ class _CpuBootFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _fork_instead_of_spawn() -> None:
+    """``MEMHA_CPU_FORK=1`` (the CPU test harness sets it): SGLang's ``set_start_method("spawn")``
+    becomes "fork", so the scheduler and detokenizer processes inherit the launcher's imports
+    instead of importing sglang and torch again (~10-16 s of CPU each on a 2-core box, the bulk
+    of a server's start). CPU only: nothing has touched CUDA or started threads at that point."""
+    import multiprocessing
+
+    orig = multiprocessing.set_start_method
+
+    def set_start_method(method, force=False):
+        return orig("fork" if method == "spawn" else method, force=force)
+
+    multiprocessing.set_start_method = set_start_method
+    os.register_at_fork(after_in_child=_load_plugins_again)
+
+
+def _load_plugins_again() -> None:
+    """A forked child inherits the launcher's "plugins loaded" flags, but the launcher loaded
+    them before the scheduler module existed, so its scheduler hooks were never registered.
+    Clearing the flags lets the child's own ``load_plugins()`` register them; targets the
+    launcher already patched are skipped by SGLang's ``HookRegistry.apply_hooks``."""
+    for module, flag in (("sglang.srt.plugins", "_plugins_loaded"),
+                         ("sglang_memha.sglang_ext.plugin", "_registered")):
+        if module in sys.modules:
+            setattr(sys.modules[module], flag, False)
+
+
 def install_finder() -> None:
     if os.environ.get("MEMHA_CPU_COMPAT") == "0":
         return
+    if os.environ.get("MEMHA_CPU_FORK") == "1":
+        _fork_instead_of_spawn()
     if not any(isinstance(f, _CpuBootFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _CpuBootFinder())
 
