@@ -45,6 +45,22 @@ def _refuse_bad_config(error: ValueError):
     return refuse
 
 
+def _register_attention_backend(HookRegistry, HookType, in_scheduler: bool) -> None:
+    """``--attention-backend memha_triton`` (``attention_backend.register``). SGLang's loader logs
+    and swallows what ``register()`` raises, so a failure here becomes a hook that stops a
+    server asking for that backend, with the reason; servers that do not ask still start."""
+    from sglang_memha.sglang_ext import attention_backend
+
+    try:
+        attention_backend.register()
+    except Exception as e:  # an SGLang without the extension points this targets
+        logger.error("sglang-memha: registering --attention-backend %s failed: %r",
+                     attention_backend.BACKEND_NAME, e)
+        target = ("sglang.srt.managers.scheduler.Scheduler.__init__" if in_scheduler
+                  else "sglang.srt.server_args.prepare_server_args")
+        HookRegistry.register(target, attention_backend.refuse_if_requested(repr(e)), HookType.BEFORE)
+
+
 def register() -> None:
     global _registered
     if _registered:
@@ -56,6 +72,7 @@ def register() -> None:
     from sglang_memha.sglang_ext import flags
 
     flags.register()  # launcher only: --memha-* flags, copied into MEMHA_* before spawning
+    _register_attention_backend(HookRegistry, HookType, in_scheduler)
     try:
         cfg = load_config()
     except ValueError as e:

@@ -14,6 +14,11 @@ from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
 from sglang_memha.kvformat.k_offset import model_id_of
 
 
+# Attention backends that read a MemhaQuantKVPool: torch_native through ``QuantKVView``,
+# memha_triton (``sglang_ext/attention_triton.py``) from the raw pages.
+READS_QUANTIZED_POOL = {"torch_native", "memha_triton"}
+
+
 class UnsupportedSetup(RuntimeError):
     """Raised at start-up when the server cannot serve MEMHA_KV_FORMAT; the text names the fix."""
 
@@ -29,8 +34,9 @@ def _refusals(kvc) -> list[str]:
     out = []
     backends = {getattr(sa, n, None) for n in ("attention_backend", "prefill_attention_backend",
                                                 "decode_attention_backend")} - {None}
-    if backends != {"torch_native"}:
-        out.append(f"attention backend {sorted(backends)} (use --attention-backend torch_native)")
+    if not backends or not backends <= READS_QUANTIZED_POOL:
+        out.append(f"attention backend {sorted(backends)} (use --attention-backend memha_triton on a GPU, "
+                   f"torch_native on CPU)")
     if getattr(kvc, "use_mla_backend", False):
         out.append("MLA models")
     if getattr(kvc, "is_hybrid_swa", False) or getattr(kvc, "mambaish_config", None) is not None:
