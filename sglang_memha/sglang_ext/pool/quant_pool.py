@@ -253,12 +253,14 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         first slot starts that page for its new owner, so the whole page's flags are cleared
         first: ``nonfinite_layers`` checks whole pages, and slots the new owner leaves unwritten
         must not keep a freed request's flags (that refused healthy requests). A chunk that
-        continues a page does not touch its first slot, so its earlier flags stay."""
+        continues a page does not touch its first slot, so its earlier flags stay. No host sync
+        and fixed shapes (CUDA-graph safe): writes that start no page clear page 0 instead, the
+        padding page SGLang's dummy slot 0 lives in, which no request owns."""
         flags = self.kv_nonfinite[idx]
         if self.page_size > 1:
-            starts = loc[loc % self.page_size == 0]
-            if starts.numel():
-                flags[(starts[:, None] + torch.arange(self.page_size, device=loc.device)).reshape(-1)] = False
+            loc = loc.long()
+            per_page = flags.view(-1, self.page_size)  # rows are whole pages (size + page_size)
+            per_page[torch.where(loc % self.page_size == 0, loc // self.page_size, 0)] = False
         flags[loc] = bad
 
     def nonfinite_layers(self, pages) -> list[int]:
