@@ -249,13 +249,10 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             self.memha_layer_listener(idx)
 
     def _flag_nonfinite(self, idx: int, loc: torch.Tensor, bad: torch.Tensor) -> None:
-        """Record ``bad`` ([n] bool) for slots ``loc`` of layer ``idx``. A write at a page's
-        first slot starts that page for its new owner, so the whole page's flags are cleared
-        first: ``nonfinite_layers`` checks whole pages, and slots the new owner leaves unwritten
-        must not keep a freed request's flags (that refused healthy requests). A chunk that
-        continues a page does not touch its first slot, so its earlier flags stay. No host sync
-        and fixed shapes (CUDA-graph safe): writes that start no page clear page 0 instead, the
-        padding page SGLang's dummy slot 0 lives in, which no request owns."""
+        """Record ``bad`` ([n] bool) for slots ``loc`` of layer ``idx``. A write at a page's first
+        slot starts the page for a new owner: its flags are cleared first, since ``nonfinite_layers``
+        checks whole pages and a freed request's flags in slots left unwritten refused healthy
+        requests. No host sync, fixed shapes (CUDA graphs): other writes clear padding page 0."""
         flags = self.kv_nonfinite[idx]
         if self.page_size > 1:
             loc = loc.long()
