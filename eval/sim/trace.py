@@ -1,6 +1,7 @@
 """Request traces: (arrival seconds, input tokens, output tokens), sorted by arrival.
 
-Vendored traces live in ``eval/traces/<name>.csv.gz`` (columns ``arrival_s,input_len,output_len``);
+Vendored traces live in ``eval/traces/<name>.csv.gz`` (columns ``arrival_s,input_len,output_len``;
+``load`` by name, ``load_file`` any file in that format, e.g. for ``eval/bench_datasets.py``);
 ``vendor()`` rebuilds them from the raw files in ``shared/traces/`` (rule in eval/traces/README.md).
 """
 
@@ -62,8 +63,43 @@ def load(name: str) -> Trace:
     path = TRACE_DIR / f"{name}.csv.gz"
     if not path.exists():
         raise ValueError(f"trace {name!r} not found at {path}; expected one of: {', '.join(TRACES)}")
-    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    return Trace(name, data[:, 0], data[:, 1].astype(np.int64), data[:, 2].astype(np.int64))
+    return load_file(path, name)
+
+
+HEADER = ["arrival_s", "input_len", "output_len"]
+
+
+def load_file(path: str | Path, name: str | None = None) -> Trace:
+    """A trace CSV (``.csv`` or ``.csv.gz``, header ``arrival_s,input_len,output_len``, arrivals
+    sorted) -> Trace. A bad header or row raises ValueError naming the file and its line."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    arr, inp, out = [], [], []
+    with opener(path, "rt", newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header != HEADER:
+            raise ValueError(f"{path}: header {header}, expected {','.join(HEADER)} "
+                             "(the format of eval/traces/, see its README.md)")
+        for line, row in enumerate(rows, start=2):
+            try:
+                a, i, o = row
+                a, i, o = float(a), int(i), int(o)
+            except ValueError:
+                raise ValueError(f"{path} line {line}: {row} is not 'seconds,tokens,tokens' "
+                                 "(float, int, int)") from None
+            if not np.isfinite(a) or i < 1 or o < 1:
+                raise ValueError(f"{path} line {line}: {row}: need a finite arrival and lengths >= 1")
+            if arr and a < arr[-1]:
+                raise ValueError(f"{path} line {line}: arrival {a} before the previous row's "
+                                 f"{arr[-1]}; sort the rows by arrival_s")
+            arr.append(a)
+            inp.append(i)
+            out.append(o)
+    if not arr:
+        raise ValueError(f"{path}: no rows after the header")
+    return Trace(name or path.name.split(".")[0], np.asarray(arr, dtype=np.float64),
+                 np.asarray(inp, dtype=np.int64), np.asarray(out, dtype=np.int64))
 
 
 def poisson(n: int, rate: float, input_len: np.ndarray | int, output_len: np.ndarray | int, seed: int = 0) -> Trace:
