@@ -5,7 +5,7 @@ requests after the forward and on one that ships each layer during the forward
 (``MEMHA_PIPELINE=1``): greedy tokens are identical, with and without chunked prefill; every
 page of every request went out layer by layer (``pipelined_pages == pages``) and the KV bytes
 Mooncake moved are exactly pages x page bytes (nothing sent twice). Requests below
-``MEMHA_PIPELINE_MIN_TOKENS`` are sent whole. Timing is measured by ``eval/bench_ttft.py``, not here.
+``MEMHA_PIPELINE_MIN_TOKENS`` are sent whole (the whole-prompt case sets it to 300). Timing is measured by ``eval/bench_ttft.py``, not here.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.cluster
 H, D, L = 2, 64, 2  # tiny_qwen3 geometry
 FMT = "fp8_e4m3"
 N = 32
+MIN_TOKENS = 300  # whole-prompt case: requests shorter than this are sent whole (MEMHA_PIPELINE_MIN_TOKENS)
 
 
 def _prompts(seed: int = 7) -> list[list[int]]:
@@ -62,14 +63,23 @@ def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
     this box under load failed the 32-at-once token comparison here while every transfer row
     was exact; the assertion text was not captured). The 32-at-once pass checks the rows."""
     args = ["--page-size", "16"] + (["--chunked-prefill-size", "64"] if chunked else [])
+    # Whole prompts: requests under MIN_TOKENS are sent whole after the forward, the rest layer by
+    # layer. Chunked: every request is pipelined.
+    min_tokens = 0 if chunked else MIN_TOKENS
     whole, whole_rows = _run(tiny_model, args, {}, str(tmp_path / "whole"), tokens_alone=chunked)
-    piped, rows = _run(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
+    piped, rows = _run(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": str(min_tokens)},
                        str(tmp_path / "pipelined"), tokens_alone=chunked)
     assert piped == whole
     assert len(rows) == N and all(r.status == "ok" for r in rows)
     assert all(r.pipelined_pages == 0 for r in whole_rows)
     per_page = 16 * L * kv_bytes_per_token(FMT, H, D)
+    n_short = sum(len(p) < min_tokens for p in _prompts())
+    assert chunked or 0 < n_short < N
+    assert sum(r.pipelined_pages == 0 for r in rows) == n_short
     for r in rows:
+        if r.pipelined_pages == 0 and min_tokens:
+            assert (r.pages - 1) * 16 < min_tokens and r.kv_bytes == r.pages * per_page, r  # sent whole
+            continue
         assert r.pipelined_pages == r.pages, r  # every page delivered during the forward
         # Exact bytes, up to pages re-shipped: when the batch's token budget cuts a prompt
         # mid-page (timing-dependent with 32 at once), both forwards ship the cut page.
@@ -109,17 +119,6 @@ def test_int4_kivi_pipelined_with_chunked_prefill(tiny_model, tmp_path):
     assert len(rows) == N and all(r.status == "ok" and r.pipelined_pages == r.pages for r in rows), rows[:2]
     per_page = 32 * L * kv_bytes_per_token("int4_kivi", H, D)
     assert all(r.kv_bytes == r.pages * per_page for r in whole_rows)
-    assert descendants() == []
-
-
-def test_short_prompts_are_sent_whole(tiny_model, tmp_path):
-    min_tokens = 300
-    _, rows = _run(tiny_model, ["--page-size", "16"],
-                   {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": str(min_tokens)}, str(tmp_path))
-    short = sum(len(p) < min_tokens for p in _prompts())
-    assert 0 < short < N
-    assert sum(r.pipelined_pages == 0 for r in rows) == short
-    assert all(r.pipelined_pages in (0, r.pages) for r in rows), rows
     assert descendants() == []
 
 

@@ -83,12 +83,14 @@ def test_eager_dequant_ablation(fmt, tiny_model, reference, tmp_path):
     equal deferred mode's (same dequantized prompt KV; eager keeps generated tokens in bf16,
     deferred re-quantizes them, so later steps may drift)."""
     prompts = _prompts()
+    modes = ("deferred", "eager")
     outs = {}
-    for mode in ("deferred", "eager"):
-        with PDCluster(tiny_model, PAGE, PAGE, env={"MEMHA_KV_FORMAT": fmt},
-                       decode_env={"MEMHA_DECODE_DEQUANT": mode}, log_dir=str(tmp_path / mode)) as c:
-            outs[mode] = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))
-                          for k, v in prompts.items()}
+    with PDCluster(tiny_model, PAGE, PAGE, env={"MEMHA_KV_FORMAT": fmt}, decode_env={"MEMHA_DECODE_DEQUANT": modes[0]},
+                   extra_decode_envs=[{"MEMHA_DECODE_DEQUANT": modes[1]}], log_dir=str(tmp_path)) as c:
+        for i, mode in enumerate(modes):  # one prefill feeds both decodes
+            outs[mode] = {k: _ids(c.direct_generate({"input_ids": v, "sampling_params": {
+                "max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}, decode_index=i))
+                for k, v in prompts.items()}
     if fmt == "bf16":
         assert outs["eager"] == reference == outs["deferred"]
     else:

@@ -105,15 +105,16 @@ def smollm2_k_offset(smollm2, tmp_path_factory):
     from sglang_memha import calibrate
 
     out = str(tmp_path_factory.mktemp("koff") / "k_offset.safetensors")
-    calibrate.main(["--model-path", smollm2, "--out", out, "--max-tokens", "8192"])
+    calibrate.main(["--model-path", smollm2, "--out", out, "--max-tokens", "2048"])  # 8192 took ~150 s
     return out
 
 
-# Session 11 (2026-12-06, after format v4 and the package move): int4_g64 measured agree 0.141 in
-# two runs (deterministic; 0.328 on 2026-12-04) with max|dlogp| 0.64 (within its bar). fp8 and
-# int8 pass; the pool's int4 rows are bit-exact to the codec (test_quant_pool.py) and the wire bytes
-# are v3's. Cause not found yet: strict xfail, so the test fails again the moment it passes.
-_INT4_OPEN = pytest.mark.xfail(strict=True, reason="int4_g64 agree 0.141 < 0.2 since session 11; cause under investigation")
+# Session 11 (2026-12-06): int4_g64 measured agree 0.141 in two runs (deterministic; 0.328 on
+# 2026-12-04) with max|dlogp| 0.64 (within its bar). Session 12: the code of c666e3a (before
+# format v4 and the package move) gives the same 0.141 / 0.6383 in this session's fresh
+# environment, so the drop is not the code's: it follows the environment (a fresh venv, SmolLM2
+# rebuilt from its package; transformers is not pinned). Strict xfail until the cause is found.
+_INT4_OPEN = pytest.mark.xfail(strict=True, reason="int4_g64 agree 0.141 < 0.2 since session 11, also with the pre-v4 code; environmental cause under investigation")
 
 
 @pytest.mark.parametrize("fmt", [pytest.param(f, marks=_INT4_OPEN) if f == "int4_g64" else f for f in THRESHOLDS])
