@@ -95,13 +95,13 @@ def _int4_tile(data_ptr, scale_ptr, drow, srow, nmask, NG: tl.constexpr, NG_P2: 
 @triton.jit
 def _decode_stage1(
     q_ptr, kd_ptr, ks_ptr, vd_ptr, vs_ptr, indptr_ptr, indices_ptr, mid_o_ptr, mid_lse_ptr,
-    qk_scale,
+    qk_scale, sm_scale,
     sq_b, sq_h, skd_t, skd_h, sks_t, sks_h, svd_t, svd_h, svs_t, svs_h,
     smo_b, smo_h, smo_s, sml_b, sml_h,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MODE: tl.constexpr,
     NG: tl.constexpr, NG_P2: tl.constexpr, GS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, HW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HW: tl.constexpr, LOGIT_CAP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1).to(tl.int64)
@@ -134,8 +134,14 @@ def _decode_stage1(
             if MODE == 1 or MODE == 2 or MODE == 3:
                 sk = tl.load(ks_ptr + slot * sks_t + kvh * sks_h, mask=nmask, other=0.0).to(tl.float32)
                 qk = qk * sk[None, :]
+            # soft-capping (Gemma-2 style): cap * tanh(x / cap) of the scaled logit x, as SGLang's
+            # kernels; tanh(y) = 2 sigmoid(2y) - 1, which every Triton version has
+            if LOGIT_CAP > 0:
+                qk = (LOGIT_CAP * (2.0 * tl.sigmoid(2.0 * (qk * sm_scale) / LOGIT_CAP) - 1.0)) * (qk_scale / sm_scale)
+            else:
+                qk = qk * qk_scale
             # padded q rows (h >= GROUP) are zeros: finite logits, never stored
-            qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
+            qk = tl.where(nmask[None, :], qk, float("-inf"))
             # ---- online softmax (base 2) ----
             m_new = tl.maximum(m, tl.max(qk, 1))
             alpha = tl.exp2(m - m_new)

@@ -16,7 +16,8 @@ Paging is SGLang's Triton-backend convention: token-level slot ids, slot ``s`` b
 ``s % page_size`` of page ``s // page_size``; the kernel never needs the page size, so any page
 size works. Query heads are grouped (GQA): q head ``h`` reads KV head ``h // (num_q_heads //
 num_kv_heads)``. ``o = softmax(sm_scale * q . K^T) V`` per (request, q head), accumulated in fp32;
-a request with no KV tokens gets o = 0.
+a request with no KV tokens gets o = 0. With ``logit_cap`` > 0 each scaled logit x becomes
+``cap * tanh(x / cap)`` first (soft-capping, as SGLang's kernels).
 
 Formats and their dequantization (x = the value attention sees):
 
@@ -165,6 +166,7 @@ def decode_attention(
     block_n: int = BLOCK_N,
     num_warps: int = 4,
     hw: bool | None = None,
+    logit_cap: float = 0.0,
 ) -> torch.Tensor:
     """Decode attention of one layer (shapes and formulas in the module docstring) -> ``out``.
 
@@ -172,7 +174,10 @@ def decode_attention(
     ``default_num_kv_splits(max_kv_len)``, and ``max_kv_len`` None reads it from ``kv_indptr``
     (a device-to-host copy: pass one of them under CUDA graphs). Any count gives the same result
     up to fp32 rounding. ``block_n``, ``num_warps``: launch shape. ``hw``: fp8 through the GPU's
-    e4m3fn conversion (None: where available, never under the interpreter)."""
+    e4m3fn conversion (None: where available, never under the interpreter). ``logit_cap`` > 0:
+    logits soft-capped as ``cap * tanh(sm_scale * q . k / cap)`` (SGLang's convention)."""
+    if not isinstance(logit_cap, (int, float)) or not math.isfinite(logit_cap) or logit_cap < 0:
+        raise ValueError(f"logit_cap={logit_cap!r}: expected a finite float >= 0 (0: no soft-capping)")
     fmt = KVFormat.parse(fmt)
     if fmt not in DECODE_FORMATS:
         raise ValueError(f"fmt={fmt.value}: decode_attention covers {[f.value for f in DECODE_FORMATS]}")
@@ -207,13 +212,14 @@ def decode_attention(
     mid_lse = torch.empty((batch, hq, num_kv_splits), dtype=torch.float32, device=q.device)
     dot_dtype = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[q.dtype]
     j._decode_stage1[(batch, hkv, num_kv_splits)](
-        q, kd, ks, vd, vs, kv_indptr, kv_indices, mid_o, mid_lse, sm_scale * j.LOG2E,
+        q, kd, ks, vd, vs, kv_indptr, kv_indices, mid_o, mid_lse, sm_scale * j.LOG2E, sm_scale,
         q.stride(0), q.stride(1), kd.stride(0), kd.stride(1), ks.stride(0), ks.stride(1),
         vd.stride(0), vd.stride(1), vs.stride(0), vs.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=num_kv_splits, MODE=mode, NG=ng, NG_P2=triton.next_power_of_2(ng), GS=gs,
-        DOT_DTYPE=dot_dtype, HW=_hw(q.device, hw) if mode in (1, 2) else False, num_warps=num_warps,
+        DOT_DTYPE=dot_dtype, HW=_hw(q.device, hw) if mode in (1, 2) else False, LOGIT_CAP=float(logit_cap),
+        num_warps=num_warps,
     )
     j._decode_stage2[(batch, hq)](
         mid_o, mid_lse, out, kv_indptr,

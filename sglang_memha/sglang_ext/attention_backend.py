@@ -19,8 +19,8 @@ backend, unchanged.
 Q in the stored K space: with ``MEMHA_K_TRANSFORM=hadamard`` stored keys are ``(k - c) H`` with H
 orthonormal, so ``(q H) . stored = q . (k - c)``: q is rotated once per layer per step. A K offset
 ``c`` needs nothing: ``q . c`` is the same for every key of a query row and cancels in softmax.
-That argument fails under logit soft-capping (``cap * tanh(x / cap)`` is not shift-invariant), and
-this kernel has no soft-cap anyway, so such models are refused.
+That argument fails under logit soft-capping (``cap * tanh(x / cap)`` is not shift-invariant), so a
+soft-capped model with a K offset is refused; without an offset the cap is applied in the kernel.
 
 Who calls what: SGLang's ``attention_registry`` calls ``create_backend(model_runner)`` once per
 model runner at scheduler start-up (after the KV pool is built); ``forward_decode`` /
@@ -108,9 +108,9 @@ def refusals(model_runner, dcp_size: int | None = None) -> list[str]:
     if getattr(mc, "is_encoder_decoder", False):
         out.append("encoder-decoder models (cross attention)")
     cap = getattr(getattr(mc, "hf_text_config", None) or mc.hf_config, "attn_logit_softcapping", None)
-    if cap:
-        out.append(f"logit soft-capping (attn_logit_softcapping={cap}: the decode kernel has none, and a "
-                   f"K offset would not cancel under it)")
+    if cap and getattr(getattr(model_runner, "token_to_kv_pool", None), "k_offset", None) is not None:
+        out.append(f"logit soft-capping with MEMHA_K_OFFSET (attn_logit_softcapping={cap}: the offset's "
+                   f"q . c no longer cancels once the logits are capped; unset MEMHA_K_OFFSET)")
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -73,7 +73,8 @@ class MemhaTritonAttnBackend(TritonAttnBackend):
         qh = self._q_in_stored_space(q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim))
         o = decode_attention(pool.memha_format, qh, pool.k_buffer[idx], pool.scale_rows(True, idx),
                              pool.v_buffer[idx], pool.scale_rows(False, idx), md.kv_indptr, md.kv_indices,
-                             layer.scaling, num_kv_splits=self.memha_num_kv_splits, out_dtype=q.dtype)
+                             layer.scaling, num_kv_splits=self.memha_num_kv_splits, out_dtype=q.dtype,
+                             logit_cap=_logit_cap(layer))
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def _q_in_stored_space(self, q: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,7 @@ class MemhaTritonAttnBackend(TritonAttnBackend):
         self.extend_attention_fwd(
             q.view(-1, hq, d), k_new.to(q.dtype), v_new.to(q.dtype), o.view(-1, hq, dv), k_prefix, v_prefix,
             md.qo_indptr, md.kv_indptr, ident, md.custom_mask, True, md.mask_indptr, md.max_extend_len,
-            1.0, 1.0, layer.scaling, logit_cap=0.0, sliding_window_size=-1, sinks=None,
+            1.0, 1.0, layer.scaling, logit_cap=_logit_cap(layer), sliding_window_size=-1, sinks=None,
             xai_temperature_len=layer.xai_temperature_len, page_size=1,
             extend_seq_lens_cpu=forward_batch.extend_seq_lens_cpu)
         return o
@@ -139,7 +140,10 @@ def _refuse_layer(layer, sinks, score_mod) -> None:
     """Per-layer guards for what start-up refusals cannot see (a model's own attention options)."""
     if sinks is not None or score_mod is not None:
         raise NotImplementedError(f"{BACKEND_NAME}: attention sinks / score_mod are not supported")
-    if getattr(layer, "logit_cap", 0) and layer.logit_cap > 0:
-        raise NotImplementedError(f"{BACKEND_NAME}: logit soft-capping is not supported (layer {layer.layer_id})")
     if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
         raise NotImplementedError(f"{BACKEND_NAME}: sliding-window layers are not supported")
+
+
+def _logit_cap(layer) -> float:
+    """The layer's soft-cap as SGLang's Triton kernels take it (0: none)."""
+    return float(logit_capping_mod(layer.logit_capping_method, layer.logit_cap) or 0.0)

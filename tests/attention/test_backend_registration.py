@@ -63,7 +63,8 @@ def _runner(**kw):
     hf = SimpleNamespace(attn_logit_softcapping=kw.pop("softcap", None))
     mc = SimpleNamespace(hf_config=hf, hf_text_config=hf, is_encoder_decoder=kw.pop("encdec", False))
     spec = SimpleNamespace(is_none=lambda: not kw.get("spec", False))
-    return SimpleNamespace(model_config=mc, use_mla_backend=kw.get("mla", False),
+    pool = SimpleNamespace(k_offset=kw.get("k_offset"))
+    return SimpleNamespace(model_config=mc, use_mla_backend=kw.get("mla", False), token_to_kv_pool=pool,
                            sliding_window_size=kw.get("window"), spec_algorithm=spec)
 
 
@@ -72,7 +73,7 @@ def _runner(**kw):
     ({"window": 4096}, "sliding-window attention"),
     ({"spec": True}, "speculative decoding"),
     ({"encdec": True}, "encoder-decoder"),
-    ({"softcap": 50.0}, "logit soft-capping (attn_logit_softcapping=50.0"),
+    ({"softcap": 50.0, "k_offset": "c"}, "logit soft-capping with MEMHA_K_OFFSET (attn_logit_softcapping=50.0"),
 ])
 def test_refusals_name_the_reason(kw, words):
     assert ab.refusals(_runner(), dcp_size=1) == []
@@ -80,6 +81,10 @@ def test_refusals_name_the_reason(kw, words):
     assert words in reason
     assert ab.refusals(_runner(), dcp_size=2) == [
         "decode context parallelism (the kernel reads whole requests, not DCP shards)"]
+
+
+def test_soft_capping_alone_is_served():
+    assert ab.refusals(_runner(softcap=50.0), dcp_size=1) == []  # the kernel applies the cap
 
 
 def test_format_refusal_names_the_formats_it_reads():

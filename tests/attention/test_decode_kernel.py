@@ -60,7 +60,7 @@ def make_case(fmt, lens, page, head_dim, num_kv_heads, group, dtype=torch.float3
                 sm_scale=1.0 / math.sqrt(head_dim))
 
 
-def reference(fmt, q, k_data, k_scale, v_data, v_scale, kv_indptr, kv_indices, sm_scale, **_):
+def reference(fmt, q, k_data, k_scale, v_data, v_scale, kv_indptr, kv_indices, sm_scale, logit_cap=0.0, **_):
     codec = get_codec(fmt)
     hq, hkv = q.shape[1], k_data.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -74,6 +74,8 @@ def reference(fmt, q, k_data, k_scale, v_data, v_scale, kv_indptr, kv_indices, s
             x = codec.dequantize(data.cpu()[idx], scales, torch.float32)  # [n, Hkv, D]
             kv.append(x.repeat_interleave(hq // hkv, dim=1))  # [n, Hq, D]
         logits = torch.einsum("hd,nhd->hn", q[b].float().cpu(), kv[0]) * sm_scale
+        if logit_cap > 0:
+            logits = logit_cap * torch.tanh(logits / logit_cap)
         out[b] = torch.einsum("hn,nhd->hd", torch.softmax(logits, dim=-1), kv[1])
     return out
 
@@ -82,7 +84,7 @@ def check(fmt, lens, page, head_dim, num_kv_heads, group, device="cpu", dtype=to
           **kw):
     case = make_case(fmt, lens, page, head_dim, num_kv_heads, group, dtype=dtype,
                      idx_dtype=kw.pop("idx_dtype", torch.int32))
-    ref = reference(**case)
+    ref = reference(**case, logit_cap=kw.get("logit_cap", 0.0))
     args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
     got = decode_attention(**args, out_dtype=torch.float32, **kw).cpu()
     err = (got - ref).abs().max().item()
@@ -103,7 +105,7 @@ INTERP_CASES = [
 ]
 
 _SCRIPT = """
-from tests.attention.test_decode_kernel import INTERP_CASES, check
+from tests.attention.test_decode_kernel import INTERP_CASES, check, reference
 from sglang_memha.attention.decode import DECODE_FORMATS
 for i, fmt in enumerate(DECODE_FORMATS):
     for lens, page, d, hkv, group, splits in INTERP_CASES:
@@ -111,6 +113,10 @@ for i, fmt in enumerate(DECODE_FORMATS):
     # block_n 32, int64 slot ids, a request with no tokens (o = 0)
     if i % 2 == 0:
         check(fmt.value, [40, 0, 5], 16, 64, 1, 2, num_kv_splits=2, block_n=32, idx_dtype=__import__("torch").int64)
+    else:  # soft-capped logits (cap 1: most logits of these cases are past it)
+        check(fmt.value, [100, 17], 16, 64, 2, 2, num_kv_splits=2, block_n=16, logit_cap=1.0)
+c = __import__("tests.attention.test_decode_kernel", fromlist=["make_case"]).make_case("fp8_e4m3", [100, 17], 16, 64, 2, 2)
+assert (reference(**c, logit_cap=1.0) - reference(**c)).abs().max() > 1e-2  # the cap bites in those cases
 print("interpreter ok")
 """
 
@@ -146,6 +152,7 @@ def test_launcher_checks_arguments():
         "num_kv_splits": 0,
         "block_n": 24,
         "out": torch.zeros(2, 4, 32),
+        "logit_cap": -1.0,
     }
     for name, value in bad.items():
         with pytest.raises(ValueError, match=rf"^{name}="):
