@@ -12,8 +12,10 @@ backend, unchanged.
   CUDA graph.
 * extend (the prefill's chunks, the decode's retraction resume): the prefix rows the batch reads
   are gathered and dequantized into a bf16 scratch (model space: K transform and offset undone),
-  then SGLang's own ``extend_attention_fwd`` runs over that scratch with identity indices. The new
-  tokens attend to each other at full precision, as with SGLang's fp8 KV cache.
+  then SGLang's own ``extend_attention_fwd`` runs over that scratch with identity indices. The
+  chunk's own tokens are read back as stored too (unlike SGLang's fp8 cache, which attends to
+  them at full precision): the result is then the same whichever backend ran the prefill and
+  wherever chunks were cut, and equals the CPU path (``torch_native``) up to summation order.
 * writes: ``set_kv_buffer`` of the pool (quantize on write; the Triton codecs on CUDA).
 
 Q in the stored K space: with ``MEMHA_K_TRANSFORM=hadamard`` stored keys are ``(k - c) H`` with H

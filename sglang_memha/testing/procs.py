@@ -161,13 +161,7 @@ class ManagedProcess:
                                f"{self.log_tail()}")
 
     def stop(self, grace_s: float = 20.0) -> None:
-        if self.popen is None:
-            return
-        _kill_group(self.popen.pid, grace_s)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_all([self], grace_s)
 
 
 def stop_all(procs: "list[ManagedProcess]", grace_s: float = 20.0) -> None:
@@ -224,10 +218,6 @@ def _kill_groups(pgids, grace_s: float) -> None:
         _LIVE.discard(pgid)
     if not _LIVE:
         _release_signals()
-
-
-def _kill_group(pgid: int, grace_s: float) -> None:
-    _kill_groups([pgid], grace_s)
 
 
 @atexit.register

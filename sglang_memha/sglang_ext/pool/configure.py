@@ -12,6 +12,7 @@ from __future__ import annotations
 from sglang_memha.config import load_config
 from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
 from sglang_memha.kvformat.k_offset import model_id_of
+from sglang_memha.sglang_ext.attention_backend import backends_of
 
 
 # Attention backends that read a MemhaQuantKVPool: torch_native through ``QuantKVView``,
@@ -32,8 +33,7 @@ def _refusals(kvc) -> list[str]:
     """Setups the quantized pool cannot serve (each reads the KV buffer some other way)."""
     sa = kvc.server_args
     out = []
-    backends = {getattr(sa, n, None) for n in ("attention_backend", "prefill_attention_backend",
-                                                "decode_attention_backend")} - {None}
+    backends = backends_of(sa)
     if not backends or not backends <= READS_QUANTIZED_POOL:
         out.append(f"attention backend {sorted(backends)} (use --attention-backend memha_triton on a GPU, "
                    f"torch_native on CPU)")
