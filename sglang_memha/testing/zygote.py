@@ -3,12 +3,13 @@
 Why: importing ``sglang.srt.entrypoints.http_server`` costs ~17 s of CPU, and a PD cluster
 starts two or three servers; on a 2-core CI box that import is about half of every cluster's
 start. With ``MEMHA_ZYGOTE=1`` in the owner's environment (``tests/conftest.py`` sets it), the
-harness forks each ``python -m sglang.launch_server ...`` from multiprocessing's fork server,
+harness forks each ``python -m sglang.launch_server ...`` (and the router's launcher) from
+multiprocessing's fork server,
 which imported SGLang once (``PRELOAD``), instead of exec'ing a fresh interpreter. Everything
 after the import is SGLang's own ``launch_server`` ``__main__``, run by ``runpy``.
 
 When a fork is *not* the same as an exec (then ``start_forked`` returns None, and the caller
-uses ``subprocess.Popen``): a command other than ``-m sglang.launch_server``, a network-namespace
+uses ``subprocess.Popen``): a command other than ``-m`` one of ``SERVER_MODULES``, a network-namespace
 wrapper, or an environment that differs from the fork server's in a variable read at import
 time (``IMPORT_TIME_PREFIXES``: ``TRITON_INTERPRET`` decides at ``@triton.jit`` time whether
 SGLang's kernels are interpreted; thread-pool sizes; the CPU engine switch, which SGLang
@@ -29,7 +30,9 @@ import sys
 import types
 
 PRELOAD = ["sglang_memha.testing._zygote_preload"]
-SERVER_MODULE = "sglang.launch_server"
+# What may be forked instead of exec'd: SGLang's server, and the router's launcher (it imports
+# sglang too, ~8 s, on the critical path: the router starts after the servers are healthy).
+SERVER_MODULES = ("sglang.launch_server", "sglang_router.launch_router")
 IMPORT_TIME_PREFIXES = ("TRITON_", "OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH_", "CUDA_",
                         "SGLANG_USE_CPU_ENGINE", "MEMHA_CPU_COMPAT", "MEMHA_CPU_FORK",
                         "PYTHONPATH", "PYTHONHASHSEED", "LD_PRELOAD", "LD_LIBRARY_PATH")
@@ -91,16 +94,16 @@ class ForkedServer:
 
 
 def start_forked(cmd: list[str], env: dict[str, str], log_path: str) -> ForkedServer | None:
-    """Fork ``cmd`` (``[python, "-m", "sglang.launch_server", *args]``) from the fork server;
+    """Fork ``cmd`` (``[python, "-m", <one of SERVER_MODULES>, *args]``) from the fork server;
     None where a fork would differ from an exec (module docstring). Called by
     ``ManagedProcess.start`` in the owner; blocks until the fork server has answered with a pid
     (the first call also waits for the preload, ~20 s)."""
-    if not enabled() or cmd[:3] != [sys.executable, "-m", SERVER_MODULE]:
+    if not enabled() or cmd[:2] != [sys.executable, "-m"] or len(cmd) < 3 or cmd[2] not in SERVER_MODULES:
         return None
     ctx = _context(env)
     if ctx is None:
         return None
-    proc = ctx.Process(target=_server_main, args=(cmd[3:], env, log_path, os.getcwd()),
+    proc = ctx.Process(target=_server_main, args=(cmd[2], cmd[3:], env, log_path, os.getcwd()),
                        name=os.path.basename(log_path))
     # multiprocessing re-runs the owner's main script in the child (as ``__mp_main__``) unless
     # ``__main__`` has neither a file nor a spec: a server needs none of it, and a script without
@@ -114,7 +117,7 @@ def start_forked(cmd: list[str], env: dict[str, str], log_path: str) -> ForkedSe
     return ForkedServer(proc, cmd)
 
 
-def _server_main(args: list[str], env: dict[str, str], log_path: str, cwd: str) -> None:
+def _server_main(module: str, args: list[str], env: dict[str, str], log_path: str, cwd: str) -> None:
     """Runs in the forked child: become a session leader, ask for SIGTERM when the fork server
     dies, point stdout and stderr at the log, take the server's environment, run SGLang's main."""
     import runpy
@@ -137,8 +140,8 @@ def _server_main(args: list[str], env: dict[str, str], log_path: str, cwd: str) 
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    sys.argv = [SERVER_MODULE, *args]
-    runpy.run_module(SERVER_MODULE, run_name="__main__", alter_sys=True)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def helper_pids() -> set[int]:
