@@ -224,7 +224,7 @@ def test_received_bytes_are_the_pages_the_prefill_filled(registry, monkeypatch):
     rec = _receiver(prefill_page=16)
     rec.send_metadata(np.arange(3), 7, None, decode_prefix_len=0)
     req = SimpleNamespace(origin_input_ids=list(range(40)))
-    assert arrival.count_arrived("r", None, SimpleNamespace(req=req, kv_receiver=rec)) == "r"
+    assert arrival.count_arrived(None, SimpleNamespace(req=req, kv_receiver=rec)) is None  # args unchanged
     page_bytes = 1024 + 64 + 1024 + 64
     got = lambda fmt: registry.get_sample_value("sglang:memha_kv_received_bytes_total",  # noqa: E731
                                                 {**BASE, "engine_type": "decode", "format": fmt})
@@ -232,17 +232,16 @@ def test_received_bytes_are_the_pages_the_prefill_filled(registry, monkeypatch):
     # a re-paged prefill (page 32 -> 16) writes the prompt's token rows after the decode's prefix
     rec = _receiver(prefill_page=32)
     rec.send_metadata(np.arange(2), 7, None, decode_prefix_len=16)
-    arrival.count_arrived(None, None, SimpleNamespace(req=req, kv_receiver=rec))
+    arrival.count_arrived(None, SimpleNamespace(req=req, kv_receiver=rec))
     assert got("fp8_e4m3") == 3 * page_bytes + (40 - 16) * page_bytes // 16
     # an fnuz prefill: the bytes crossed as fnuz (converted on arrival)
     rec = _receiver(prefill_page=16)
     rec.memha_wire_fmt = "fp8_e4m3fnuz"
     rec.send_metadata(np.arange(1), 7, None, decode_prefix_len=0)
-    arrival.count_arrived(None, None, SimpleNamespace(req=req, kv_receiver=rec))
+    arrival.count_arrived(None, SimpleNamespace(req=req, kv_receiver=rec))
     assert got("fp8_e4m3fnuz") == page_bytes
-    # SGLang's fake transfers (warm-up) and receivers dropped for corrupted metadata: not counted
-    arrival.count_arrived(None, None, SimpleNamespace(req=req, kv_receiver=object()))
-    arrival.count_arrived(None, None, SimpleNamespace(req=req, kv_receiver=None))
+    # SGLang's fake transfers (warm-up: not a memha receiver) are not counted
+    arrival.count_arrived(None, SimpleNamespace(req=req, kv_receiver=object()))
     assert got("fp8_e4m3") == 3 * page_bytes + (40 - 16) * page_bytes // 16
 
 

@@ -19,7 +19,7 @@ copied from the scheduler's own collector, so one dashboard query can join the t
 | ``sglang:memha_kv_sent_pages_total`` | ``format`` | same | same: ``pages`` |
 | ``sglang:memha_kv_pipelined_pages_total`` | ``format`` | same | same: ``pipelined_pages`` (shipped layer by layer) |
 | ``sglang:memha_kv_transfer_seconds`` (histogram) | ``format`` | same | same, ``status=ok`` requests only: ``transfer_ms`` / 1000 |
-| ``sglang:memha_kv_received_bytes_total`` | ``format`` | decode, ``arrival.count_arrived`` (scheduler) | per request whose KV arrived |
+| ``sglang:memha_kv_received_bytes_total`` | ``format`` | decode, ``arrival.count_arrived`` (scheduler) | per request whose KV arrived (SGLang polled it done) |
 | ``sglang:memha_handshake_refusals_total`` | ``reason`` | both, ``conn_handshake`` / ``mooncake_conn`` (bootstrap thread, scheduler) | per refused decode registration, request or metadata message |
 | ``sglang:memha_kv_checksum_failures_total`` | | decode, ``integrity`` (scheduler) | per request whose KV failed the checksum |
 | ``sglang:memha_send_converted_pages_total`` | ``from_format``, ``to_format`` | prefill, ``conn_bridges`` (transfer worker) | per chunk converted into a decode's format (pages) |
