@@ -99,6 +99,8 @@ def test_metrics_match_the_transfer_lines_on_both_servers(tiny_model, tmp_path):
     assert _total(prefill, "sglang:memha_handshake_refusals_total", reason="malformed") == 1
     assert _total(prefill, "sglang:memha_handshake_refusals_total", reason="unregistered_session") == 1
     assert _total(prefill, "sglang:memha_kv_received_bytes_total") == 0
+    # SGLang's own per-request figure, from the pages it asked to send, says the same (MB = 2^20 B)
+    assert _total(prefill, "sglang:kv_transfer_total_mb_sum") * 2**20 == pytest.approx(sum(r.kv_bytes for r in rows))
     # decode: what arrived is what the prefill sent; the flipped byte failed one checksum
     assert _total(decode, "sglang:memha_kv_received_bytes_total", format=FMT) == sum(r.kv_bytes for r in rows)
     assert _total(decode, "sglang:memha_kv_checksum_failures_total") == 1
@@ -115,5 +117,5 @@ def test_metrics_match_the_transfer_lines_on_both_servers(tiny_model, tmp_path):
         assert ours and all({k: v for k, v in lab.items() if k not in extra} == sglang_labels[0] for lab in ours)
         # SGLang's own figures are still served, from its scheduler and its HTTP side
         names = {n for n, _, _ in samples}
-        assert {"sglang:num_running_reqs", "sglang:prompt_tokens_total"} <= names, sorted(names)
+        assert {"sglang:scheduler_stage_seconds_total", "sglang:prompt_tokens_total"} <= names, sorted(names)
     assert descendants() == []

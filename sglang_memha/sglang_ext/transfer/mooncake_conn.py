@@ -20,7 +20,8 @@ metadata messages) is SGLang's; we only add to it:
 
 Here: the manager's state (``__init__``), the send entry point that routes a chunk to the
 pipeline, the bridges or SGLang's own send, the room's conclusion, and the receiver's
-per-request checks and the bytes it expects (``memha_arrived_bytes``, for ``sglang_ext/metrics``). The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
+per-request checks and the bytes it expects (``memha_arrived_bytes``, for
+``sglang_ext/metrics``). The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
 owner per target).
 
 All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
