@@ -9,6 +9,7 @@
 | ``disaggregation.mooncake.conn.TransferInfo.from_zmq``             | AROUND  | a decode with another page size: its pages kept aside, the worker slices prefill page positions (``repage``) | ``transfer/conn_bridges.virtualize_repaged_destination`` |
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` | AFTER | on arrival: KV checksum, fnuz <-> fn bridge in place; eager ablation: dequantize into bf16 | ``transfer/arrival.land_on_arrival`` |
 | ``managers.scheduler.Scheduler.run_batch`` (``MEMHA_PIPELINE=1``) | AROUND | prefill: per-layer send plan attached to the pool during an extend forward | ``transfer/pipeline.around_run_batch`` |
+| ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` (always) | BEFORE | the received-bytes metric (returns at once without ``--enable-metrics``) | ``transfer/arrival.count_arrived`` |
 | ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 or fp8 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) | ``pool/stock_pool.describe_stock_pool`` |
 | ``disaggregation.prefill.PrefillBootstrapQueue.__init__`` (always) | AFTER | stock fp8 prefill pool: read the model's per-layer K/V scales, which the conversion gives each row | ``pool/stock_pool.record_layer_scales`` |
 
@@ -31,7 +32,7 @@ _MC = "sglang.srt.disaggregation.mooncake.conn"
 def register_metrics() -> None:
     """Measured-bytes Mooncake manager (and the handshake, which is inert without a format)."""
     from sglang_memha.sglang_ext.pool.stock_pool import describe_stock_pool, record_layer_scales
-    from sglang_memha.sglang_ext.transfer import conn_bridges, conn_handshake, mooncake_conn
+    from sglang_memha.sglang_ext.transfer import arrival, conn_bridges, conn_handshake, mooncake_conn
 
     HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", describe_stock_pool, HookType.AFTER)
     HookRegistry.register("sglang.srt.disaggregation.prefill.PrefillBootstrapQueue.__init__",
@@ -43,6 +44,8 @@ def register_metrics() -> None:
                           HookType.AROUND)
     HookRegistry.register(f"{_MC}.TransferInfo.from_zmq", conn_bridges.virtualize_repaged_destination,
                           HookType.AROUND)
+    HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
+                          arrival.count_arrived, HookType.BEFORE)
 
 
 def register_kv_format() -> None:

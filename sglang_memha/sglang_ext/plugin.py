@@ -95,3 +95,8 @@ def register() -> None:
             kv_hooks.register_kv_format()
         HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",
                               _log_scheduler_active, HookType.AFTER)
+        from sglang_memha.sglang_ext import metrics
+
+        # --enable-metrics: our figures on /metrics (nothing is created without it)
+        HookRegistry.register("sglang.srt.managers.scheduler.Scheduler.__init__",
+                              metrics.start_in_scheduler, HookType.AFTER)

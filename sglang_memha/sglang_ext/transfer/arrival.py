@@ -6,10 +6,15 @@ succeeded, before the request is queued for decoding). In order: the KV checksum
 (``integrity.verify_on_arrival``, when ``--disaggregation-enable-kv-checksum`` is on), the
 bridges the handshake chose for this request (fnuz <-> fn in place, ``MemhaKVReceiver.init``),
 then, in the eager ablation, dequantization into the bf16 buffers (``pool/eager_pool``).
+
+``count_arrived``, BEFORE the same SGLang method for every PD decode (``kv_hooks.register_metrics``),
+adds the request's bytes to the received-bytes metric (``sglang_ext/metrics``) when metrics are on.
 """
 from __future__ import annotations
 
 import logging
+
+from sglang_memha.sglang_ext import metrics
 
 logger = logging.getLogger("sglang_memha")
 
@@ -52,3 +57,21 @@ def land_on_arrival(result, queue, decode_req, *args, **kwargs):
     if isinstance(pool, MemhaEagerKVPool):
         pool.land(slots)
     return result
+
+
+def count_arrived(queue, decode_req, *args, **kwargs):
+    """BEFORE ``DecodeTransferQueue._commit_transfer_to_req`` (decode scheduler, once per request
+    whose transfer SGLang polled as done; BEFORE, as the method drops the request's receiver on
+    its way out): the received-bytes metric. With metrics off it returns at once; fake transfers
+    (SGLang's warm-up) have no memha receiver and are not counted. The bytes count even when the
+    request then fails its checksum or its metadata check: they crossed the wire."""
+    if not metrics.enabled():
+        return None
+    receiver = decode_req.kv_receiver
+    arrived = getattr(receiver, "memha_arrived_bytes", None)
+    nbytes = None if arrived is None else arrived(len(decode_req.req.origin_input_ids))
+    if nbytes is not None:
+        mgr = receiver.kv_mgr
+        fmt = getattr(receiver, "memha_wire_fmt", None) or metrics.format_label(mgr.memha_desc, mgr.memha_stock)
+        metrics.kv_received(fmt, nbytes)
+    return None  # SGLang's method runs with its arguments unchanged

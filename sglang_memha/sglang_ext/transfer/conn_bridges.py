@@ -23,7 +23,7 @@ import numpy as np
 
 from sglang_memha.kvformat import KVFormat
 from sglang_memha.kvformat.layout import PoolLayout
-from sglang_memha.sglang_ext import state
+from sglang_memha.sglang_ext import metrics, state
 from sglang_memha.sglang_ext.transfer import handshake, repage
 
 logger = logging.getLogger("sglang_memha")
@@ -60,9 +60,12 @@ class BridgeMixin:
                 logger.error("sglang-memha: room %s: %s", self._memha_tls.room, e)
                 return -1
         if target.fmt != self.memha_desc.fmt:
-            return self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
-                                             dst_kv_ptrs, repage.runs(tokens.staged_rows, tokens.dst_slots),
-                                             int(dst_item_len))
+            ret = self.memha_converter.send(self._transfer_data, session, prefill_kv_indices, target,
+                                            dst_kv_ptrs, repage.runs(tokens.staged_rows, tokens.dst_slots),
+                                            int(dst_item_len))
+            if ret == 0:
+                metrics.pages_converted(self.memha_desc.fmt.value, target.fmt.value, len(prefill_kv_indices))
+            return ret
         # same format, another page size: every buffer's token rows go as they are
         row_runs = repage.runs(tokens.src_slots, tokens.dst_slots)
         blocks = []

@@ -10,7 +10,8 @@ kv_bytes=... total_bytes=... transfer_ms=... status=...`` is written (WARNING, s
 SGLang cleared without a conclude get the line with ``status=aborted``.
 
 Installed for every PD pair, with or without ``MEMHA_KV_FORMAT`` (``kv_hooks.register_metrics``),
-so stock and quantized runs are measured alike. Runs in SGLang's transfer worker threads and,
+so stock and quantized runs are measured alike; with ``--enable-metrics`` each line's figures
+also go to ``/metrics`` (``sglang_ext/metrics``). Runs in SGLang's transfer worker threads and,
 for ``conclude_transfer``, wherever SGLang concludes a room; a lock guards the per-room table.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+
+from sglang_memha.sglang_ext import metrics
 
 logger = logging.getLogger("sglang_memha")
 
@@ -91,13 +94,15 @@ class ByteAccountingMixin:
         with self._memha_lock:
             stats = self._memha_rooms.pop(room, None)
         if stats is not None:
-            fmt = stats.wire_fmt or (self.memha_desc.fmt.value if self.memha_desc is not None
-                                     and not self.memha_stock else "stock")
+            fmt = stats.wire_fmt or metrics.format_label(self.memha_desc, self.memha_stock)
             ms = max(stats.ended - stats.started, 0.0) * 1e3
             logger.warning(
                 "sglang-memha transfer room=%s fmt=%s pages=%d pipelined_pages=%d kv_bytes=%d "
                 "total_bytes=%d transfer_ms=%.2f status=%s", room, fmt, stats.pages,
                 stats.pipelined_pages, stats.kv_bytes, stats.kv_bytes + stats.other_bytes, ms, status)
+            # The line's figures, so /metrics holds the sum of this prefill's transfer lines.
+            metrics.room_concluded(fmt, stats.pages, stats.pipelined_pages, stats.kv_bytes, ms / 1e3,
+                                   status == "ok")
 
     def _sweep_rooms(self) -> None:
         """Rooms SGLang cleared without a conclude (aborted, failed by the decode or a dead

@@ -12,7 +12,9 @@ free the pages on both sides. Nothing here raises inside SGLang's ``try_ensure_p
 (``memha_refused_prefills``) and its requests fail with the reason.
 
 The verdicts themselves are pure functions in ``handshake``; this module calls them from SGLang's
-threads (scheduler, bootstrap thread), none blocking beyond the overridden SGLang method.
+threads (scheduler, bootstrap thread), none blocking beyond the overridden SGLang method. Every
+refusal is also counted by its cause (``metrics.handshake_refused``; a no-op without
+``--enable-metrics``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import logging
 
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
+from sglang_memha.sglang_ext import metrics
 from sglang_memha.sglang_ext.transfer import handshake, repage
 from sglang_memha.sglang_ext.transfer.conn_bridges import target_note
 
@@ -67,6 +70,7 @@ class HandshakeMixin:
                                               self.decode_kv_args_table, self.state_layout_rejections)
         if reason is not None:
             logger.error("sglang-memha: %s", reason)
+            metrics.handshake_refused(reason.kind)
         return reason is not None
 
     def _validate_peer_state_layout(self, registration_info):
@@ -84,12 +88,14 @@ class HandshakeMixin:
             mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer)
             if mismatch is not None:
                 logger.error("sglang-memha: %s", mismatch)
+                metrics.handshake_refused(mismatch.kind)
             else:  # once per decode; names the session its rooms' metadata must carry
                 target = handshake.send_target(self.memha_desc, frame)
                 if target is not None:
                     mismatch = self._conversion_problem(registration_info, target)
                     if mismatch is not None:
                         logger.error("sglang-memha: decode at %s: %s", peer, mismatch)
+                        metrics.handshake_refused("conversion")
                         return fully_checked, mismatch
                     self.memha_send_targets[session] = target
                     if target.page_size != self.memha_desc.page_size:
@@ -120,7 +126,12 @@ class HandshakeMixin:
         return ready
 
     def _refuse_prefill(self, bootstrap_addr: str, reason: str) -> bool:
-        self.memha_refused_prefills[bootstrap_addr] = f"prefill at {bootstrap_addr} refused: {reason}"
+        """Decode scheduler: remember why ``bootstrap_addr`` is refused; SGLang asks again until it
+        gives up, so the refusal is counted once per address and reason."""
+        why = f"prefill at {bootstrap_addr} refused: {reason}"
+        if self.memha_refused_prefills.get(bootstrap_addr) != why:
+            metrics.handshake_refused("prefill_layout")
+        self.memha_refused_prefills[bootstrap_addr] = why
         logger.error("sglang-memha: prefill at %s refused (its requests fail, this server goes on): %s",
                      bootstrap_addr, reason)
         return False

@@ -11,9 +11,10 @@ Pure functions (no SGLang import), so every verdict is unit-tested without serve
 ``memha/1`` / ``MEMHA1`` version the *framing* and the pool row layout (a page row of one
 (token, head) is ``[data | scale]`` bytes, see ``quant_pool``); the byte format itself is
 versioned by ``kvformat.FORMAT_VERSION`` inside the descriptor. Both checks return ``None``
-(compatible) or a message naming the peer and both sides' values; the caller fails the
-request with it. Whatever a peer sends (truncated, mutated, wrong types, not UTF-8), the checks
-return a message and never raise; ``bridges_for`` and ``FormatDescriptor.from_bytes`` raise only
+(compatible) or a message naming the peer and both sides' values (a ``Refusal``: a ``str`` that
+also names its cause, for the refusal counter); the caller fails the request with it. Whatever a
+peer sends (truncated, mutated, wrong types, not UTF-8), the checks return a message and never
+raise; ``bridges_for`` and ``FormatDescriptor.from_bytes`` raise only
 ``ValueError`` (tests/quant/test_handshake_fuzz.py).
 
 **Shared secret** (``MEMHA_SHARED_SECRET`` on both servers, optional): each side also proves it
@@ -42,6 +43,33 @@ AUTH_LAYOUT_PREFIX = "memha/1a:"
 FRAME_PREFIX = b"MEMHA1"
 TAG_FRAME_PREFIX = b"MEMHAT"
 _TAG_HEX = 64  # SHA-256
+
+# Why a peer or a message was refused, as a fixed code: the ``reason`` label of
+# ``sglang:memha_handshake_refusals_total`` (``sglang_ext/metrics``). The first six come from the
+# checks here; ``conversion`` (a decode whose pages this prefill cannot convert or re-page,
+# ``conn_bridges``) and ``prefill_layout`` (a decode refusing a prefill's page size, KV dtype or
+# layout, ``conn_handshake``) from the manager.
+REFUSAL_KINDS = ("no_descriptor", "malformed", "format_mismatch", "unsupported_bridge", "auth",
+                 "unregistered_session", "conversion", "prefill_layout")
+
+
+class Refusal(str):
+    """A refusal message that also names its cause: ``kind``, one of ``REFUSAL_KINDS``, so the
+    refusals can be counted by cause without parsing their text. It is the ``str`` every caller
+    already logs, compares and sends; pickling gives a plain ``str`` (a reason may cross a
+    process boundary inside SGLang's abort messages)."""
+
+    kind: str
+
+    def __new__(cls, kind: str, text: str) -> "Refusal":
+        if kind not in REFUSAL_KINDS:
+            raise ValueError(f"refusal kind {kind!r}: expected one of {REFUSAL_KINDS}")
+        self = super().__new__(cls, text)
+        self.kind = kind
+        return self
+
+    def __reduce__(self):
+        return str, (str(self),)
 
 
 def _tag(secret: str, label: bytes, *parts: bytes) -> str:
@@ -82,17 +110,19 @@ def check_registration_tag(secret: str | None, frame: bytes | None, msg: list[by
     has a secret), else the reason. ``frame`` is the raw ``MEMHA1`` descriptor frame."""
     tag = find_tag_frame(msg)
     if not secret:
-        return None if tag is None else (
-            f"decode at {peer} authenticates with a shared secret but this prefill has none: set "
-            f"the same MEMHA_SHARED_SECRET on both servers")
+        return None if tag is None else Refusal(
+            "auth", f"decode at {peer} authenticates with a shared secret but this prefill has none: set "
+                    f"the same MEMHA_SHARED_SECRET on both servers")
     if tag is None or frame is None:
-        return (f"decode at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
-                f"deployment, or a misconfigured server); set the same secret on both servers")
+        return Refusal("auth",
+                       f"decode at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
+                       f"deployment, or a misconfigured server); set the same secret on both servers")
     expect = _tag(secret, b"memha-registration", bytes(frame)[len(FRAME_PREFIX):],
                   *_registration_parts(msg))
     if not hmac.compare_digest(expect.encode(), tag[len(TAG_FRAME_PREFIX):]):
-        return (f"decode at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
-                f"(another deployment?); refusing to send it KV")
+        return Refusal("auth",
+                       f"decode at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
+                       f"(another deployment?); refusing to send it KV")
     return None
 
 
@@ -122,27 +152,31 @@ def check_room_message(msg: list[bytes], secret: str | None, registered, rejecte
     try:
         frames = _frames(msg)
         if len(frames) < 8:
-            return f"malformed KV metadata ({len(frames)} frames, SGLang sends {_ROOM_FRAMES})"
+            return Refusal("malformed",
+                           f"malformed KV metadata ({len(frames)} frames, SGLang sends {_ROOM_FRAMES})")
         room, session = frames[0].decode("ascii"), frames[3].decode("ascii")
         int(room), int(frames[2]), int(frames[7])
     except (UnicodeDecodeError, ValueError) as e:
-        return f"malformed KV metadata ({e.__class__.__name__}: {e})"
+        return Refusal("malformed", f"malformed KV metadata ({e.__class__.__name__}: {e})")
     if session not in registered:
-        return (f"bootstrap room {room}: KV metadata names decode session {session!r}, which never "
-                f"registered with this prefill (a forged or stale bootstrap room; a restarted "
-                f"decode re-registers on its next request); refused, no KV is sent for it")
+        return Refusal("unregistered_session",
+                       f"bootstrap room {room}: KV metadata names decode session {session!r}, which never "
+                       f"registered with this prefill (a forged or stale bootstrap room; a restarted "
+                       f"decode re-registers on its next request); refused, no KV is sent for it")
     if not secret or session in rejected:
         return None
     tag = frames[_ROOM_FRAMES] if len(frames) > _ROOM_FRAMES else b""
     if not tag.startswith(TAG_FRAME_PREFIX):
-        return (f"bootstrap room {room} from decode session {session}: KV metadata without an "
-                f"authentication tag although that decode registered with MEMHA_SHARED_SECRET "
-                f"(a forged bootstrap room?); refused, no KV is sent for it")
+        return Refusal("auth",
+                       f"bootstrap room {room} from decode session {session}: KV metadata without an "
+                       f"authentication tag although that decode registered with MEMHA_SHARED_SECRET "
+                       f"(a forged bootstrap room?); refused, no KV is sent for it")
     expect = _tag(secret, b"memha-room", *frames[:_ROOM_FRAMES])
     if not hmac.compare_digest(expect.encode(), tag[len(TAG_FRAME_PREFIX):]):
-        return (f"bootstrap room {room} from decode session {session}: wrong authentication tag "
-                f"on its KV metadata (a forged bootstrap room, or a changed destination); "
-                f"refused, no KV is sent for it")
+        return Refusal("auth",
+                       f"bootstrap room {room} from decode session {session}: wrong authentication tag "
+                       f"on its KV metadata (a forged bootstrap room, or a changed destination); "
+                       f"refused, no KV is sent for it")
     return None
 
 
@@ -161,8 +195,9 @@ def find_frame(msg: list[bytes]) -> bytes | None:
 def _missing(side: str, peer: str, local: FormatDescriptor, local_role: str) -> str:
     why = ("sglang-memha not installed there, MEMHA_KV_FORMAT unset, or MEMHA_ENCODE_ON_SEND=0 with "
            "a stock pool" if side == "prefill" else "sglang-memha not installed there, or MEMHA_KV_FORMAT unset")
-    return (f"{side} at {peer} sent no sglang-memha KV format descriptor ({why}); this {local_role} uses "
-            f"fmt={local.fmt.value}. Start both servers with the same MEMHA_KV_FORMAT")
+    return Refusal("no_descriptor",
+                   f"{side} at {peer} sent no sglang-memha KV format descriptor ({why}); this "
+                   f"{local_role} uses fmt={local.fmt.value}. Start both servers with the same MEMHA_KV_FORMAT")
 
 
 # Bridges the decode applies in place on arrival (``quant_pool.MemhaQuantKVPool.apply_bridge``):
@@ -225,13 +260,15 @@ def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -
         pages = ("" if receiver.page_size == sender.page_size else
                  f"; page_size: decode={receiver.page_size} prefill={sender.page_size} (re-paging alone "
                  f"would be bridged)")
-        return f"{where}: {e} (local = decode, peer = prefill){pages}"
+        return Refusal("format_mismatch",
+                       f"{where}: {e} (local = decode, peer = prefill){pages}")
     unsupported = [b.value for b in bridges if b not in APPLIED_BRIDGES | SENDER_BRIDGES]
     if unsupported:
-        return (f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
-                f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "
-                f"bridge(s) {unsupported} are not supported on the transfer path yet; use the "
-                f"same MEMHA_KV_FORMAT and --page-size on both servers")
+        return Refusal("unsupported_bridge",
+                       f"{where}: KV formats differ (decode fmt={receiver.fmt.value} page_size="
+                       f"{receiver.page_size}, prefill fmt={sender.fmt.value} page_size={sender.page_size}); "
+                       f"bridge(s) {unsupported} are not supported on the transfer path yet; use the "
+                       f"same MEMHA_KV_FORMAT and --page-size on both servers")
     return None
 
 
@@ -239,7 +276,8 @@ def _parse(payload_of, value: object, what: str) -> FormatDescriptor | str:
     try:
         return FormatDescriptor.from_bytes(payload_of(value))
     except ValueError as e:  # the only error from_bytes and the payload helpers raise
-        return f"malformed sglang-memha descriptor from {what}: {e}"
+        return Refusal("malformed",
+                       f"malformed sglang-memha descriptor from {what}: {e}")
 
 
 def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | None:
@@ -247,12 +285,13 @@ def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | 
     secret), else the reason."""
     tagged = isinstance(kv_layout, str) and kv_layout.startswith(AUTH_LAYOUT_PREFIX)
     if not secret:
-        return None if not tagged else (
-            f"prefill at {peer} authenticates with a shared secret but this decode has none: set "
-            f"the same MEMHA_SHARED_SECRET on both servers")
+        return None if not tagged else Refusal(
+            "auth", f"prefill at {peer} authenticates with a shared secret but this decode has none: set "
+                    f"the same MEMHA_SHARED_SECRET on both servers")
     if not tagged:
-        return (f"prefill at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
-                f"deployment, or a misconfigured server); set the same secret on both servers")
+        return Refusal("auth",
+                       f"prefill at {peer} sent no authentication tag: it has no MEMHA_SHARED_SECRET (another "
+                       f"deployment, or a misconfigured server); set the same secret on both servers")
     rest = kv_layout[len(AUTH_LAYOUT_PREFIX):]
     tag, sep, payload = rest[:_TAG_HEX], rest[_TAG_HEX:_TAG_HEX + 1], rest[_TAG_HEX + 1:]
     try:
@@ -261,8 +300,9 @@ def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | 
     except (UnicodeEncodeError, TypeError):
         ok = False
     if not ok:
-        return (f"prefill at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
-                f"(another deployment?); refusing its KV")
+        return Refusal("auth",
+                       f"prefill at {peer} sent a wrong authentication tag: its MEMHA_SHARED_SECRET differs "
+                       f"(another deployment?); refusing its KV")
     return None
 
 

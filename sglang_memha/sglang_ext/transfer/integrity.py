@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from sglang_memha.sglang_ext import metrics
+
 
 def crc_pages(ptrs: list[int], item_lens: list[int], pages: np.ndarray) -> int:
     """CRC-32 of rows ``pages`` of each buffer (``ptrs[i]``: base address, ``item_lens[i]``:
@@ -99,14 +101,24 @@ def verify_on_arrival(scheduler, req) -> str | None:
     actual = computer.compute(pages, None)
     if actual == expected:
         return None
+    metrics.checksum_failed()
     return (f"KV checksum mismatch req={req.rid} bootstrap_room={req.bootstrap_room} "
             f"expected={expected:#x} got={actual:#x} (detected on arrival, before decoding)")
+
+
+def count_batch_entry_failure(scheduler, req, msg, *args, **kwargs):
+    """BEFORE ``SchedulerDisaggregationDecodeMixin._handle_kv_checksum_mismatch`` (decode
+    scheduler, once per request SGLang's own batch-entry check found corrupted: attention TP > 1,
+    or a stock pool): the checksum-failure metric, as ``verify_on_arrival`` counts its own."""
+    metrics.checksum_failed()
 
 
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     d = "sglang.srt.disaggregation"
+    HookRegistry.register(f"{d}.decode.SchedulerDisaggregationDecodeMixin._handle_kv_checksum_mismatch",
+                          count_batch_entry_failure, HookType.BEFORE)
     HookRegistry.register(f"{d}.checksum.KvChecksumComputer.compute", compute, HookType.AROUND)
     HookRegistry.register(f"{d}.prefill.PrefillBootstrapQueue.__init__", align_signature, HookType.AFTER)
     HookRegistry.register(f"{d}.decode.DecodePreallocQueue.__init__", align_signature, HookType.AFTER)

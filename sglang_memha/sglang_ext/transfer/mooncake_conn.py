@@ -20,7 +20,8 @@ metadata messages) is SGLang's; we only add to it:
 
 Here: the manager's state (``__init__``), the send entry point that routes a chunk to the
 pipeline, the bridges or SGLang's own send, the room's conclusion, and the receiver's
-per-request checks. The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
+per-request checks and the bytes it expects (``memha_arrived_bytes``, for
+``sglang_ext/metrics``). The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
 owner per target).
 
 All methods run in SGLang's threads (scheduler, bootstrap thread, transfer workers); none blocks
@@ -37,7 +38,7 @@ from sglang.srt.disaggregation.mooncake import conn as mc
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
 from sglang_memha.config import load_config
-from sglang_memha.sglang_ext import state
+from sglang_memha.sglang_ext import metrics, state
 from sglang_memha.sglang_ext.transfer import handshake
 from sglang_memha.sglang_ext.transfer.conn_bridges import BridgeMixin
 from sglang_memha.sglang_ext.transfer.conn_bytes import ByteAccountingMixin
@@ -166,13 +167,38 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
             bridges = handshake.bridges_for(local, info.kv_layout)
             if bridges:
                 self.kv_mgr.memha_bridges[self.bootstrap_room] = bridges
+                # the bytes cross in the prefill's format and are converted here on arrival
+                self.memha_wire_fmt = handshake.layout_descriptor(info.kv_layout).fmt.value
             return
         logger.error("sglang-memha: room %s: %s", self.bootstrap_room, reason)
+        metrics.handshake_refused(reason.kind)
         self.kv_mgr.record_failure(self.bootstrap_room, reason)
         self.kv_mgr.update_status(self.bootstrap_room, KVPoll.Failed)
         self.conclude_state = KVPoll.Failed
         # Tell the prefill ranks, which would otherwise wait for this request's metadata.
         self.ensure_abort_notified()
+
+    def send_metadata(self, kv_indices, *args, **kwargs):
+        """Decode scheduler, once per request: SGLang's, keeping how many pages the prefill is
+        asked to fill and the prefix it skips (``memha_arrived_bytes``)."""
+        self.memha_dst_pages = len(kv_indices)
+        self.memha_prefix_len = int(kwargs.get("decode_prefix_len") or 0)
+        return super().send_metadata(kv_indices, *args, **kwargs)
+
+    def memha_arrived_bytes(self, prompt_tokens: int) -> int | None:
+        """Bytes the prefill wrote into this decode's KV buffers for the request (the received
+        metric; Mooncake tells the receiver no byte count): the pages it was asked to fill, whole,
+        or for a prefill with another page size (which writes token rows, ``repage``) the
+        prompt's rows after the prefix. None before ``send_metadata``."""
+        pages = getattr(self, "memha_dst_pages", None)
+        if pages is None:
+            return None
+        args = self.kv_mgr.kv_args
+        page_bytes = sum(int(n) for n in args.kv_item_lens)
+        info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
+        if (getattr(info, "page_size", None) or args.page_size) == args.page_size:
+            return pages * page_bytes
+        return (prompt_tokens - self.memha_prefix_len) * page_bytes // args.page_size
 
     def abort(self):
         """Decode scheduler: SGLang aborts the requests of a prefill whose info never became
