@@ -13,7 +13,8 @@ uses ``subprocess.Popen``): a command other than ``-m`` one of ``SERVER_MODULES`
 wrapper, or an environment that differs from the fork server's in a variable read at import
 time (``IMPORT_TIME_PREFIXES``: ``TRITON_INTERPRET`` decides at ``@triton.jit`` time whether
 SGLang's kernels are interpreted; thread-pool sizes; the CPU engine switch, which SGLang
-modules cache at import). Variables read later (``MEMHA_*``, SGLang's ``envs``, Mooncake's
+modules cache at import), or ``--enable-metrics`` (prometheus_client decides at import whether
+it writes multiprocess files). Variables read later (``MEMHA_*``, SGLang's ``envs``, Mooncake's
 ``MC_*``) are set in the child before SGLang's ``main`` runs.
 
 The forked server gets what ``ManagedProcess`` gives a Popen'ed one: its own session (stopping
@@ -99,6 +100,11 @@ def start_forked(cmd: list[str], env: dict[str, str], log_path: str) -> ForkedSe
     ``ManagedProcess.start`` in the owner; blocks until the fork server has answered with a pid
     (the first call also waits for the preload, ~20 s)."""
     if not enabled() or cmd[:2] != [sys.executable, "-m"] or len(cmd) < 3 or cmd[2] not in SERVER_MODULES:
+        return None
+    if "--enable-metrics" in cmd:
+        # prometheus_client picks its value class (in-process or multiprocess files) when it is
+        # imported, from PROMETHEUS_MULTIPROC_DIR, which SGLang's launcher sets only later: in a
+        # fork of the preloaded process the schedulers' metrics would never reach /metrics.
         return None
     ctx = _context(env)
     if ctx is None:
