@@ -11,53 +11,32 @@ from __future__ import annotations
 
 import os
 
+from sglang_memha.testing.procs import group_members, proc_stat
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(path: str) -> tuple[str, list[bytes]] | None:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    lp, rp = raw.index(b"("), raw.rindex(b")")
-    return raw[lp + 1:rp].decode(errors="replace"), raw[rp + 2:].split()
-
-
 def _cpu(fields: list[bytes]) -> float:
-    # after "(comm) ": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
 
 
 def group_cpu_s(pgid: int) -> float:
-    """User + system CPU seconds of every live process in process group ``pgid``."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _stat_fields(f"/proc/{entry}/stat")
-        if st is not None and int(st[1][2]) == pgid:
-            total += _cpu(st[1])
-    return total
+    """User + system CPU seconds of every process in process group ``pgid``."""
+    return sum(_cpu(fields) for fields in (group_members(pgid) or {}).values())
 
 
 def thread_cpu_s(pgid: int) -> dict[str, tuple[str, float]]:
     """``{"pid/tid": (thread name, CPU s)}`` for every thread of every process in group ``pgid``."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        st = _stat_fields(f"/proc/{entry}/stat")
-        if st is None or int(st[1][2]) != pgid:
-            continue
+    for pid in group_members(pgid) or {}:
         try:
-            tids = os.listdir(f"/proc/{entry}/task")
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for tid in tids:
-            t = _stat_fields(f"/proc/{entry}/task/{tid}/stat")
+            t = proc_stat(f"/proc/{pid}/task/{tid}/stat")
             if t is not None:
-                out[f"{entry}/{tid}"] = (t[0], _cpu(t[1]))
+                out[f"{pid}/{tid}"] = (t[0], _cpu(t[1]))
     return out
 
 
