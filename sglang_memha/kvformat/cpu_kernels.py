@@ -27,6 +27,13 @@ import torch
 logger = logging.getLogger(__name__)
 _SRC = os.path.join(os.path.dirname(__file__), "csrc", "fp8_quant.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+# Calls below this many elements run on one thread. A decode step calls the kernels once per
+# request, layer and K/V on a few thousand rows at most (SmolLM2, 400 tokens: 77K elements, ~50 us
+# on one core); an OpenMP fork/join there buys little when the box is quiet and, when another
+# server holds the other core, each barrier waits for a descheduled thread: measured on the
+# 2-core box, a decode step's fp8 reads took 3-6x longer with 2 threads than with 1, and the
+# bench_serving TPOT regression of issue 24 followed (eval/RESULTS.md).
+PARALLEL_MIN_ELEMENTS = 1 << 20
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable
 
@@ -89,6 +96,12 @@ def build(flags: tuple[str, ...] | list[str]) -> ctypes.CDLL | None:
     return lib
 
 
+def threads_for(elements: int) -> int:
+    """OpenMP threads for a kernel call over ``elements`` values: 1 below ``PARALLEL_MIN_ELEMENTS``,
+    else torch's intra-op thread count (so ``OMP_NUM_THREADS`` / ``torch.set_num_threads`` still cap it)."""
+    return 1 if elements < PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+
+
 def get_lib() -> ctypes.CDLL | None:
     global _lib
     if _lib is False:
@@ -127,7 +140,7 @@ def fp8_quantize_rows(x: torch.Tensor, clamp: float, bias: int, s_min: float,
                              f"expected contiguous uint8 {(t, h, d)} and bf16 {(t, h, 1)}")
     fn = lib.memha_fp8_quant_bf16 if x.dtype == torch.bfloat16 else lib.memha_fp8_quant_f32
     bad = fn(x.data_ptr(), data.data_ptr(), scale.data_ptr(), t * h, d, clamp, s_min, bias,
-             torch.get_num_threads())
+             threads_for(t * h * d))
     return data, scale, int(bad)
 
 
@@ -146,7 +159,7 @@ def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int)
     t, h, d = data.shape
     out = torch.empty((t, h, d), dtype=torch.bfloat16)
     lib.memha_fp8_dequant_bf16(data.data_ptr(), scale.data_ptr(), out.data_ptr(), t * h, d, bias,
-                               torch.get_num_threads())
+                               threads_for(t * h * d))
     return out
 
 
@@ -176,5 +189,5 @@ def fp8_gather_dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, slots: 
         raise IndexError(f"KV slots out of range [0, {num_slots}): min {int(slots.min())}, max {int(slots.max())}")
     out = torch.empty((n, h, head_dim), dtype=torch.bfloat16)
     lib.memha_fp8_gather_dequant_bf16(data.data_ptr(), scales.data_ptr(), slots.data_ptr(), n, h, head_dim,
-                                      out.data_ptr(), bias, torch.get_num_threads())
+                                      out.data_ptr(), bias, threads_for(n * h * head_dim))
     return out
