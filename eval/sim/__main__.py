@@ -1,10 +1,12 @@
 """Command line: ``python -m eval.sim <command>`` from the repository root.
 
     vendor-traces                 rebuild eval/traces/*.csv.gz from shared/traces
-    validate [--source S] [--write]   fit on the CPU testbed, print predicted vs measured;
+    validate [--source S] [--write] [--harness-file F] [--repeat]
+                                  fit on the CPU testbed, print predicted vs measured;
                                   S = auto (harness runs when eval/results/cpu_pd_measured.json
                                   exists) | harness | reference (older copied medians);
                                   --write updates the validation keys of eval/results/sim.json
+                                  (with --repeat its sim_repeat_* keys: a repeat session's file F)
     replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
     search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
     all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
@@ -83,12 +85,27 @@ def _plot_validation(v: dict) -> None:
     plt.close(fig)
 
 
+def _repeat_keys(v: dict, harness_file: str) -> dict:
+    """The sim_repeat_* keys: a repeat session's validation, beside the official one."""
+    out = {f"sim_repeat_{k[4:]}": v[k] for k in v if k.startswith("sim_")}
+    out.update(sim_repeat_fit=v["fit"], sim_repeat_validation_rows=v["rows"], sim_repeat_file=harness_file)
+    return out
+
+
 def cmd_validate(a: argparse.Namespace) -> dict:
+    repeat = getattr(a, "repeat", False)
+    if repeat and not (a.write and a.harness_file):
+        raise SystemExit("validate --repeat needs --write and --harness-file (the repeat session's measure_cpu_pd.py output)")
     v = validate.run(a.source, getattr(a, "harness_file", None))
     _print_validation(v)
     if getattr(a, "write", False):
         path = RESULTS / "sim.json"
         out = json.loads(path.read_text()) if path.exists() else {}
+        if repeat:
+            out.update(_repeat_keys(v, a.harness_file))
+            path.write_text(json.dumps(out, indent=1))
+            print(f"updated the sim_repeat_* keys of {path}")
+            return v
         out.update(_validation_keys(v))
         path.write_text(json.dumps(out, indent=1))
         _plot_validation(v)
@@ -236,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--source", default="auto", choices=("auto", "harness", "reference"))
     v.add_argument("--write", action="store_true", help="update the validation keys of eval/results/sim.json")
     v.add_argument("--harness-file", default=None, help="measure_cpu_pd.py output (default eval/results/cpu_pd_measured.json)")
+    v.add_argument("--repeat", action="store_true",
+                   help="with --write and --harness-file: write the sim_repeat_* keys (a repeat session) instead")
     r = sub.add_parser("replay")
     for k in ("model", "system"):
         r.add_argument(k)
