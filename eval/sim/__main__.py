@@ -1,13 +1,18 @@
 """Command line: ``python -m eval.sim <command>`` from the repository root.
 
     vendor-traces                 rebuild eval/traces/*.csv.gz from shared/traces
-    validate [--source S] [--write]   fit on the CPU testbed, print predicted vs measured;
+    validate [--source S] [--write] [--harness-file F] [--repeat]
+                                  fit on the CPU testbed, print predicted vs measured;
                                   S = auto (harness runs when eval/results/cpu_pd_measured.json
                                   exists) | harness | reference (older copied medians);
                                   --write updates the validation keys of eval/results/sim.json
+                                  (with --repeat its sim_repeat_* keys: a repeat session's file F)
     replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
     search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
     all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
+    energy [--n N] [--budget B] [--traces a,b]   the paper pairing (L40S prefill + H100 decode vs
+                                  homogeneous H100) at each one's goodput: goodput, goodput per
+                                  $/h, J/request, J/output token -> eval/results/sim_energy.json
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import energy as E
 from . import search as S
 from . import systems, trace, validate
 from .cluster import simulate
@@ -83,12 +89,27 @@ def _plot_validation(v: dict) -> None:
     plt.close(fig)
 
 
+def _repeat_keys(v: dict, harness_file: str) -> dict:
+    """The sim_repeat_* keys: a repeat session's validation, beside the official one."""
+    out = {f"sim_repeat_{k[4:]}": v[k] for k in v if k.startswith("sim_")}
+    out.update(sim_repeat_fit=v["fit"], sim_repeat_validation_rows=v["rows"], sim_repeat_file=harness_file)
+    return out
+
+
 def cmd_validate(a: argparse.Namespace) -> dict:
+    repeat = getattr(a, "repeat", False)
+    if repeat and not (a.write and a.harness_file):
+        raise SystemExit("validate --repeat needs --write and --harness-file (the repeat session's measure_cpu_pd.py output)")
     v = validate.run(a.source, getattr(a, "harness_file", None))
     _print_validation(v)
     if getattr(a, "write", False):
         path = RESULTS / "sim.json"
         out = json.loads(path.read_text()) if path.exists() else {}
+        if repeat:
+            out.update(_repeat_keys(v, a.harness_file))
+            path.write_text(json.dumps(out, indent=1))
+            print(f"updated the sim_repeat_* keys of {path}")
+            return v
         out.update(_validation_keys(v))
         path.write_text(json.dumps(out, indent=1))
         _plot_validation(v)
@@ -228,6 +249,51 @@ def cmd_all(a: argparse.Namespace) -> None:
     print(f"wrote {RESULTS / 'sim.json'}")
 
 
+def cmd_energy(a: argparse.Namespace) -> dict:
+    """The paper pairing at each system's goodput (best P:D of the same search as ``all``)."""
+    names = a.traces.split(",")
+    out: dict = {
+        "command": f"python -m eval.sim energy --model {a.model} --budget {a.budget:g} --price {a.price} "
+                   f"--n {a.n} --traces {a.traces}",
+        "power_source": E.power_source(tuple(sorted({d for s in E.PAIRING for d in (
+            systems.load_system(s).prefill, systems.load_system(s).decode)}))),
+        "paper": E.PAPER,
+        "setup": {"model": a.model, "budget_per_hour": a.budget, "price": a.price, "requests_per_trace": a.n,
+                  "slo": {t: systems.slo(t) for t in names}, "attainment": systems.systems_table()["attainment"],
+                  "systems": {s: systems.load_system(s).label for s in E.PAIRING}},
+        "traces": {},
+    }
+    for tname in names:
+        tr = _trace(tname, a.n)
+        lo, hi = systems.slo(tname)
+        rows: dict = {}
+        for s in E.PAIRING:
+            best = max(S.search(a.model, tr, s, a.budget, a.price), key=lambda p: p.goodput_rps)
+            if best.goodput_rps <= 0:
+                raise SystemExit(f"{s} on {tname}: goodput 0 under the SLO, no rate to measure energy at")
+            spec = systems.build_cluster(a.model, s, best.n_prefill, best.n_decode, a.price)
+            at = tr.at_rate(best.goodput_rps)
+            r = S.replay(spec, at)
+            sysd = systems.load_system(s)
+            rows[s] = E.system_row(best.goodput_rps, spec.cost_per_hour, E.replay_energy(spec, r, at.output_len),
+                                   n_prefill=best.n_prefill, n_decode=best.n_decode, prefill=sysd.prefill,
+                                   decode=sysd.decode, slo_attainment=S.attainment(r, lo, hi))
+            rows[s]["joules_per_request_at_idle_fraction"] = {
+                str(f): E.replay_energy(spec, r, at.output_len, f).joules_per_request for f in E.IDLE_SENSITIVITY}
+        rows.update(E.pairing_ratios(rows[E.PAIRING[0]], rows[E.PAIRING[1]]))
+        rows["ratio_joules_per_request_at_idle_fraction"] = {
+            k: v / rows[E.PAIRING[1]]["joules_per_request_at_idle_fraction"][k]
+            for k, v in rows[E.PAIRING[0]]["joules_per_request_at_idle_fraction"].items()}
+        out["traces"][tname] = rows
+    print(E.format_table(out))
+    print(out["power_source"])
+    path = Path(a.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m eval.sim")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -236,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--source", default="auto", choices=("auto", "harness", "reference"))
     v.add_argument("--write", action="store_true", help="update the validation keys of eval/results/sim.json")
     v.add_argument("--harness-file", default=None, help="measure_cpu_pd.py output (default eval/results/cpu_pd_measured.json)")
+    v.add_argument("--repeat", action="store_true",
+                   help="with --write and --harness-file: write the sim_repeat_* keys (a repeat session) instead")
     r = sub.add_parser("replay")
     for k in ("model", "system"):
         r.add_argument(k)
@@ -257,6 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     al.add_argument("--price", default="on_demand")
     al.add_argument("--n", type=int, default=2000)
     al.add_argument("--source", default="auto", choices=("auto", "harness", "reference"))
+    en = sub.add_parser("energy", help="goodput, goodput per $/h and joules per request for the paper pairing")
+    en.add_argument("--model", default="qwen3-8b")
+    en.add_argument("--budget", type=float, default=24.0)
+    en.add_argument("--price", default="on_demand")
+    en.add_argument("--n", type=int, default=2000)
+    en.add_argument("--traces", default=",".join(MAIN_TRACES))
+    en.add_argument("--out", default=str(RESULTS / "sim_energy.json"))
     a = ap.parse_args(argv)
     if a.cmd == "vendor-traces":
         for p in trace.vendor():
@@ -267,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_replay(a)
     elif a.cmd == "search":
         cmd_search(a)
+    elif a.cmd == "energy":
+        cmd_energy(a)
     else:
         cmd_all(a)
 

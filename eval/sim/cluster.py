@@ -91,6 +91,7 @@ class SimResult:
     failed: np.ndarray  # bool: could never fit in a pool
     makespan: float
     prefill_busy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # busy seconds per P instance
+    decode_busy: np.ndarray = field(default_factory=lambda: np.zeros(0))  # busy seconds per D instance
 
 
 # events
@@ -122,7 +123,7 @@ def _steps_until(dt: float, a: float, b: float) -> int:
 
 class _Decode:
     __slots__ = ("spec", "free", "prealloc", "pending", "running", "n", "T", "A", "B", "version", "busy",
-                 "next_target")
+                 "next_target", "busy_time")
 
     def __init__(self, spec: DecodeSpec):
         self.spec = spec
@@ -137,6 +138,7 @@ class _Decode:
         self.version = 0
         self.busy = False
         self.next_target = 0  # step counter of the scheduled boundary event
+        self.busy_time = 0.0  # seconds of decode steps run (the clock only advances through sync)
 
 
 class _Prefill:
@@ -265,7 +267,9 @@ def simulate(spec: ClusterSpec, arrival: np.ndarray, input_len: np.ndarray, outp
         k = target - d.n
         if k > 0:
             a = d.spec.cost.C[d.B] + d.spec.cost.D * (d.A + d.B * d.n)
-            d.T += _steps_time(k, a, d.spec.cost.D * d.B)
+            dt = _steps_time(k, a, d.spec.cost.D * d.B)
+            d.T += dt
+            d.busy_time += dt
             d.n = target
 
     def schedule_next(di: int) -> None:
@@ -371,4 +375,5 @@ def simulate(spec: ClusterSpec, arrival: np.ndarray, input_len: np.ndarray, outp
     ft = np.asarray(first_tok)
     tpot[multi] = (finish[multi] - ft[multi]) / (out[multi] - 1)
     return SimResult(arrival=arrival, ttft=ttft, tpot=tpot, e2e=finish - arrival, failed=failed,
-                     makespan=now, prefill_busy=np.array([p.busy_time for p in P]))
+                     makespan=now, prefill_busy=np.array([p.busy_time for p in P]),
+                     decode_busy=np.array([d.busy_time for d in D]))

@@ -47,6 +47,15 @@ def ensure_smollm2(out: str | None = None) -> str:
     out = out or default_path()
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
+    from sglang_memha.models import build_lock
+
+    with build_lock(out):
+        if os.path.exists(os.path.join(out, "model.safetensors")):
+            return out  # built by another process while this one waited
+        return _build(out)
+
+
+def _build(out: str) -> str:
     try:
         import accelerate  # noqa: F401  transformers refuses GGUF loading without it
         import gguf  # noqa: F401

@@ -46,6 +46,15 @@ def build(out: str | None = None, force: bool = False) -> str:
     out = out or default_path()
     if not force and os.path.exists(os.path.join(out, "model.safetensors")):
         return out
+    from sglang_memha.models import build_lock
+
+    with build_lock(out):
+        if not force and os.path.exists(os.path.join(out, "model.safetensors")):
+            return out  # built by another process while this one waited
+        return _build(out)
+
+
+def _build(out: str) -> str:
     import torch
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 

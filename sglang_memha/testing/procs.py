@@ -61,13 +61,23 @@ _HANDED_OUT: set[int] = set()
 
 def _pick_range() -> tuple[int, int]:
     """[20000, start of the kernel's ephemeral port range): no outgoing connection takes a port
-    there, and Mooncake's own listeners (15000-17000 here) stay below it."""
+    there, and Mooncake's own listeners (15000-17000 here) stay below it.
+
+    Under pytest-xdist each worker gets its own slice (``PYTEST_XDIST_WORKER`` = ``gw<i>`` of
+    ``PYTEST_XDIST_WORKER_COUNT``): ``_HANDED_OUT`` only knows this process's picks, so two
+    workers drawing from one range could give two clusters the same port."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    return (20000, low) if low - 20000 >= 1000 else (20000, 30000)
+    start, end = (20000, low) if low - 20000 >= 1000 else (20000, 30000)
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1:
+        width = (end - start) // int(count)
+        start += int(worker[2:]) % int(count) * width
+        end = start + width
+    return start, end
 
 
 _PICK_RANGE = _pick_range()
