@@ -203,6 +203,7 @@ def test_root_reaches_both_namespaces(link, tmp_path):
             p.stop(grace_s=2)
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("rate,direction,mbytes", [
     ("200mbit", "prefill->decode", 50), ("200mbit", "decode->prefill", 50), ("1gbit", "prefill->decode", 50)])
 def test_tcp_between_namespaces_is_link_bound(link, tmp_path, rate, direction, mbytes):
@@ -223,6 +224,7 @@ def test_tcp_between_namespaces_is_link_bound(link, tmp_path, rate, direction, m
     assert wire >= r["bytes"], f"tbf on the sender's side counted {wire} bytes for {r['bytes']} sent"
 
 
+@pytest.mark.exclusive
 @pytest.mark.parametrize("direction", ["root->prefill", "decode->root"])
 def test_root_namespace_traffic_is_not_shaped(link, tmp_path, direction):
     link.set_rate("1gbit")
@@ -274,6 +276,7 @@ def test_sglang_detects_the_namespace_ip(link):
     assert link.server_env(link.prefill_ip, env)["SGLANG_HOST_IP"] == link.prefill_ip
 
 
+@pytest.mark.exclusive
 def test_mooncake_tcp_is_link_bound(link, tmp_path):
     rate, total = "500mbit", 80 << 20  # 16 MiB warm-up + 64 MiB timed (~1.1 s at 500mbit)
     link.set_rate(rate)

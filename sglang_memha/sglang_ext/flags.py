@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 logger = logging.getLogger("sglang_memha")
 
@@ -189,7 +188,8 @@ def register_launcher_hooks() -> None:
 
 
 def register() -> None:
-    """From ``plugin.register()``: the hooks, in a launcher process only (a scheduler process
-    has imported the scheduler stack, and never parses a command line)."""
-    if "sglang.srt.managers.scheduler" not in sys.modules:
-        register_launcher_hooks()
+    """From ``plugin.register()``, in every process. Not only where the scheduler stack is absent:
+    a launcher forked from a process that preloaded SGLang (the test harness's zygote) has the
+    scheduler module imported and still parses the command line. A scheduler or detokenizer
+    never calls ``add_cli_args`` / ``from_cli_args``, so there the hooks are inert."""
+    register_launcher_hooks()

@@ -71,7 +71,7 @@ def register() -> None:
     in_scheduler = "sglang.srt.managers.scheduler" in sys.modules
     from sglang_memha.sglang_ext import flags
 
-    flags.register()  # launcher only: --memha-* flags, copied into MEMHA_* before spawning
+    flags.register()  # --memha-* flags, copied into MEMHA_* before spawning (used by launchers)
     _register_attention_backend(HookRegistry, HookType, in_scheduler)
     try:
         cfg = load_config()
