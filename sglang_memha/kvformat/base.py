@@ -166,6 +166,14 @@ class KVCodec:
         (the caller gathers, then dequantizes). Pools as in ``quantize_into`` (format v4 buffers)."""
         return None
 
+    def fused_row_reader(self, data_pool: torch.Tensor, scale_pool: torch.Tensor | None, head_dim: int,
+                         out_dtype: torch.dtype):
+        """``slots -> gather_rows_fused(data_pool, scale_pool, slots, head_dim, out_dtype)`` for one
+        pool layer's buffers. Who calls it: the decode pool, once per layer and K/V, keeping the
+        result (``read_slots``). A codec whose checks depend only on the buffers does them here,
+        once: torch_native reads per request, layer and K/V, so per-call checks add up."""
+        return lambda slots: self.gather_rows_fused(data_pool, scale_pool, slots, head_dim, out_dtype)
+
     def gather_dequantize(
         self,
         data_pool: torch.Tensor,

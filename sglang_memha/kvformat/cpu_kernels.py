@@ -89,10 +89,10 @@ def build(flags: tuple[str, ...] | list[str]) -> ctypes.CDLL | None:
     lib.memha_fp8_dequant_bf16.restype = None
     lib.memha_fp8_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    lib.memha_fp8_gather_dequant_bf16.restype = None
+    lib.memha_fp8_gather_dequant_bf16.restype = ctypes.c_int
     lib.memha_fp8_gather_dequant_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                                                  ctypes.c_int]
+                                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                                  ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -163,31 +163,55 @@ def fp8_dequantize_rows_bf16(data: torch.Tensor, scale: torch.Tensor, bias: int)
     return out
 
 
+class Fp8RowGather:
+    """``fp8_gather_dequantize_bf16`` bound to one pool layer's buffers (``for_pools``), checked once.
+
+    Why: torch_native attention reads a request's KV per layer and per K/V, so a decode step of
+    B requests makes 2 x layers x B calls, often of a few hundred rows each; the buffer checks,
+    attribute reads and two torch reductions of the unbound function cost as much as the rows.
+    ``reader(slots)`` does only what depends on ``slots``. Holds the buffers (their pointers must
+    stay valid), so a pool keeps one reader per layer and K/V for its lifetime.
+    """
+
+    def __init__(self, fn, data: torch.Tensor, scales: torch.Tensor, head_dim: int, bias: int):
+        self._fn, self._data, self._scales = fn, data, scales
+        self._data_ptr, self._scales_ptr = data.data_ptr(), scales.data_ptr()
+        self._num_slots, self._heads = data.shape[0], data.shape[1]
+        self._head_dim, self._bias = head_dim, bias
+
+    @classmethod
+    def for_pools(cls, data: torch.Tensor, scales: torch.Tensor, head_dim: int, bias: int) -> "Fp8RowGather | None":
+        """data: uint8 [num_slots, H, head_dim] pool code rows; scales: uint8 [num_slots, H, 2] pool
+        scale rows (one bf16 each); both contiguous, CPU. None where these buffers or this machine
+        are not served (the caller gathers, then dequantizes)."""
+        for t in (data, scales):
+            if t.device.type != "cpu" or t.dtype != torch.uint8 or not t.is_contiguous() or t.dim() != 3:
+                return None
+        if data.shape[2] != head_dim or scales.shape != (*data.shape[:2], 2):
+            return None
+        lib = get_lib()
+        return None if lib is None else cls(lib.memha_fp8_gather_dequant_bf16, data, scales, head_dim, bias)
+
+    def __call__(self, slots) -> torch.Tensor | None:
+        """slots: [n] integer CPU tensor of slot ids -> bf16 [n, H, head_dim], the bytes of the
+        gather-then-dequantize path; None for other slot kinds. IndexError for a slot out of range."""
+        if not torch.is_tensor(slots) or not slots.is_cpu or slots.dim() != 1:
+            return None
+        slots = slots.to(torch.int64).contiguous()
+        n, h, d = slots.shape[0], self._heads, self._head_dim
+        out = torch.empty((n, h, d), dtype=torch.bfloat16)
+        # The kernel checks the range: two torch reductions here would cost more than small reads.
+        if self._fn(self._data_ptr, self._scales_ptr, slots.data_ptr(), n, self._num_slots, h, d, out.data_ptr(),
+                    self._bias, threads_for(n * h * d)):
+            raise IndexError(f"KV slots out of range [0, {self._num_slots}): "
+                             f"min {int(slots.min())}, max {int(slots.max())}")
+        return out
+
+
 def fp8_gather_dequantize_bf16(data: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, head_dim: int,
                                bias: int) -> torch.Tensor | None:
-    """``dequantize(data[slots], scales[slots])`` for fp8 per-(token, kv-head) pool rows, in one pass on CPU.
-
-    data:   uint8 [num_slots, H, head_dim] pool code rows, contiguous, CPU.
-    scales: uint8 [num_slots, H, 2] pool scale rows (one bf16 each), contiguous, CPU.
-    slots:  [n] integer slot ids (any integer dtype; checked against num_slots). Returns bf16
-    [n, H, head_dim] with the bytes of the gather-then-dequantize path, or None when this input or
-    machine is not served (caller falls back). Raises IndexError for a slot out of range.
-    """
-    for t in (data, scales):
-        if t.device.type != "cpu" or t.dtype != torch.uint8 or not t.is_contiguous() or t.dim() != 3:
-            return None
-    if data.shape[2] != head_dim or scales.shape != (*data.shape[:2], 2):
-        return None
-    if slots.device.type != "cpu" or slots.dim() != 1:
-        return None
-    lib = get_lib()
-    if lib is None:
-        return None
-    slots = slots.to(torch.int64).contiguous()
-    n, (num_slots, h, _) = slots.numel(), data.shape
-    if n and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
-        raise IndexError(f"KV slots out of range [0, {num_slots}): min {int(slots.min())}, max {int(slots.max())}")
-    out = torch.empty((n, h, head_dim), dtype=torch.bfloat16)
-    lib.memha_fp8_gather_dequant_bf16(data.data_ptr(), scales.data_ptr(), slots.data_ptr(), n, h, head_dim,
-                                      out.data_ptr(), bias, threads_for(n * h * head_dim))
-    return out
+    """``dequantize(data[slots], scales[slots])`` for fp8 per-(token, kv-head) pool rows, in one
+    pass on CPU; buffers and result as ``Fp8RowGather`` (which a caller reading the same buffers
+    many times should keep instead). None when this input or machine is not served."""
+    reader = Fp8RowGather.for_pools(data, scales, head_dim, bias)
+    return None if reader is None else reader(slots)

@@ -38,7 +38,8 @@ import math
 import torch
 
 from sglang_memha.kvformat.base import KVCodec, bf16_round, check_input, check_out_dtype
-from sglang_memha.kvformat.cpu_kernels import fp8_dequantize_rows_bf16, fp8_gather_dequantize_bf16, fp8_quantize_rows
+from sglang_memha.kvformat.cpu_kernels import (Fp8RowGather, fp8_dequantize_rows_bf16, fp8_gather_dequantize_bf16,
+                                             fp8_quantize_rows)
 from sglang_memha.kvformat.spec import KVFormat
 
 E4M3FN_MAX = 448.0
@@ -151,6 +152,11 @@ class _Fp8TokenHead(KVCodec):
         if out_dtype != torch.bfloat16 or not torch.is_tensor(slots) or scale_pool is None:
             return None
         return fp8_gather_dequantize_bf16(data_pool, scale_pool, slots, head_dim, self.bias)
+
+    def fused_row_reader(self, data_pool, scale_pool, head_dim, out_dtype):
+        reader = (None if out_dtype != torch.bfloat16 or scale_pool is None
+                  else Fp8RowGather.for_pools(data_pool, scale_pool, head_dim, self.bias))
+        return reader or (lambda slots: None)
 
 
 class Fp8TokenHeadCodec(_Fp8TokenHead):

@@ -29,3 +29,8 @@ class Bf16Codec(KVCodec):
         if out_dtype != torch.bfloat16 or data_pool.shape[-1] != 2 * head_dim or not data_pool.is_contiguous():
             return None
         return data_pool.view(torch.bfloat16)[slots]
+
+    def fused_row_reader(self, data_pool, scale_pool, head_dim, out_dtype):
+        if out_dtype != torch.bfloat16 or data_pool.shape[-1] != 2 * head_dim or not data_pool.is_contiguous():
+            return lambda slots: None
+        return data_pool.view(torch.bfloat16).__getitem__  # the checks and the view, once

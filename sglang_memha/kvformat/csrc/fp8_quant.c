@@ -183,6 +183,7 @@ static float decode_code(int code, int bias) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_AVX512_DEQUANT 1
 /* AVX-512 row decode, 16 codes per step, the same values as the table: a code's 7 magnitude bits
  * moved to fp32's exponent / mantissa position with the exponent rebased from bias to 127 (codes
  * with exponent field 0 instead: float(m) * 2^(1 - bias - 3); both exact), the sign bit OR-ed in,
@@ -212,6 +213,7 @@ static inline int dequant_row_avx512(const uint8_t *d, uint16_t *o, int64_t dim,
     return 1;
 }
 #else
+#define HAVE_AVX512_DEQUANT 0
 static inline int dequant_row_avx512(const uint8_t *d, uint16_t *o, int64_t dim, float s, int bias) {
     (void)d; (void)o; (void)dim; (void)s; (void)bias;
     return 0;
@@ -237,22 +239,46 @@ void memha_fp8_dequant_bf16(const uint8_t *data, const uint16_t *scale, uint16_t
         dequant_row(data + r * dim, out + r * dim, dim, bf16_to_f32(scale[r]), bias, lut);
 }
 
-/* Gather + dequantize straight from pool rows (what attention reads), one pass, no temporaries:
+/* Gather + dequantize straight from pool rows (what attention reads), one pass, no temporaries.
+ * Format v4 pool rows: codes and bf16 scales in two buffers.
  *
- * buf    [num_slots, heads, row_bytes] uint8 pool rows: [dim codes | bf16 scale (2 bytes, LE)]
- * slots  [n] int64 slot ids, each in [0, num_slots) (the caller checks)
- * out    [n, heads, dim] bf16 (as uint16) = dequantize(buf[slots])
- */
-/* Format v4 pool rows: codes [slots, heads, dim] and bf16 scales [slots, heads] in two buffers. */
-void memha_fp8_gather_dequant_bf16(const uint8_t *data, const uint16_t *scales, const int64_t *slots, int64_t n,
-                                   int64_t heads, int64_t dim, uint16_t *out, int bias, int nthreads) {
-    float lut[256];
-    for (int c = 0; c < 256; c++) lut[c] = decode_code(c, bias);
-    #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
+ * data   [num_slots, heads, dim] uint8 fp8 codes
+ * scales [num_slots, heads] bf16 scales (as uint16)
+ * slots  [n] int64 slot ids
+ * out    [n, heads, dim] bf16 (as uint16) = dequantize(data[slots], scales[slots])
+ * Returns -1 (out untouched) when a slot is outside [0, num_slots), else 0.
+ *
+ * A decode step calls this once per request, layer and K/V (torch_native attention), often for a
+ * few hundred rows: the per-call cost matters as much as the per-row one. So the range check is a
+ * pass here instead of two torch reductions in Python, the scalar table is built only where the
+ * AVX-512 path does not serve (dim % 16), and one thread runs outside any OpenMP region. */
+static void gather_rows(const uint8_t *data, const uint16_t *scales, const int64_t *slots, int64_t i0,
+                        int64_t i1, int64_t heads, int64_t dim, uint16_t *out, int bias, const float *lut) {
+    for (int64_t i = i0; i < i1; i++) {
         for (int64_t h = 0; h < heads; h++) {
             int64_t r = slots[i] * heads + h;
             dequant_row(data + r * dim, out + (i * heads + h) * dim, dim, bf16_to_f32(scales[r]), bias, lut);
         }
     }
+}
+
+int memha_fp8_gather_dequant_bf16(const uint8_t *data, const uint16_t *scales, const int64_t *slots, int64_t n,
+                                  int64_t num_slots, int64_t heads, int64_t dim, uint16_t *out, int bias,
+                                  int nthreads) {
+    for (int64_t i = 0; i < n; i++)
+        if (slots[i] < 0 || slots[i] >= num_slots) return -1;
+    float lut_store[256];
+    const float *lut = NULL;  /* only the scalar fallback of dequant_row reads it */
+    if (!HAVE_AVX512_DEQUANT || (dim & 15)) {
+        for (int c = 0; c < 256; c++) lut_store[c] = decode_code(c, bias);
+        lut = lut_store;
+    }
+    if (nthreads <= 1) {
+        gather_rows(data, scales, slots, 0, n, heads, dim, out, bias, lut);
+        return 0;
+    }
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        gather_rows(data, scales, slots, i, i + 1, heads, dim, out, bias, lut);
+    return 0;
 }

@@ -16,16 +16,15 @@ vector loads; scales sit in their own slot-indexed buffers. Consequences, all on
   into a K half and a V half and ships each entry with its own page bytes.
 * CPU retraction copies (``get_cpu_copy``/``load_cpu_copy``) take the scale rows along.
 
-Writes quantize (``set_kv_buffer`` -> ``codec.quantize_into``). Reads go through
-``QuantKVView``: ``get_key_buffer(l)[slots]`` dequantizes only the rows an attention backend
-gathers (the torch-native backend indexes ``k_cache[per_req_tokens]``), never the whole layer.
-Anything else on the view raises ``TypeError`` instead of handing uint8 codes to a kernel that
-would read them as bf16.
+Writes quantize (``set_kv_buffer`` -> ``codec.quantize_into``). Reads go through ``QuantKVView``:
+``get_key_buffer(l)[slots]`` dequantizes only the rows an attention backend gathers (torch_native
+indexes ``k_cache[per_req_tokens]``), never the whole layer. Anything else on the view raises
+``TypeError`` instead of handing uint8 codes to a kernel that would read them as bf16.
 
 Who calls what: SGLang's ``KVCacheConfigurator`` builds the pool (``configure.resolve_pool_class``
 picks this class); attention backends call ``set_kv_buffer`` once per layer per forward and
-``get_key_buffer``/``get_value_buffer`` right after; the PD managers read
-``get_contiguous_buf_infos`` once at start-up. Nothing here blocks.
+``get_key_buffer``/``get_value_buffer`` right after; the PD managers read ``get_contiguous_buf_infos``
+once at start-up. Nothing here blocks.
 """
 from __future__ import annotations
 
@@ -113,7 +112,6 @@ class MemhaQuantKVPool(MHATokenToKVPool):
                     {"memha_format": fmt, "memha_k_transform": k_transform, "memha_model_id": model_id,
                      "memha_k_offset_path": k_offset_path})
 
-    # ---- buffers ---------------------------------------------------------------------------
     def _create_buffers(self):
         if self.head_dim != self.v_head_dim:
             raise ValueError(f"sglang-memha KV formats need head_dim == v_head_dim, got "
@@ -220,7 +218,6 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         return [KvBufferDesc(f"{e.side}_{e.kind}{e.layer}", tuple(t.shape), row_bytes=t[0].nbytes, tokens_per_row=1)
                 for e, t in zip(self.pool_layout.entries, self._pd_registerable_tensors())]
 
-    # ---- write -----------------------------------------------------------------------------
     def set_kv_buffer(self, layer, loc_info, cache_k, cache_v, k_scale=None, v_scale=None,
                       layer_id_override=None, dcp_kv_mask=None):
         """Called by the attention backend once per layer per forward (prefill and decode).
@@ -302,11 +299,15 @@ class MemhaQuantKVPool(MHATokenToKVPool):
     def read_slots(self, slots, is_key: bool, idx: int) -> torch.Tensor:
         """``read_rows`` of ``slots`` of pool-local layer ``idx``: the codec's fused gather +
         dequantize where it has one and the rows are already model space (V, or K with no
-        transform or offset), else gather, then decode."""
+        transform or offset), else gather, then decode. The codec's reader of a layer's buffers
+        (``fused_row_reader``: checks done once) is kept while those buffers are the pool's."""
         data, scales = (self.k_buffer if is_key else self.v_buffer)[idx], self.scale_rows(is_key, idx)
         if not (is_key and self._k_not_model_space):
-            out = self.codec.gather_rows_fused(data, scales, slots, self.head_dim, self.dtype)
-            if out is not None:
+            held = self.__dict__.setdefault("_row_readers", {}).get((is_key, idx))
+            if held is None or held[0] is not data:  # the reader holds `data`: `is` cannot alias
+                held = self._row_readers[(is_key, idx)] = (
+                    data, self.codec.fused_row_reader(data, scales, self.head_dim, self.dtype))
+            if (out := held[1](slots)) is not None:
                 return out
         return self.read_rows(data[slots], None if scales is None else scales[slots], is_key, idx)
 
