@@ -164,7 +164,7 @@ def test_refusals_name_their_kind_and_pickle_as_plain_text():
     cases = {
         "no_descriptor": handshake.check_prefill_peer(local, None, "p"),
         "malformed": handshake.check_decode_peer(local, handshake.FRAME_PREFIX + b"{", "d"),
-        "format_mismatch": handshake.check_prefill_peer(local, handshake.encode_layout(desc(fmt="int8")), "p"),
+        "format_mismatch": handshake.check_prefill_peer(local, handshake.encode_layout(desc(fmt="int4_kivi")), "p"),
         "auth": handshake.check_prefill_peer(local, handshake.encode_layout(local), "p", secret="k1"),
         "unregistered_session": handshake.check_room_message(
             [b"21", b"h", b"1", b"s", b"", b"0", b"", b"1"], None, set(), set()),
@@ -195,7 +195,7 @@ def test_decode_request_refused_at_init_is_counted(registry, monkeypatch):
     monkeypatch.setattr(mc.MooncakeKVReceiver, "init", lambda self, rank: None)
     mgr = object.__new__(MemhaKVManager)
     mgr.memha_desc, mgr.memha_secret = desc(), None
-    mgr.prefill_info_table = {"p:1": SimpleNamespace(kv_layout=handshake.encode_layout(desc(fmt="int8")))}
+    mgr.prefill_info_table = {"p:1": SimpleNamespace(kv_layout=handshake.encode_layout(desc(fmt="int4_kivi")))}
     failed = []
     mgr.record_failure = lambda room, reason: failed.append(reason)
     mgr.update_status = lambda room, status: None

@@ -20,12 +20,20 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
       decode's K transform, when the prefill has none): phase-wise quantization done at send
       time; the bytes equal what a prefill pool of the decode's format would hold for the same
       bf16 K/V;
+    - ``REQUANTIZE_ON_SEND`` (prefill): any other pair of token-local formats (e.g. an
+      ``fp8_e4m3fnuz`` prefill pool into an ``int8`` or ``int4_g64`` decode): the prefill
+      dequantizes the rows it sends (fp32, exact for every format) and quantizes them with the
+      decode's codec, as ``ENCODE_ON_SEND`` does; the bytes equal what a pool of the decode's
+      format holds when fed those dequantized rows. Lossy on top of the prefill's own
+      quantization (the values are rounded twice), so the exact bridges above take precedence;
     - ``REPAGE`` (prefill): different page sizes; every format is token-local (a row of one
       (token, head) holds its data and scale), so the prefill writes each token's rows to the
       decode slot that token has in the decode's pages (``sglang_ext.transfer.repage``); combines with a
       format bridge;
-* anything else -> ``FormatMismatchError`` naming every differing field with both values
-  (other formats would need a lossy re-quantization, which we refuse to do silently).
+* anything else -> ``FormatMismatchError`` naming every differing field with both values: a
+  block-coded format (``int4_kivi``) on either side with another format or page size, a K
+  transform on the sender that the receiver lacks, and every other field (heads, head_dim,
+  layers, model, K offset, layout, version).
 """
 
 from __future__ import annotations
@@ -62,11 +70,13 @@ class Bridge(str, enum.Enum):
     FN_TO_FNUZ = "fn_to_fnuz"
     LAYER_TO_TOKEN_SCALE = "layer_to_token_scale"
     ENCODE_ON_SEND = "encode_on_send"
+    REQUANTIZE_ON_SEND = "requantize_on_send"
     REPAGE = "repage"
 
 
 # Bridges the sender (prefill) applies while sending; the rest are the receiver's.
-SENDER_BRIDGES = frozenset({Bridge.LAYER_TO_TOKEN_SCALE, Bridge.ENCODE_ON_SEND, Bridge.REPAGE})
+SENDER_BRIDGES = frozenset({Bridge.LAYER_TO_TOKEN_SCALE, Bridge.ENCODE_ON_SEND, Bridge.REQUANTIZE_ON_SEND,
+                            Bridge.REPAGE})
 
 
 # (peer format, local format) -> bridge applied by the local (receiving) side
@@ -162,16 +172,17 @@ class FormatDescriptor:
         block_coded = not (format_spec(self.fmt).token_local and format_spec(peer.fmt).token_local)
         if peer.fmt != self.fmt:
             bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
-            if bridge is None and peer.fmt == KVFormat.BF16 and not block_coded:
-                bridge = Bridge.ENCODE_ON_SEND
+            if bridge is None and not block_coded:
+                bridge = Bridge.ENCODE_ON_SEND if peer.fmt == KVFormat.BF16 else Bridge.REQUANTIZE_ON_SEND
             if bridge is None:
                 bad.append(("fmt", self.fmt.value, peer.fmt.value))
             else:
                 bridges.append(bridge)
         if block_coded and peer.page_size != self.page_size:
             bad.append(("page_size (int4_kivi pages are not re-paged)", self.page_size, peer.page_size))
-        # Encoding on send applies the receiver's K transform to untransformed bf16 rows.
-        transform_applied = Bridge.ENCODE_ON_SEND in bridges and peer.k_transform == "none"
+        # Encoding on send applies the receiver's K transform to untransformed (dequantized) rows.
+        transform_applied = (bool({Bridge.ENCODE_ON_SEND, Bridge.REQUANTIZE_ON_SEND} & set(bridges))
+                             and peer.k_transform == "none")
         # k_offset is never bridged: both pools hold K - c, with the same c (no send-time re-offset).
         for name in ("num_kv_heads", "head_dim", "num_layers", "model_id", "k_transform", "k_offset", "layout"):
             if name == "k_transform" and transform_applied:

@@ -58,21 +58,44 @@ def test_page_size_is_bridgeable():
 
 
 def test_mismatch_names_every_field_with_both_values():
-    peer = dataclasses.replace(BASE, fmt="int4_g64", head_dim=64, model_id="other", k_transform="hadamard")
+    peer = dataclasses.replace(BASE, fmt="int4_kivi", head_dim=64, model_id="other", k_transform="hadamard")
     with pytest.raises(FormatMismatchError) as ei:
         BASE.check_compatible(peer)
     msg = str(ei.value)
-    for part in ("fmt: local='fp8_e4m3' peer='int4_g64'", "head_dim: local=128 peer=64",
+    for part in ("fmt: local='fp8_e4m3' peer='int4_kivi'", "head_dim: local=128 peer=64",
                  "model_id: local='Qwen/Qwen3-8B@cfg:1a2b' peer='other'",
                  "k_transform: local='none' peer='hadamard'"):
         assert part in msg
     assert [m[0] for m in ei.value.mismatches] == ["fmt", "head_dim", "model_id", "k_transform"]
 
 
-def test_lossy_direction_is_not_bridged():
-    local = dataclasses.replace(BASE, fmt="fp8_e4m3_tensor")
-    with pytest.raises(FormatMismatchError, match="fmt: local='fp8_e4m3_tensor' peer='fp8_e4m3'"):
-        local.check_compatible(BASE)
+@pytest.mark.parametrize("local_fmt, peer_fmt", [
+    ("int8", "fp8_e4m3fnuz"), ("int4_g64", "fp8_e4m3fnuz"), ("fp8_e4m3", "int8"), ("bf16", "fp8_e4m3"),
+    ("fp8_e4m3_tensor", "fp8_e4m3"), ("int8", "fp8_e4m3_tensor"), ("int4_g32", "bfp8")])
+def test_other_quantized_peers_are_requantized_on_send(local_fmt, peer_fmt):
+    """No exact bridge between two token-local formats: the sender dequantizes and re-quantizes."""
+    local = dataclasses.replace(BASE, fmt=local_fmt)
+    assert local.check_compatible(dataclasses.replace(BASE, fmt=peer_fmt)) == [Bridge.REQUANTIZE_ON_SEND]
+    assert Bridge.REQUANTIZE_ON_SEND in SENDER_BRIDGES
+    # with another page size too: converted, then re-paged
+    assert local.check_compatible(dataclasses.replace(BASE, fmt=peer_fmt, page_size=32)) == [
+        Bridge.REQUANTIZE_ON_SEND, Bridge.REPAGE]
+
+
+def test_requantize_on_send_k_transform_and_block_coded_rules():
+    had = dataclasses.replace(BASE, fmt="int8", k_transform="hadamard")
+    # an untransformed sender's dequantized K is rotated for the receiver; a rotated one stays rotated
+    assert had.check_compatible(dataclasses.replace(BASE, fmt="fp8_e4m3fnuz")) == [Bridge.REQUANTIZE_ON_SEND]
+    assert had.check_compatible(dataclasses.replace(had, fmt="fp8_e4m3fnuz")) == [Bridge.REQUANTIZE_ON_SEND]
+    with pytest.raises(FormatMismatchError) as ei:  # the receiver cannot hold rotated K
+        dataclasses.replace(BASE, fmt="int8").check_compatible(dataclasses.replace(had, fmt="fp8_e4m3fnuz"))
+    assert ei.value.mismatches == [("k_transform", "none", "hadamard")]
+    kivi = dataclasses.replace(BASE, fmt="int4_kivi", page_size=32)
+    for local, peer in ((kivi, dataclasses.replace(BASE, fmt="int8", page_size=32)),
+                        (dataclasses.replace(BASE, fmt="int8", page_size=32), kivi)):
+        with pytest.raises(FormatMismatchError) as ei:  # K blocks are not rows: never converted
+            local.check_compatible(peer)
+        assert ei.value.mismatches == [("fmt", local.fmt.value, peer.fmt.value)]
 
 
 def test_unsupported_version_named():

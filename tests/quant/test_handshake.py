@@ -24,7 +24,7 @@ def test_frame_only_after_stock_frames():
     assert hs.find_frame(msg) is None
 
 
-@pytest.mark.parametrize("field,value", [("fmt", "int8"), ("num_layers", 3), ("head_dim", 128),
+@pytest.mark.parametrize("field,value", [("fmt", "int4_kivi"), ("num_layers", 3), ("head_dim", 128),
                                          ("num_kv_heads", 4), ("model_id", "other#2"),
                                          ("k_transform", "hadamard")])
 def test_mismatch_names_field_and_both_values(field, value):
@@ -78,16 +78,18 @@ def test_page_sizes_re_paged_by_the_prefill():
     assert hs.layout_descriptor(hs.encode_layout(p32)) == p32
     assert hs.layout_descriptor(None) is None and hs.layout_descriptor("other") is None
     # with a format that cannot be bridged, the refusal names the formats and both page sizes
-    r = hs.check_prefill_peer(desc(page_size=16, fmt="int8"), hs.encode_layout(desc(page_size=24)), "p")
-    assert r is not None and "KV format mismatch" in r and "int8" in r
+    r = hs.check_prefill_peer(desc(page_size=16, fmt="int4_kivi"), hs.encode_layout(desc(page_size=24)), "p")
+    assert r is not None and "KV format mismatch" in r and "fmt: local='int4_kivi' peer='fp8_e4m3'" in r
     assert "page_size: decode=16 prefill=24" in r
 
 
 @pytest.mark.parametrize("prefill_fmt, decode_fmt", [
-    ("bf16", "fp8_e4m3"), ("bf16", "int4_g64"), ("bf16", "fp8_e4m3_tensor"), ("fp8_e4m3_tensor", "fp8_e4m3")])
+    ("bf16", "fp8_e4m3"), ("bf16", "int4_g64"), ("bf16", "fp8_e4m3_tensor"), ("fp8_e4m3_tensor", "fp8_e4m3"),
+    ("fp8_e4m3fnuz", "int8"), ("fp8_e4m3fnuz", "int4_g64"), ("int8", "fp8_e4m3")])
 def test_sender_side_bridges_accepted_by_both_sides(prefill_fmt, decode_fmt):
     """A bf16 prefill (SGLang's pool or ours) quantizes on send; SGLang's per-layer fp8 bytes get
-    per-row scales on send: the decode accepts with nothing to apply, the prefill sees a target."""
+    per-row scales on send; another quantized format is dequantized and re-quantized on send: the
+    decode accepts with nothing to apply, the prefill sees a target."""
     p, d = desc(fmt=prefill_fmt), desc(fmt=decode_fmt)
     assert hs.check_prefill_peer(d, hs.encode_layout(p), "p") is None
     assert hs.bridges_for(d, hs.encode_layout(p)) == []
@@ -96,9 +98,15 @@ def test_sender_side_bridges_accepted_by_both_sides(prefill_fmt, decode_fmt):
     assert hs.send_target(d, hs.encode_frame(d)) is None  # same format: rows go as they are
 
 
-def test_lossy_conversions_refused_naming_both_formats():
-    r = hs.check_prefill_peer(desc(fmt="fp8_e4m3"), hs.encode_layout(desc(fmt="int8")), "p")
-    assert r is not None and "fmt: local='fp8_e4m3' peer='int8'" in r
+def test_unconvertible_formats_refused_by_both_sides_naming_both_formats():
+    """int4_kivi's K blocks are not rows: no conversion into or out of it."""
+    kivi, int8 = desc(fmt="int4_kivi", page_size=32), desc(fmt="int8", page_size=32)
+    r = hs.check_prefill_peer(kivi, hs.encode_layout(int8), "10.0.0.1:8998")
+    assert r == ("prefill at 10.0.0.1:8998 is incompatible: KV format mismatch with peer (not bridgeable): "
+                 "fmt: local='int4_kivi' peer='int8' (local = decode, peer = prefill)")
+    r = hs.check_decode_peer(kivi, hs.encode_frame(int8), "10.0.0.2:4000")
+    assert r == ("decode at 10.0.0.2:4000 is incompatible: KV format mismatch with peer (not bridgeable): "
+                 "fmt: local='int8' peer='int4_kivi' (local = decode, peer = prefill)")
 
 
 # ---- shared secret -----------------------------------------------------------------------------

@@ -117,6 +117,64 @@ def test_memha_bf16_pool_is_a_valid_source_too():
         assert torch.equal(got, want)
 
 
+REQUANTIZED = [("fp8_e4m3fnuz", "int8"), ("fp8_e4m3fnuz", "int4_g64"), ("fp8_e4m3", "int4_g32"),
+               ("int8", "fp8_e4m3"), ("int4_g64", "bf16"), ("bfp8", "int8"), ("fp8_e4m3_tensor", "int8"),
+               ("int8", "fp8_e4m3_tensor")]
+
+
+def stored_values(pool, fmt, layer, is_key, pages):
+    """fp32 values of the rows ``pool`` stores for ``pages`` (K as stored: rotated for a Hadamard
+    pool), dequantized by ``fmt``'s codec alone (the reference; not the converter's code)."""
+    from sglang_memha.kvformat import get_codec
+
+    loc = (torch.as_tensor(pages)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
+    codec = get_codec(fmt)
+    data = (pool.k_buffer if is_key else pool.v_buffer)[layer][loc]
+    raw = pool.scale_rows(is_key, layer)
+    scales = torch.tensor(float(pool.layer_scale)) if raw is None else codec.scales_from_bytes(raw[loc])
+    return codec.dequantize(data, scales, torch.float32)
+
+
+@pytest.mark.parametrize("k_transforms", [("none", "none"), ("none", "hadamard"), ("hadamard", "hadamard")])
+@pytest.mark.parametrize("src_fmt, dst_fmt", REQUANTIZED)
+def test_quantized_pool_requantized_into_decode_format_byte_exact(src_fmt, dst_fmt, k_transforms):
+    """A prefill pool in another quantized format (an AMD-style fnuz pool feeding an int8 or int4
+    decode, ...): the decode's rows equal, byte for byte, those of a pool of the decode's format
+    fed the prefill's dequantized rows (fp32). A K already rotated by the prefill is not rotated
+    again (its reference pool has no transform); an unrotated one is rotated for the decode."""
+    src_t, dst_t = k_transforms
+    src, dst = quant_pool(src_fmt, src_t), quant_pool(dst_fmt, dst_t)
+    ref = quant_pool(dst_fmt, dst_t if src_t == "none" else "none")
+    write_same_kv([src], SRC_PAGES)
+    loc = (torch.as_tensor(SRC_PAGES)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
+    for layer in range(L):
+        ref.set_kv_buffer(_Layer(layer), loc, stored_values(src, src_fmt, layer, True, SRC_PAGES),
+                          stored_values(src, src_fmt, layer, False, SRC_PAGES))
+    assert send(src, desc(src_fmt, src_t), dst, desc(dst_fmt, dst_t), SRC_PAGES, DST_PAGES) == 0
+    got, want = rows(dst, DST_PAGES), rows(ref, SRC_PAGES)
+    assert len(got) == len(want) == (4 if dst.k_scale_buffer is not None else 2) * L
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    untouched = [p for p in range(SIZE // PAGE) if p not in DST_PAGES]
+    assert all(int(r.sum()) == 0 for r in rows(dst, untouched))
+
+
+def test_requantized_rows_round_twice_within_both_formats_error():
+    """fnuz -> int8: each value read on the decode is within the fnuz pool's error of the model's
+    value plus int8's error of the fnuz value (half an int8 step of its row, fp32 slack)."""
+    src, dst = quant_pool("fp8_e4m3fnuz"), quant_pool("int8")
+    g = torch.Generator().manual_seed(5)
+    loc = (torch.as_tensor(SRC_PAGES)[:, None] * PAGE + torch.arange(PAGE)).reshape(-1)
+    v = (torch.randn(len(loc), H, D, generator=g) * 3).to(torch.bfloat16)
+    src.set_kv_buffer(_Layer(0), loc, v.clone(), v.clone())
+    assert send(src, desc("fp8_e4m3fnuz"), dst, desc("int8"), SRC_PAGES, DST_PAGES) == 0
+    fnuz = stored_values(src, "fp8_e4m3fnuz", 0, False, SRC_PAGES)
+    got = stored_values(dst, "int8", 0, False, DST_PAGES)
+    step = fnuz.abs().amax(dim=-1, keepdim=True) / 127
+    assert bool(((got - fnuz).abs() <= step / 2 + fnuz.abs() * 2 ** -22).all())
+    assert 0 < float((got - v.float()).abs().max()) <= float(((fnuz - v.float()).abs() + step / 2).max()) + 1e-6
+
+
 def test_layer_scale_pool_gets_per_row_scales_bytes_kept():
     """fp8_e4m3_tensor (SGLang's fp8 bytes, layer scale 1.0) -> fp8_e4m3: data bytes equal, each
     row's bf16 scale is 1.0, so the decode reads the same values."""
@@ -190,8 +248,8 @@ def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
         conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"), ptrs[:3],
                   np.array([[0, 2 * PAGE, PAGE]]), PAGE * H * D)
     data, scales = torch.empty(4, H, D, dtype=torch.uint8), torch.empty(4, H, 2, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="KV format mismatch"):  # int8 -> fp8 would re-quantize
-        transcode.convert_rows(torch.zeros(4, H, D, dtype=torch.uint8), desc("int8"), desc("fp8_e4m3"),
+    with pytest.raises(ValueError, match="fmt: local='fp8_e4m3' peer='int4_kivi'"):  # K blocks, not rows
+        transcode.convert_rows(torch.zeros(4, H, D // 2, dtype=torch.uint8), desc("int4_kivi"), desc("fp8_e4m3"),
                                data, scales, True)
 
 

@@ -21,7 +21,7 @@ import logging
 
 import numpy as np
 
-from sglang_memha.kvformat import KVFormat
+from sglang_memha.kvformat import Bridge, KVFormat
 from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.sglang_ext import metrics, state
 from sglang_memha.sglang_ext.transfer import handshake, repage
@@ -100,10 +100,11 @@ class BridgeMixin:
             if target.fmt == local.fmt and list(self.kv_args.kv_item_lens) != [local.page_size * t for t in rows]:
                 return (f"{what}: prefill pages of {sorted(set(self.kv_args.kv_item_lens))} B are not "
                         f"{local.page_size} tokens of the decode's {sorted(set(rows))} B rows; {fix}")
-        if self.memha_desc.fmt == KVFormat.FP8_E4M3_TENSOR:
-            from sglang_memha.sglang_ext.transfer.transcode import scale_problem
+        if local.fmt == KVFormat.FP8_E4M3_TENSOR and target.fmt != local.fmt:
+            from sglang_memha.sglang_ext.transfer.transcode import scale_problem, sender_bridge
 
-            return scale_problem(state.local_pool())
+            exact = sender_bridge(local, target) == Bridge.LAYER_TO_TOKEN_SCALE  # else re-quantized
+            return scale_problem(state.local_pool(), bf16_exact=exact)
         return None
 
     def _accept_repaged(self, bootstrap_addr: str, prefill_page: int) -> bool:
@@ -149,7 +150,9 @@ def target_note(local, target) -> str:
         return ""
     notes = []
     if target.fmt != local.fmt:
-        notes.append(f"pages converted on send {local.fmt.value} -> {target.fmt.value}")
+        requantized = Bridge.REQUANTIZE_ON_SEND in target.check_compatible(local)
+        notes.append(f"pages converted on send {local.fmt.value} -> {target.fmt.value}"
+                     + (" (dequantized and re-quantized: rounded twice)" if requantized else ""))
     if target.page_size != local.page_size:
         notes.append(f"re-paged on send, page_size {local.page_size} -> {target.page_size}")
     return "; " + "; ".join(notes)

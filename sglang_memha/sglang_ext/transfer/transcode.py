@@ -15,6 +15,12 @@ Staging rows are token-ordered, so the same send serves a decode with another pa
 * ``ENCODE_ON_SEND``: a bf16 pool (SGLang's own, or ours with ``MEMHA_KV_FORMAT=bf16``) is
   quantized with the decode's codec (K rotated first when the decode uses a K transform the
   prefill does not): phase-wise quantization for a prefill that keeps bf16.
+* ``REQUANTIZE_ON_SEND``: a pool in another quantized format (ours, e.g. an AMD-style
+  ``fp8_e4m3fnuz`` prefill feeding an ``int8`` decode, or SGLang's fp8 pool) is dequantized in
+  fp32 (exact: every format's values are fp32 values) and quantized with the decode's codec,
+  exactly as ``ENCODE_ON_SEND`` quantizes bf16 rows (the stored K - offset, rotated for the
+  decode when only the decode has a K transform). The values are rounded twice: the prefill's
+  format's error, then the decode's.
 * ``LAYER_TO_TOKEN_SCALE``: an ``fp8_e4m3_tensor`` pool (ours, or SGLang's own fp8 pool: one scale
   per layer, the model's K/V scales) into ``fp8_e4m3``: data bytes kept, every row gets its
   layer's scale as its bf16 scale (``layer_scales``; one bf16 cannot hold is refused at
@@ -44,32 +50,58 @@ ARENA_MIN_BYTES = 16 << 20
 
 
 def convert_rows(src_rows: torch.Tensor, src: FormatDescriptor, dst: FormatDescriptor, data_out: torch.Tensor,
-                 scale_out: torch.Tensor | None, is_key: bool, layer_scale: float = 1.0) -> None:
-    """Rows of ``src``'s pool (a format without scale rows) -> rows of ``dst``'s pool.
+                 scale_out: torch.Tensor | None, is_key: bool, layer_scale: float = 1.0,
+                 src_scales: torch.Tensor | None = None) -> None:
+    """Rows of ``src``'s pool -> rows of ``dst``'s pool.
 
-    src_rows:  [n, H, data_bytes(src)] uint8 (a bf16 pool's rows viewed as bytes: [n, H, 2*D]).
-    data_out:  [n, H, data_bytes(dst)] uint8, contiguous (the decode's code rows).
-    scale_out: [n, H, scale_bytes(dst)] uint8, contiguous, or None when ``dst`` has no scale rows.
+    src_rows:   [n, H, data_bytes(src)] uint8 (a bf16 pool's rows viewed as bytes: [n, H, 2*D]).
+    src_scales: [n, H, scale_bytes(src)] uint8, the source pool's scale rows of the same slots;
+                None for a format without scale rows (bf16, ``fp8_e4m3_tensor``).
+    data_out:   [n, H, data_bytes(dst)] uint8, contiguous (the decode's code rows).
+    scale_out:  [n, H, scale_bytes(dst)] uint8, contiguous, or None when ``dst`` has no scale rows.
     layer_scale: the source pool's layer scale (``fp8_e4m3_tensor`` only).
     Raises ValueError for a pair no sender bridge covers (the handshake refuses those first).
     """
     bridge = sender_bridge(src, dst)
-    layout = RowLayout(dst.fmt, dst.head_dim)
     n, h = src_rows.shape[:2]
-    loc = torch.arange(n, device=data_out.device)
     if bridge == Bridge.ENCODE_ON_SEND:
         x = src_rows.contiguous().view(torch.bfloat16).reshape(n, h, src.head_dim)
-        if is_key and src.k_transform == "none" and dst.k_transform != "none":
-            x = apply_k_transform(dst.k_transform, x)
-        codec = get_codec(dst.fmt)
-        if layout.has_layer_scale:
-            codec.quantize_into(x, loc, data_out, None, scale=1.0)
-        else:
-            codec.quantize_into(x, loc, data_out, scale_out)
+        _encode(x, src, dst, data_out, scale_out, is_key)
+    elif bridge == Bridge.REQUANTIZE_ON_SEND:
+        _encode(dequantize_rows(src_rows, src_scales, src, layer_scale), src, dst, data_out, scale_out, is_key)
     else:  # Bridge.LAYER_TO_TOKEN_SCALE
         data, scales = layer_to_token_scale(src_rows, layer_scale)
         data_out.copy_(data)
         scale_out.copy_(scales.contiguous().view(torch.uint8).reshape(n, h, -1))
+
+
+def dequantize_rows(src_rows: torch.Tensor, src_scales: torch.Tensor | None, src: FormatDescriptor,
+                    layer_scale: float = 1.0) -> torch.Tensor:
+    """Stored rows of ``src``'s format (as ``convert_rows`` takes them) -> [n, H, D] fp32 values
+    (exact: code x scale is an fp32 value for every format). K stays as stored (K - offset,
+    rotated when ``src`` has a K transform)."""
+    codec = get_codec(src.fmt)
+    if RowLayout(src.fmt, src.head_dim).has_layer_scale:
+        scales = torch.tensor(layer_scale, dtype=torch.float32, device=src_rows.device)
+    elif src_scales is None:
+        raise ValueError(f"{src.fmt.value} rows need their scale rows to be dequantized")
+    else:
+        scales = codec.scales_from_bytes(src_scales.contiguous())
+    return codec.dequantize(src_rows.contiguous(), scales, torch.float32)
+
+
+def _encode(x: torch.Tensor, src: FormatDescriptor, dst: FormatDescriptor, data_out: torch.Tensor,
+            scale_out: torch.Tensor | None, is_key: bool) -> None:
+    """K/V values ``x`` [n, H, D] (bf16 or fp32) -> ``dst``'s rows, as a pool of ``dst``'s format
+    writes them (K rotated first when only ``dst`` has a K transform)."""
+    if is_key and src.k_transform == "none" and dst.k_transform != "none":
+        x = apply_k_transform(dst.k_transform, x)
+    codec = get_codec(dst.fmt)
+    loc = torch.arange(x.shape[0], device=data_out.device)
+    if RowLayout(dst.fmt, dst.head_dim).has_layer_scale:
+        codec.quantize_into(x, loc, data_out, None, scale=1.0)
+    else:
+        codec.quantize_into(x, loc, data_out, scale_out)
 
 
 @functools.cache
@@ -94,12 +126,15 @@ def layer_scales(pool) -> list[tuple[float, float]]:
     return [(s, s)] * len(pool.k_buffer)
 
 
-def scale_problem(pool) -> str | None:
+def scale_problem(pool, bf16_exact: bool = True) -> str | None:
     """Why per-row bf16 scales cannot hold this pool's layer scales exactly, or None. A stock
-    pool (no ``layer_scale`` of ours) whose model scales were never read has no known scales."""
+    pool (no ``layer_scale`` of ours) whose model scales were never read has no known scales.
+    ``bf16_exact=False`` (the rows are re-quantized, not given their scale): only that."""
     if getattr(pool, "memha_kv_scales", None) is None and not hasattr(pool, "layer_scale"):
         return ("the model's fp8 K/V scales could not be read at start-up (see the prefill's log), so "
                 "its fp8 rows cannot be given their scales; use MEMHA_KV_FORMAT=fp8_e4m3 on the prefill")
+    if not bf16_exact:
+        return None
     for layer, pair in enumerate(layer_scales(pool)):
         for which, s in zip("KV", pair):
             if not (0 < s < float("inf")) or float(torch.tensor(s).to(torch.bfloat16)) != s:
@@ -168,6 +203,7 @@ class Converter:
         per_round = max(1, ARENA_MIN_BYTES // chunk_bytes)
         arena = self._arena(min(per_round, len(buffers)) * chunk_bytes)
         scales = layer_scales(self.pool)
+        scale_rows = getattr(self.pool, "scale_rows", None)  # our pools: per-row scales of a layer
         for start in range(0, len(buffers), per_round):
             blocks = []
             for i, (buf, is_key, layer) in enumerate(buffers[start:start + per_round]):
@@ -178,8 +214,10 @@ class Converter:
                 if scale_bytes:
                     scale_out = arena.buf[base + data_bytes:base + chunk_bytes].view(n * page, heads,
                                                                                      layout.row.scale_bytes)
+                src_scales = None if scale_rows is None else scale_rows(is_key, layer)
                 convert_rows(buf[slots].view(torch.uint8).reshape(n * page, heads, -1), self.src, dst,
-                             data_out, scale_out, is_key, scales[layer][0 if is_key else 1])
+                             data_out, scale_out, is_key, scales[layer][0 if is_key else 1],
+                             None if src_scales is None else src_scales[slots])
                 blocks += token_blocks(data_out.data_ptr(), ptrs[(side, "data")][layer],
                                        heads * layout.row.data_bytes, row_runs)
                 if scale_out is not None:
@@ -198,4 +236,4 @@ class Converter:
             arena.release()
 
 
-__all__ = ["Converter", "convert_rows", "layer_scales", "scale_problem", "sender_bridge"]
+__all__ = ["Converter", "convert_rows", "dequantize_rows", "layer_scales", "scale_problem", "sender_bridge"]
