@@ -1,10 +1,12 @@
 """Bad configurations on the quantized-KV path: a clear error to the client and in both logs,
 no pages kept on either side, and the next request on a healthy pair fine.
 
-One prefill (int8) serves three decode servers: int8 (healthy), int4_g64 (format mismatch)
-and one with no sglang-memha KV format (the plugin's KV path off there). Requests are aimed at
-a chosen decode with ``PDCluster.direct_generate`` (exactly what the router sends), so each
-case is deterministic. Free pages are read from each server (``/v1/loads``) after
+One prefill (int8) serves three decode servers, all with pages of 32: int8 (healthy), int4_kivi
+(a format mismatch: its K blocks, 32 tokens each, cannot be converted into or from rows, so it
+needs the same format on both sides; int8 -> int4_g64 is re-quantized on send now) and one with
+no sglang-memha KV format (the plugin's KV path off there). Requests are aimed at a chosen
+decode with ``PDCluster.direct_generate`` (exactly what the router sends), so each case is
+deterministic. Free pages are read from each server (``/v1/loads``) after
 ``/flush_cache``, not assumed.
 """
 from __future__ import annotations
@@ -33,8 +35,9 @@ def assert_ok(resp):
 
 @pytest.fixture(scope="module")
 def trio(tiny_model, tmp_path_factory):
-    with PDCluster(tiny_model, PAGE, PAGE, env={"MEMHA_KV_FORMAT": "int8"},
-                   extra_decode_envs=[{"MEMHA_KV_FORMAT": "int4_g64"}, {"MEMHA_KV_FORMAT": ""}],
+    page32 = ["--page-size", "32"]  # int4_kivi's K blocks are 32 tokens
+    with PDCluster(tiny_model, page32, page32, env={"MEMHA_KV_FORMAT": "int8"},
+                   extra_decode_envs=[{"MEMHA_KV_FORMAT": "int4_kivi"}, {"MEMHA_KV_FORMAT": ""}],
                    log_dir=str(tmp_path_factory.mktemp("trio")), ready="health") as c:
         yield c
     assert descendants() == []
@@ -48,7 +51,7 @@ def test_mismatch_and_missing_decode_fail_cleanly(trio):
 
     status, body = trio.direct_generate(PROMPT, decode_index=1)
     assert status >= 400
-    assert "KV format mismatch" in str(body) and "int4_g64" in str(body) and "int8" in str(body)
+    assert "fmt: local='int4_kivi' peer='int8'" in str(body)
 
     status, body = trio.direct_generate(PROMPT, decode_index=2)
     assert status >= 400, body  # refused by the prefill: no descriptor in the registration
