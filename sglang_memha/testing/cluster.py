@@ -204,9 +204,6 @@ class PDCluster(_Deployment):
     extra_decode_envs: one more decode server per entry, with that environment;
     extra_decode_args: flags of those servers, after ``decode_args`` (e.g. another
     ``--page-size``), one list per entry of ``extra_decode_envs`` (missing: none).
-    extra_prefill_args: one more prefill server per entry, with these flags after
-    ``prefill_args`` (e.g. another ``--tp-size``) and the prefill's environment; the router gets
-    every prefill (``prefill_urls``, ``bootstrap_ports``; index 0 is ``prefill_url``).
     link: a ``netns.ShapedLink`` that is up: the prefill server runs in its prefill namespace and
     the decode server(s) in its decode namespace, so KV crosses the shaped veth; the router and
     the client stay in the root namespace (unshaped paths to both).
@@ -221,8 +218,7 @@ class PDCluster(_Deployment):
                  prefill_url: tuple[str, int] | None = None,
                  prefill_env: dict[str, str] | None = None, decode_env: dict[str, str] | None = None,
                  extra_decode_envs: list[dict[str, str]] = (), router_args: list[str] = (),
-                 ready: str = "generate", link=None, extra_decode_args: list[list[str]] = (),
-                 extra_prefill_args: list[list[str]] = ()):
+                 ready: str = "generate", link=None, extra_decode_args: list[list[str]] = ()):
         super().__init__(log_dir)
         self.link = link
         p_host, d_host = (link.prefill_ip, link.decode_ip) if link is not None else (HOST, HOST)
@@ -245,12 +241,6 @@ class PDCluster(_Deployment):
             self.prefill_url, self.bootstrap_port = prefill_url
         else:
             self.prefill_url, self.bootstrap_port = f"http://{p_host}:{free_port()}", free_port()
-        if prefill_url and extra_prefill_args:
-            raise ValueError("extra_prefill_args with an external prefill_url: start those prefills yourself")
-        self.extra_prefill_args = [list(a) for a in extra_prefill_args]
-        extra = [(f"http://{p_host}:{free_port()}", free_port()) for _ in self.extra_prefill_args]
-        self.prefill_urls = [self.prefill_url, *(u for u, _ in extra)]
-        self.bootstrap_ports = [self.bootstrap_port, *(b for _, b in extra)]
         self.decode_urls = [f"http://{d_host}:{free_port()}" for _ in self.decode_envs]
         self.decode_url = self.decode_urls[0]
         self.url = f"http://{HOST}:{self.router_port}"
@@ -271,26 +261,26 @@ class PDCluster(_Deployment):
                                    f"not answer 200): start the prefill server first, or fix prefill_url")
             servers = []
         else:
-            servers = [self._spawn("prefill" if i == 0 else f"prefill{i}",
-                                   [*self._server_args(url), "--disaggregation-mode", "prefill",
-                                    "--disaggregation-bootstrap-port", str(port), *self.prefill_args, *args],
-                                   {**env, **self.prefill_env, **self._ns_env("prefill")}, self._ns("prefill"))
-                       for i, (url, port, args) in enumerate(zip(self.prefill_urls, self.bootstrap_ports,
-                                                                 [[], *self.extra_prefill_args]))]
+            prefill = self._spawn("prefill", [*self._server_args(self.prefill_url),
+                                              "--disaggregation-mode", "prefill",
+                                              "--disaggregation-bootstrap-port", str(self.bootstrap_port),
+                                              *self.prefill_args], {**env, **self.prefill_env, **self._ns_env("prefill")},
+                                  self._ns("prefill"))
+            servers = [prefill]
         for i, (url, denv, dargs) in enumerate(zip(self.decode_urls, self.decode_envs, self.decode_extra_args)):
             servers.append(self._spawn("decode" if i == 0 else f"decode{i}",
                                        [*self._server_args(url), "--disaggregation-mode", "decode",
                                         *self.decode_args, *dargs], {**env, **denv, **self._ns_env("decode")},
                                        self._ns("decode")))
-        for url in ([] if self.external_prefill else self.prefill_urls) + self.decode_urls:
+        for url in ([] if self.external_prefill else [self.prefill_url]) + self.decode_urls:
             wait_until(lambda u=url: _health(u), STARTUP_TIMEOUT_S, servers, f"{url}/health")
         decodes = [a for u in self.decode_urls for a in ("--decode", u)]
-        prefills = [a for u, b in zip(self.prefill_urls, self.bootstrap_ports) for a in ("--prefill", u, str(b))]
         # A free metrics port: the router's default (29000) collides between concurrent clusters.
         router = self._spawn("router", ["-m", "sglang_router.launch_router", "--pd-disaggregation",
-                                        *prefills, *decodes, "--host", HOST, "--port", str(self.router_port),
+                                        "--prefill", self.prefill_url, str(self.bootstrap_port),
+                                        *decodes, "--host", HOST, "--port", str(self.router_port),
                                         "--prometheus-port", str(free_port()), *self.router_args], env)
-        wait_router_workers(self.url, self.prefill_urls, self.decode_urls, STARTUP_TIMEOUT_S,
+        wait_router_workers(self.url, [self.prefill_url], self.decode_urls, STARTUP_TIMEOUT_S,
                             [*servers, router])
         if self.ready == "health":
             return self
@@ -309,16 +299,15 @@ class PDCluster(_Deployment):
         return {} if self.link is None else {"SGLANG_HOST_IP": getattr(self.link, f"{side}_ip")}
 
     def direct_generate(self, payload: dict, decode_index: int = 0,
-                        timeout: float = 300.0, room: int | None = None,
-                        prefill_index: int = 0) -> tuple[int, dict | str]:
-        """What the router does for one request, aimed at a chosen prefill and decode server:
-        POST the payload plus ``bootstrap_host/port/room`` to both at once and return the
-        decode's answer (for tests that must pick the servers; ``room``: default random)."""
-        host, _ = _host_port(self.prefill_urls[prefill_index])
-        body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_ports[prefill_index],
+                        timeout: float = 300.0, room: int | None = None) -> tuple[int, dict | str]:
+        """What the router does for one request, aimed at a chosen decode server: POST the
+        payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
+        decode's answer (for tests that must pick the decode server; ``room``: default random)."""
+        host, _ = _host_port(self.prefill_url)
+        body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_port,
                 "bootstrap_room": random.getrandbits(63) if room is None else room}
         with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            pf = ex.submit(http_json, f"{self.prefill_urls[prefill_index]}/generate", body, timeout)
+            pf = ex.submit(http_json, f"{self.prefill_url}/generate", body, timeout)
             df = ex.submit(http_json, f"{self.decode_urls[decode_index]}/generate", body, timeout)
             pf.result()
             return df.result()

@@ -28,6 +28,7 @@ mc = pytest.importorskip("sglang.srt.disaggregation.mooncake.conn")
 from sglang_memha.kvformat import KVFormat, k_offset, kv_bytes_per_token  # noqa: E402
 from sglang_memha.kvformat.layout import PoolLayout  # noqa: E402
 from sglang_memha.sglang_ext.pool import quant_pool  # noqa: E402
+from sglang_memha.sglang_ext.transfer import head_slice  # noqa: E402
 from sglang_memha.sglang_ext.transfer.mooncake_conn import MemhaKVManager  # noqa: E402
 from sglang_memha.testing.transfer_log import transfer_rows  # noqa: E402
 
@@ -197,12 +198,15 @@ def _sglang_blocks(mgr, dst_pool, dst_rank, dst_tp) -> list[list[tuple]]:
 
 
 def _our_blocks(mgr, dst_pool, dst_rank, dst_tp, monkeypatch) -> list[list[tuple]]:
-    """Ours, in one call: split per entry (each entry's blocks are one per token, in order)."""
+    """Ours, in Mooncake calls of at most MAX_BLOCKS_PER_CALL blocks (all full but the last), split
+    per entry (each entry's blocks are one per token, in order)."""
     calls = []
     monkeypatch.setattr(mc.MooncakeKVManager, "_transfer_data", lambda self, s, blocks: calls.append(blocks) or 0)
     send(mgr, dst_pool, dst_rank, dst_tp, room=30)
-    (blocks,) = calls
     n = len(SRC_PAGES) * PAGE
+    blocks = [b for call in calls for b in call]
+    assert [len(c) for c in calls[:-1]] == [head_slice.MAX_BLOCKS_PER_CALL] * (len(calls) - 1)
+    assert 0 < len(calls[-1]) <= head_slice.MAX_BLOCKS_PER_CALL and len(calls) > 1  # 3 pages x 32 x entries
     return [blocks[i:i + n] for i in range(0, len(blocks), n)]
 
 
@@ -265,3 +269,20 @@ def test_pool_takes_its_heads_offset_rows_from_sglangs_parallel_context(offset_p
                        device="cpu", enable_memory_saver=False)
         assert torch.equal(pool.k_offset, full[:, r:r + 1]), r
     assert quant_pool._attention_tp() == (0, 1)
+
+
+def test_a_failed_call_stops_the_send_with_its_status(offset_path, monkeypatch):
+    """The blocks go in several calls; the first non-zero status is returned and no later call is
+    made (the room fails with it)."""
+    src = make_pool("fp8_e4m3", 1, 0, 2, offset_path, monkeypatch)
+    dst = make_pool("fp8_e4m3", H, 0, 1, offset_path, monkeypatch)
+    mgr = prefill_manager(src, 0, 2)
+    reg = registration(dst, 0, 1, "d0")
+    assert mgr._head_slice_problem(reg, dst.memha_descriptor) is None
+    statuses, calls = iter([0, -7, 0]), []
+    monkeypatch.setattr(mc.MooncakeKVManager, "_transfer_data",
+                        lambda self, s, blocks: calls.append(len(blocks)) or next(statuses))
+    mgr._memha_tls.room = 40
+    assert mgr.send_kvcache_slice("d0", SRC_PAGES, reg.dst_kv_ptrs, DST_PAGES, 0, 1, reg.dst_kv_item_lens[0],
+                                  None) == -7
+    assert calls == [head_slice.MAX_BLOCKS_PER_CALL] * 2

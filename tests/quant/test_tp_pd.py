@@ -1,14 +1,14 @@
 """Different attention TP on prefill and decode, on a real CPU PD deployment through the router
 (tiny model: 2 KV heads; fp8_e4m3 with a calibrated K offset; pages of 16).
 
-Two prefills (``--tp-size`` 1 and 2) and two decodes (1 and 2) behind one router, so every
-pairing exists: TP 2 -> 1 (each prefill rank writes its head's rows into the decode's pages),
-1 -> 2 (one prefill rank's rows split over the decode ranks), and the all-TP-1 pair, the
-reference. Each pairing is pinned (the router's request, sent to chosen servers): greedy tokens
-equal the reference's, and the prefill's transfer lines count exactly the heads' rows of the
-prompt's pages (one line per prefill rank). Requests through the router get the same tokens
-whichever pair it picks, and every pool is back to 0 used tokens afterwards. The bytes
-themselves, per format, are unit-tested in ``test_head_slice.py``.
+Two prefills (``--tp-size`` 1 and 2) and two decodes (1 and 2) behind one router (``XPyDCluster``),
+so every pairing exists: TP 2 -> 1 (each prefill rank writes its head's rows into the decode's
+pages), 1 -> 2 (one prefill rank's rows split over the decode ranks), and the all-TP-1 pair, the
+reference, and TP 2 -> 2 (same TP, SGLang's own per-rank send). Each pairing is pinned (the router's
+request, sent to chosen servers): greedy tokens equal the reference's, and the prefill's transfer
+lines count exactly the heads' rows of the prompt's pages (one line per prefill rank). Requests
+through the router get the same tokens whichever pair it picks, and every pool is back to 0 used
+tokens afterwards. The bytes themselves, per format, are unit-tested in ``test_head_slice.py``.
 
 A pair that needs head slicing and a send-time bridge (TP 1 -> 2 with another page size) is
 refused: the client gets the error naming both TP sizes and the fix, both logs name it, no page
@@ -26,6 +26,7 @@ from sglang_memha.testing import PDCluster
 from sglang_memha.testing.cluster import used_tokens
 from sglang_memha.testing.procs import http_json
 from sglang_memha.testing.transfer_log import transfer_rows
+from sglang_memha.testing.xpyd import XPyDCluster
 from tests.conftest import descendants
 
 pytestmark = pytest.mark.cluster
@@ -36,7 +37,7 @@ PROMPTS = [{"input_ids": list(range(100 + 7 * i, 100 + 7 * i + n)),
             "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
            for i, n in enumerate(LENGTHS)]
 # (name, prefill index, decode index): prefill 0 / decode 0 are TP 1, prefill 1 / decode 1 TP 2
-PAIRS = [("tp1->tp1", 0, 0), ("tp2->tp1", 1, 0), ("tp1->tp2", 0, 1)]
+PAIRS = [("tp1->tp1", 0, 0), ("tp2->tp1", 1, 0), ("tp1->tp2", 0, 1), ("tp2->tp2", 1, 1)]
 TP2 = ["--tp-size", "2"]
 # one core per TP rank (SGLang asserts ranks <= NUMA nodes otherwise; this box has one node)
 TP2_ENV = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
@@ -53,9 +54,9 @@ def test_prefill_and_decode_with_other_tp_sizes_get_the_reference_tokens(tiny_mo
     offset = str(tmp_path / "k_offset.safetensors")
     calibrate.main(["--model-path", tiny_model, "--out", offset, "--max-tokens", "1024"])
     env = {"MEMHA_KV_FORMAT": "fp8_e4m3", "MEMHA_K_OFFSET": offset, **TP2_ENV}
-    with PDCluster(tiny_model, ["--page-size", str(PAGE)], ["--page-size", str(PAGE)], env=env,
-                   extra_prefill_args=[TP2], extra_decode_envs=[{}], extra_decode_args=[TP2],
-                   log_dir=str(tmp_path / "pd"), ready="health") as c:
+    with XPyDCluster(tiny_model, prefill_envs=[{}, {}], decode_envs=[{}, {}], server_args=["--page-size", str(PAGE)],
+                     env=env, prefill_args=[[], TP2], decode_args=[[], TP2], log_dir=str(tmp_path / "pd"),
+                     ready="health") as c:
         jobs = [(p, i) for p in range(len(PAIRS)) for i in range(len(PROMPTS))]
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as ex:
             outs = dict(zip(jobs, ex.map(lambda j: ids(c.direct_generate(
@@ -70,16 +71,18 @@ def test_prefill_and_decode_with_other_tp_sizes_get_the_reference_tokens(tiny_mo
         for i in range(len(PROMPTS)):
             assert outs[(p, i)] == outs[(0, i)], (PAIRS[p][0], i)
     assert routed == [outs[(0, i)] for i in range(len(PROMPTS))] * 2
-    # tp2 -> tp1: each prefill rank sends its head of every page; tp1 -> tp2: one rank, both heads,
-    # to two decode sessions (pages counted per session)
-    for p, want_lines, heads_per_line, sessions in ((1, 2, 1, 1), (0, 1, 2, 2)):
-        rows = [r for r in transfer_rows(logs["prefill" if p == 0 else "prefill1"])]
+    # Per room, one transfer line per prefill rank. tp2 -> tp1 and tp2 -> tp2: each rank sends its
+    # head of every page to one decode session; tp1 -> tp2: one rank sends one head to each of two
+    # decode sessions (pages and bytes summed over the sessions).
+    for pair, log, lines, heads, sessions in ((1, "prefill1", 2, 1, 1), (2, "prefill", 1, 2, 2),
+                                              (3, "prefill1", 2, 1, 1)):
+        rows = transfer_rows(logs[log])
         for i, n in enumerate(LENGTHS):
             pages = -(-n // PAGE)
-            mine = [r for r in rows if r.room == 1000 + 10 * (1 if p == 1 else 2) + i]
+            mine = [r for r in rows if r.room == 1000 + 10 * pair + i]
             assert [(r.fmt, r.status, r.pages, r.pipelined_pages, r.kv_bytes) for r in mine] == [
                 ("fp8_e4m3", "ok", pages * sessions, 0,
-                 pages * PAGE * L * kv_bytes_per_token("fp8_e4m3", heads_per_line, D))] * want_lines, (p, i, mine)
+                 pages * PAGE * L * kv_bytes_per_token("fp8_e4m3", heads, D))] * lines, (PAIRS[pair][0], i, mine)
     assert "KV heads sliced on send, attention TP 2 -> 1" in logs["prefill1"]
     assert "KV heads sliced on send, attention TP 1 -> 2" in logs["prefill"]
     assert descendants() == []

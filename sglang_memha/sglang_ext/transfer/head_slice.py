@@ -37,6 +37,14 @@ from sglang_memha.kvformat.layout import PoolLayout, head_slice_blocks
 
 logger = logging.getLogger("sglang_memha")
 
+# Blocks per Mooncake call. Each block is one transfer request; Mooncake's TCP transport queues at
+# most MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER (default 1024) per peer and sending process, and
+# rejects the rest after a short admission wait. A head slice is one block per (entry, token)
+# (a 150-token fp8 request at TP 2 -> 1: 1280 blocks per rank), and SGLang's transfer threads
+# share that queue, so such calls failed under load (tests/quant/test_tp_pd.py); 256 per call
+# leaves room for four concurrent calls.
+MAX_BLOCKS_PER_CALL = 256
+
 
 class HeadSliceMixin:
     """Mixed into ``MemhaKVManager`` before SGLang's ``MooncakeKVManager``. Uses the manager's
@@ -77,7 +85,8 @@ class HeadSliceMixin:
     def _send_head_sliced(self, session: str, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
                           dst_tp_rank: int, dst_attn_tp_size: int, dst: PoolLayout) -> int:
         """Transfer worker: this rank's share of the heads of decode rank ``dst_tp_rank``, for
-        pages ``prefill_kv_indices`` -> ``dst_kv_indices``, in one Mooncake call; its status."""
+        pages ``prefill_kv_indices`` -> ``dst_kv_indices``, in Mooncake calls of at most
+        ``MAX_BLOCKS_PER_CALL`` blocks, one after another; 0, or the first non-zero status."""
         from sglang.srt.disaggregation.common.staging_buffer import (compute_head_slice_params,
                                                                      resolve_total_kv_heads)
 
@@ -92,4 +101,7 @@ class HeadSliceMixin:
         except ValueError as e:
             logger.error("sglang-memha: session %s: %s", session, e)
             return -1
-        return self._transfer_data(session, blocks)
+        for i in range(0, len(blocks), MAX_BLOCKS_PER_CALL):
+            if (ret := self._transfer_data(session, blocks[i:i + MAX_BLOCKS_PER_CALL])) != 0:
+                return ret
+        return 0
