@@ -30,6 +30,9 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
       (token, head) holds its data and scale), so the prefill writes each token's rows to the
       decode slot that token has in the decode's pages (``sglang_ext.transfer.repage``); combines with a
       format bridge;
+* different attention TP sizes (``check_compatible(peer, tp=...)``): no bridge; ``num_kv_heads``
+  is per rank, so it is compared as heads x TP, and the prefill sends each decode rank the rows
+  of the heads they share (``layout.head_slice_blocks``); not combined with a sender bridge;
 * anything else -> ``FormatMismatchError`` naming every differing field with both values: a
   block-coded format (``int4_kivi``) on either side with another format or page size, a K
   transform on the sender that the receiver lacks, and every other field (heads, head_dim,
@@ -161,8 +164,17 @@ class FormatDescriptor:
             raise ValueError(f"FormatDescriptor JSON must be an object, got {type(d).__name__}")
         return cls.from_dict(d)
 
-    def check_compatible(self, peer: FormatDescriptor) -> list[Bridge]:
-        """Called by the receiving side with the sender's descriptor; see the module docstring."""
+    def check_compatible(self, peer: FormatDescriptor, tp: tuple[int, int] = (1, 1)) -> list[Bridge]:
+        """Called by the receiving side with the sender's descriptor; see the module docstring.
+        ``tp``: (this side's, the peer's) attention tensor-parallel size. Where they differ,
+        ``num_kv_heads`` (per rank) is compared as heads x TP (the model's KV heads: each rank's
+        rows are sliced or merged by head on send, ``layout.head_slice_blocks``), and a send-time
+        bridge (``SENDER_BRIDGES``) is refused with it; KV heads replicated over ranks (fewer heads
+        than ranks) never give equal products, so they are refused too."""
+        local_tp, peer_tp = tp
+        for v in tp:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"check_compatible tp={tp!r}: expected two positive ints")
         bad: list[tuple[str, object, object]] = []
         bridges: list[Bridge] = []
         if peer.version not in SUPPORTED_VERSIONS or self.version not in SUPPORTED_VERSIONS:
@@ -188,10 +200,21 @@ class FormatDescriptor:
             if name == "k_transform" and transform_applied:
                 continue
             a, b = getattr(self, name), getattr(peer, name)
-            if a != b:
+            if name == "num_kv_heads" and local_tp != peer_tp:
+                if a * local_tp != b * peer_tp:
+                    bad.append(("num_kv_heads x attention TP (the model's KV heads differ, or KV heads "
+                                "replicated over TP ranks, which are not head-sliced: use the same "
+                                "--tp-size on both servers)", f"{a} heads x TP {local_tp}",
+                                f"{b} heads x TP {peer_tp}"))
+            elif a != b:
                 bad.append((name, a, b))
-        if bad:
-            raise FormatMismatchError(bad)
         if peer.page_size != self.page_size:
             bridges.append(Bridge.REPAGE)
+        sent = [b.value for b in bridges if b in SENDER_BRIDGES]
+        if local_tp != peer_tp and sent:
+            bad.append((f"attention TP (head slicing is not combined with the send-time bridge(s) {sent}: "
+                        f"use the same format and page size on both servers, or the same --tp-size)",
+                        local_tp, peer_tp))
+        if bad:
+            raise FormatMismatchError(bad)
         return bridges

@@ -23,7 +23,13 @@ a page-major page must be padded to 16 bytes, which at page size 1 and few KV he
 breaks fp8's byte goal (3 heads x D = 64: 198 -> 208 B, 0.54 of bf16; 1 head x D = 128: 130 ->
 144 B, 0.56), while separate buffers cost nothing at any page size; vLLM moved its fp8 scales
 to separate caches for the same alignment reason (vLLM PR #56164: 6.3x slower with inline
-260-byte slots). Pure arithmetic: no SGLang, no torch buffers.
+260-byte slots).
+
+Pools holding other KV heads of one model (a prefill and a decode with different attention TP
+sizes) exchange, per token, the rows of the heads they share (``head_slice_blocks``): data and
+scale rows are both per (token, head), so a head's slice is a slice of each buffer, each with its
+own row bytes (``int4_kivi``'s K scale rows too: each head's block table is spread over that
+head's rows). Pure arithmetic: no SGLang, no torch buffers.
 """
 from __future__ import annotations
 
@@ -82,9 +88,13 @@ class PoolLayout:
         """The layout a ``FormatDescriptor`` describes."""
         return cls(desc.fmt, desc.head_dim, desc.num_kv_heads, desc.num_layers, desc.page_size)
 
+    def head_bytes(self, entry: Entry) -> int:
+        """Bytes of one (token, kv-head) row in ``entry``'s buffer."""
+        return self.row.data_bytes if entry.kind == "data" else self.row.scale_bytes
+
     def token_bytes(self, entry: Entry) -> int:
         """Bytes one token occupies in ``entry``'s buffer."""
-        return self.heads * (self.row.data_bytes if entry.kind == "data" else self.row.scale_bytes)
+        return self.heads * self.head_bytes(entry)
 
     def token_lens(self) -> list[int]:
         return [self.token_bytes(e) for e in self.entries]
@@ -124,4 +134,40 @@ def token_blocks(src_ptr: int, dst_ptr: int, token_bytes: int, runs: np.ndarray)
             for s, d, c in runs]
 
 
-__all__ = ["ALIGN", "Entry", "PoolLayout", "RowLayout", "layer_of_entries", "page_blocks", "token_blocks"]
+def head_slice_blocks(src: PoolLayout, dst: PoolLayout, src_ptrs: list[int], dst_ptrs: list[int],
+                      src_pages: np.ndarray, dst_pages: np.ndarray, src_head: int, dst_head: int,
+                      num_heads: int) -> list[tuple[int, int, int]]:
+    """Mooncake blocks ``(src addr, dst addr, bytes)`` that copy KV heads ``[src_head, src_head +
+    num_heads)`` of pool ``src`` to heads ``[dst_head, dst_head + num_heads)`` of pool ``dst``,
+    for every token of pages ``src_pages`` -> ``dst_pages`` ([n] int each) and every entry
+    (``*_ptrs``: base addresses in publication order). The two pools hold different KV heads of
+    one model (different attention TP sizes): same format, head_dim, layers and page size, other
+    ``heads``. A token's rows of consecutive heads are contiguous in each buffer (``(s * H + h) *
+    bytes_per_head``), so each (entry, token) is one block of ``num_heads`` rows, data and scale
+    buffers each with their own row bytes."""
+    if (src.fmt, src.row.head_dim, src.layers, src.page_size) != (dst.fmt, dst.row.head_dim, dst.layers,
+                                                                  dst.page_size):
+        raise ValueError(f"head slicing needs the same format, head_dim, layers and page size: "
+                         f"{(src.fmt.value, src.row.head_dim, src.layers, src.page_size)} -> "
+                         f"{(dst.fmt.value, dst.row.head_dim, dst.layers, dst.page_size)}")
+    if not (0 <= src_head and src_head + num_heads <= src.heads and 0 <= dst_head
+            and dst_head + num_heads <= dst.heads and num_heads > 0):
+        raise ValueError(f"heads [{src_head}, {src_head + num_heads}) -> [{dst_head}, {dst_head + num_heads}) "
+                         f"do not fit pools of {src.heads} -> {dst.heads} kv heads")
+    if len(src_pages) != len(dst_pages):
+        raise ValueError(f"{len(src_pages)} source pages for {len(dst_pages)} destination pages")
+    src.split(src_ptrs), dst.split(dst_ptrs)  # one pointer per entry, or ValueError naming the counts
+    slots = np.arange(src.page_size, dtype=np.int64)[None, :]
+    src_slots = (np.asarray(src_pages, dtype=np.int64)[:, None] * src.page_size + slots).ravel()
+    dst_slots = (np.asarray(dst_pages, dtype=np.int64)[:, None] * dst.page_size + slots).ravel()
+    blocks: list[tuple[int, int, int]] = []
+    for entry, sp, dp in zip(src.entries, src_ptrs, dst_ptrs):
+        hb = src.head_bytes(entry)
+        s_addr = sp + (src_slots * src.heads + src_head) * hb
+        d_addr = dp + (dst_slots * dst.heads + dst_head) * hb
+        blocks += zip(s_addr.tolist(), d_addr.tolist(), [num_heads * hb] * len(s_addr))
+    return blocks
+
+
+__all__ = ["ALIGN", "Entry", "PoolLayout", "RowLayout", "head_slice_blocks", "layer_of_entries", "page_blocks",
+           "token_blocks"]

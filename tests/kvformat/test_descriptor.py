@@ -147,3 +147,47 @@ def test_from_bytes_errors():
         FormatDescriptor.from_bytes(b"\xff")
     with pytest.raises(ValueError, match=r"fields \['colour'\] are unknown"):
         FormatDescriptor.from_dict({**BASE.to_dict(), "colour": 1})
+
+
+# ---- different attention TP sizes (check_compatible's tp) ----------------------------------------
+def test_other_attention_tp_compares_heads_times_tp():
+    """num_kv_heads is per rank: 8 heads at TP 1 = 4 x 2 = 2 x 4 (the rows are sliced by head on
+    send, no bridge); an arrival bridge still applies; a wrong product names both sides."""
+    tp2 = dataclasses.replace(BASE, num_kv_heads=4)
+    assert BASE.check_compatible(tp2, tp=(1, 2)) == [] and tp2.check_compatible(BASE, tp=(2, 1)) == []
+    assert dataclasses.replace(BASE, num_kv_heads=2).check_compatible(tp2, tp=(4, 2)) == []
+    assert BASE.check_compatible(dataclasses.replace(tp2, fmt="fp8_e4m3fnuz"), tp=(1, 2)) == [Bridge.FNUZ_TO_FN]
+    with pytest.raises(FormatMismatchError) as e:
+        BASE.check_compatible(tp2, tp=(1, 4))
+    assert str(e.value) == ("KV format mismatch with peer (not bridgeable): num_kv_heads x attention TP (the "
+                            "model's KV heads differ, or KV heads replicated over TP ranks, which are not "
+                            "head-sliced: use the same --tp-size on both servers): local='8 heads x TP 1' "
+                            "peer='4 heads x TP 4'")
+    with pytest.raises(FormatMismatchError, match="num_kv_heads: local=8 peer=4$"):  # same TP: per rank
+        BASE.check_compatible(tp2, tp=(2, 2))
+
+
+def test_replicated_kv_heads_are_refused():
+    """2 KV heads at decode TP 4: each rank holds one head, replicated twice; 1 x 4 != 2 x 1."""
+    two = dataclasses.replace(BASE, num_kv_heads=2)
+    with pytest.raises(FormatMismatchError, match=r"local='1 heads x TP 4' peer='2 heads x TP 1'$"):
+        dataclasses.replace(BASE, num_kv_heads=1).check_compatible(two, tp=(4, 1))
+
+
+@pytest.mark.parametrize("peer_change, bridge", [({"page_size": 32}, "repage"),
+                                                  ({"fmt": "bf16"}, "encode_on_send"),
+                                                  ({"fmt": "fp8_e4m3_tensor"}, "layer_to_token_scale")])
+def test_other_attention_tp_is_not_combined_with_a_sender_bridge(peer_change, bridge):
+    peer = dataclasses.replace(BASE, num_kv_heads=4, **peer_change)
+    assert bridge in [b.value for b in BASE.check_compatible(dataclasses.replace(peer, num_kv_heads=8))]
+    with pytest.raises(FormatMismatchError) as e:
+        BASE.check_compatible(peer, tp=(1, 2))
+    assert str(e.value) == (f"KV format mismatch with peer (not bridgeable): attention TP (head slicing is not "
+                            f"combined with the send-time bridge(s) ['{bridge}']: use the same format and page "
+                            f"size on both servers, or the same --tp-size): local=1 peer=2")
+
+
+@pytest.mark.parametrize("tp", [(0, 1), (1, True), (2, "2")])
+def test_tp_must_be_positive_ints(tp):
+    with pytest.raises(ValueError, match=r"check_compatible tp=.*: expected two positive ints"):
+        BASE.check_compatible(BASE, tp=tp)

@@ -83,6 +83,26 @@ def test_page_sizes_re_paged_by_the_prefill():
     assert "page_size: decode=16 prefill=24" in r
 
 
+def test_other_attention_tp_accepted_both_ways_with_head_products_equal():
+    """Prefill TP 2 (1 head per rank) -> decode TP 1 (2 heads), and the reverse: both sides accept
+    with the TP sizes given ((decode, prefill)), no send target (the rows are sliced by head, not
+    converted); without them the per-rank heads differ; with a page size too, refused."""
+    one, two = desc(num_kv_heads=1), desc(num_kv_heads=2)
+    for dec, pre, tp in ((two, one, (1, 2)), (one, two, (2, 1))):
+        assert hs.check_prefill_peer(dec, hs.encode_layout(pre), "p", tp=tp) is None
+        assert hs.bridges_for(dec, hs.encode_layout(pre), tp) == []
+        assert hs.check_decode_peer(pre, hs.encode_frame(dec), "d", tp=tp) is None
+        assert hs.send_target(pre, hs.encode_frame(dec), tp) is None
+        assert hs.frame_descriptor(hs.encode_frame(dec)) == dec
+        assert "num_kv_heads: local=" in hs.check_prefill_peer(dec, hs.encode_layout(pre), "p")
+    r = hs.check_decode_peer(desc(num_kv_heads=1, page_size=32), hs.encode_frame(two), "d:1", tp=(1, 2))
+    assert r == ("decode at d:1 is incompatible: KV format mismatch with peer (not bridgeable): attention TP "
+                 "(head slicing is not combined with the send-time bridge(s) ['repage']: use the same format "
+                 "and page size on both servers, or the same --tp-size): local=1 peer=2 (local = decode, peer = "
+                 "prefill); page_size: decode=16 prefill=32 (re-paging alone would be bridged)")
+    assert r.kind == "format_mismatch"
+
+
 @pytest.mark.parametrize("prefill_fmt, decode_fmt", [
     ("bf16", "fp8_e4m3"), ("bf16", "int4_g64"), ("bf16", "fp8_e4m3_tensor"), ("fp8_e4m3_tensor", "fp8_e4m3"),
     ("fp8_e4m3fnuz", "int8"), ("fp8_e4m3fnuz", "int4_g64"), ("int8", "fp8_e4m3")])

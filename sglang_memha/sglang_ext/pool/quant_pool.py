@@ -47,13 +47,13 @@ logger = logging.getLogger("sglang_memha")
 
 
 def _attention_tp() -> tuple[int, int]:
-    """(rank, size) of the attention tensor-parallel group; (0, 1) where none is initialized
-    (pools built by tests outside a scheduler)."""
-    try:
-        from sglang.srt.layers.dp_attention import get_attention_tp_rank, get_attention_tp_size
+    """(rank, size) of the attention TP group (SGLang's ``get_parallel()``); (0, 1) where unset (a
+    pool outside a scheduler). Import errors propagate: (0, 1) on a TP-2 rank takes wrong K offsets."""
+    from sglang.srt.runtime_context import get_parallel
 
-        return get_attention_tp_rank(), get_attention_tp_size()
-    except (ImportError, AssertionError, AttributeError, RuntimeError, TypeError):
+    try:
+        return int(get_parallel().attn_tp_rank), int(get_parallel().attn_tp_size)
+    except (RuntimeError, ValueError):
         return 0, 1
 
 

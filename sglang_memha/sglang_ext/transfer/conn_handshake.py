@@ -79,18 +79,26 @@ class HandshakeMixin:
         fully_checked, mismatch = super()._validate_peer_state_layout(registration_info)
         session = registration_info.mooncake_session_id
         self.memha_send_targets.pop(session, None)
+        self.memha_sliced.pop(session, None)
         repage.forget_session(session)
         frame = getattr(registration_info, "memha_frame", None)
         if mismatch is None and self.memha_desc is not None and not (frame is None and self.memha_stock):
             peer = f"{registration_info.endpoint}:{registration_info.dst_port}"
             tag_reason = None if frame is None else handshake.check_registration_tag(
                 self.memha_secret, frame, getattr(registration_info, "memha_msg", []), peer)
-            mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer)
+            tp = (registration_info.dst_attn_tp_size, self.attn_tp_size)  # (decode, prefill)
+            mismatch = tag_reason or handshake.check_decode_peer(self.memha_desc, frame, peer=peer, tp=tp)
             if mismatch is not None:
                 logger.error("sglang-memha: %s", mismatch)
                 metrics.handshake_refused(mismatch.kind)
             else:  # once per decode; names the session its rooms' metadata must carry
-                target = handshake.send_target(self.memha_desc, frame)
+                target = handshake.send_target(self.memha_desc, frame, tp)
+                if tp[0] != tp[1]:  # the descriptor check refused a send target with it
+                    mismatch = self._head_slice_problem(registration_info, handshake.frame_descriptor(frame))
+                    if mismatch is not None:
+                        logger.error("sglang-memha: decode at %s: %s", peer, mismatch)
+                        metrics.handshake_refused("conversion")
+                        return fully_checked, mismatch
                 if target is not None:
                     mismatch = self._conversion_problem(registration_info, target)
                     if mismatch is not None:
@@ -100,8 +108,9 @@ class HandshakeMixin:
                     self.memha_send_targets[session] = target
                     if target.page_size != self.memha_desc.page_size:
                         repage.register_session(session, self.memha_desc.page_size, target.page_size)
-                logger.warning("sglang-memha: decode at %s registered: session %s%s", peer, session,
-                               target_note(self.memha_desc, target))
+                logger.warning("sglang-memha: decode at %s registered: session %s%s%s", peer, session,
+                               target_note(self.memha_desc, target),
+                               f"; KV heads sliced on send, attention TP {tp[1]} -> {tp[0]}" if tp[0] != tp[1] else "")
         return fully_checked, mismatch
 
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:

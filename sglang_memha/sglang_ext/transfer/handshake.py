@@ -46,7 +46,7 @@ _TAG_HEX = 64  # SHA-256
 
 # Why a peer or a message was refused, as a fixed code: the ``reason`` label of
 # ``sglang:memha_handshake_refusals_total`` (``sglang_ext/metrics``). The first six come from the
-# checks here; ``conversion`` (a decode whose pages this prefill cannot convert or re-page,
+# checks here; ``conversion`` (a decode whose pages this prefill cannot convert, re-page or head-slice,
 # ``conn_bridges``) and ``prefill_layout`` (a decode refusing a prefill's page size, KV dtype or
 # layout, ``conn_handshake``) from the manager.
 REFUSAL_KINDS = ("no_descriptor", "malformed", "format_mismatch", "unsupported_bridge", "auth",
@@ -237,25 +237,33 @@ def layout_descriptor(kv_layout: object) -> FormatDescriptor | None:
         return None
 
 
-def bridges_for(local: FormatDescriptor, kv_layout: str) -> list[Bridge]:
+def bridges_for(local: FormatDescriptor, kv_layout: str, tp: tuple[int, int] = (1, 1)) -> list[Bridge]:
     """Decode side, after ``check_prefill_peer`` returned None: the bridges the decode applies on
     arrival (those the prefill applies while sending are left out). A layout that check would
-    not pass raises ``ValueError`` (``FormatMismatchError`` included)."""
-    bridges = local.check_compatible(FormatDescriptor.from_bytes(_layout_payload(kv_layout)))
+    not pass raises ``ValueError`` (``FormatMismatchError`` included). ``tp``: (decode, prefill)
+    attention TP sizes."""
+    bridges = local.check_compatible(FormatDescriptor.from_bytes(_layout_payload(kv_layout)), tp)
     return [b for b in bridges if b in APPLIED_BRIDGES]
 
 
-def send_target(local: FormatDescriptor, frame: bytes) -> FormatDescriptor | None:
+def frame_descriptor(frame: bytes) -> FormatDescriptor:
+    """The descriptor of a decode's ``MEMHA1`` frame; ``ValueError`` for anything else."""
+    return FormatDescriptor.from_bytes(_frame_payload(frame))
+
+
+def send_target(local: FormatDescriptor, frame: bytes, tp: tuple[int, int] = (1, 1)) -> FormatDescriptor | None:
     """Prefill side, after ``check_decode_peer`` returned None for ``frame``: the decode's
     descriptor when the prefill must convert or re-page what it sends to it (a
-    ``SENDER_BRIDGES`` bridge), else None (the pool's rows go as they are)."""
+    ``SENDER_BRIDGES`` bridge), else None (the pool's rows go as they are, or sliced by head
+    when ``tp``, (decode, prefill) attention TP sizes, differ)."""
     decode = FormatDescriptor.from_bytes(_frame_payload(frame))
-    return decode if set(decode.check_compatible(local)) & SENDER_BRIDGES else None
+    return decode if set(decode.check_compatible(local, tp)) & SENDER_BRIDGES else None
 
 
-def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str) -> str | None:
+def _verdict(receiver: FormatDescriptor, sender: FormatDescriptor, where: str,
+             tp: tuple[int, int]) -> str | None:
     try:
-        bridges = receiver.check_compatible(sender)
+        bridges = receiver.check_compatible(sender, tp)
     except FormatMismatchError as e:
         pages = ("" if receiver.page_size == sender.page_size else
                  f"; page_size: decode={receiver.page_size} prefill={sender.page_size} (re-paging alone "
@@ -307,10 +315,10 @@ def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | 
 
 
 def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str,
-                       secret: str | None = None) -> str | None:
+                       secret: str | None = None, tp: tuple[int, int] = (1, 1)) -> str | None:
     """Decode side: judge the prefill's published ``kv_layout`` (any JSON value the bootstrap
     server returned: only a ``memha/1:`` / ``memha/1a:`` str is parsed, other strs and None are
-    "missing"), its authentication tag first."""
+    "missing"), its authentication tag first. ``tp``: (decode, prefill) attention TP sizes."""
     if kv_layout is None or (isinstance(kv_layout, str) and not kv_layout.startswith(
             (LAYOUT_PREFIX, AUTH_LAYOUT_PREFIX))):
         return _missing("prefill", peer, local, "decode")
@@ -320,17 +328,19 @@ def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str
     parsed = _parse(_layout_payload, kv_layout, f"prefill at {peer}")
     if isinstance(parsed, str):
         return parsed
-    return _verdict(local, parsed, f"prefill at {peer} is incompatible")
+    return _verdict(local, parsed, f"prefill at {peer} is incompatible", tp)
 
 
-def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str) -> str | None:
-    """Prefill side: judge a decode's registration frame (None: the decode sent none)."""
+def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str,
+                      tp: tuple[int, int] = (1, 1)) -> str | None:
+    """Prefill side: judge a decode's registration frame (None: the decode sent none). ``tp``:
+    (decode, prefill) attention TP sizes."""
     if frame is None:
         return _missing("decode", peer, local, "prefill")
     parsed = _parse(_frame_payload, frame, f"decode at {peer}")
     if isinstance(parsed, str):
         return parsed
-    return _verdict(parsed, local, f"decode at {peer} is incompatible")
+    return _verdict(parsed, local, f"decode at {peer} is incompatible", tp)
 
 
 __all__ = ["Bridge", "check_decode_peer", "check_layout_tag", "check_prefill_peer",

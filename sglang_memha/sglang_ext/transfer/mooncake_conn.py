@@ -17,9 +17,12 @@ metadata messages) is SGLang's; we only add to it:
   (``_accept_repaged``).
 * **Per-layer pipeline** (``MEMHA_PIPELINE=1``, prefill): pages a per-layer plan already shipped
   during the forward are left out of SGLang's send (``send_kvcache``; ``pipeline``).
+* **Different attention TP** (``head_slice``): a memha decode with another attention TP size
+  gets this rank's heads of each page, every data and scale buffer sliced with its own row
+  bytes (``send_kvcache_slice``, which SGLang calls for such a pair).
 
-Here: the manager's state (``__init__``), the send entry point that routes a chunk to the
-pipeline, the bridges or SGLang's own send, the room's conclusion, and the receiver's
+Here: the manager's state (``__init__``), the send entry points that route a chunk to the
+pipeline, the bridges, the head slicing or SGLang's own send, the room's conclusion, and the receiver's
 per-request checks and the bytes it expects (``memha_arrived_bytes``, for
 ``sglang_ext/metrics``). The sender is not replaced here: ``cpu/cpu_compat`` owns that REPLACE (one
 owner per target).
@@ -43,12 +46,13 @@ from sglang_memha.sglang_ext.transfer import handshake
 from sglang_memha.sglang_ext.transfer.conn_bridges import BridgeMixin
 from sglang_memha.sglang_ext.transfer.conn_bytes import ByteAccountingMixin
 from sglang_memha.sglang_ext.transfer.conn_handshake import HandshakeMixin
+from sglang_memha.sglang_ext.transfer.head_slice import HeadSliceMixin
 from sglang_memha.sglang_ext.transfer.pipeline import LayerPipeline
 
 logger = logging.getLogger("sglang_memha")
 
 
-class MemhaKVManager(HandshakeMixin, BridgeMixin, ByteAccountingMixin, mc.MooncakeKVManager):
+class MemhaKVManager(HandshakeMixin, BridgeMixin, HeadSliceMixin, ByteAccountingMixin, mc.MooncakeKVManager):
     # SGLang's manager, for calling its methods on a probe (``_accept_repaged``); once the REPLACE
     # is applied, ``mc.MooncakeKVManager`` names this class.
     memha_sglang_cls = mc.MooncakeKVManager
@@ -66,6 +70,8 @@ class MemhaKVManager(HandshakeMixin, BridgeMixin, ByteAccountingMixin, mc.Moonca
         self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
         # prefill: decode session -> its descriptor, when pages must be converted on send
         self.memha_send_targets: dict[str, object] = {}
+        # prefill: decode session with another attention TP size -> its PoolLayout (head_slice)
+        self.memha_sliced: dict[str, object] = {}
         self.memha_converter = None
         self.memha_refused_prefills: dict[str, str] = {}  # decode: address -> why its info was refused
         cfg = load_config()
@@ -116,6 +122,29 @@ class MemhaKVManager(HandshakeMixin, BridgeMixin, ByteAccountingMixin, mc.Moonca
         finally:
             self._memha_tls.phase = None
 
+    def send_kvcache_slice(self, mooncake_session_id, prefill_kv_indices, dst_kv_ptrs, dst_kv_indices,
+                           dst_tp_rank, dst_attn_tp_size, *args, **kwargs):
+        """Transfer worker, once per chunk and decode session whose attention TP size differs
+        from this prefill's (SGLang routes those here; the pipeline never plans them); blocks for
+        the transfer. A memha decode registered for head slicing gets this rank's heads of every
+        entry (``_send_head_sliced``); a stock pair keeps SGLang's slicing (its bytes are not
+        counted: SGLang's calls Mooncake directly)."""
+        if self._refuse_nonfinite(prefill_kv_indices):
+            return 0
+        stats = self._room_stats()
+        if stats is not None:
+            stats.pages += len(prefill_kv_indices)
+        dst = self.memha_sliced.get(mooncake_session_id)
+        self._memha_tls.phase = "kv"
+        try:
+            if dst is not None:
+                return self._send_head_sliced(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                              dst_kv_indices, int(dst_tp_rank), int(dst_attn_tp_size), dst)
+            return super().send_kvcache_slice(mooncake_session_id, prefill_kv_indices, dst_kv_ptrs,
+                                              dst_kv_indices, dst_tp_rank, dst_attn_tp_size, *args, **kwargs)
+        finally:
+            self._memha_tls.phase = None
+
     def _refuse_nonfinite(self, prefill_kv_indices) -> bool:
         """Transfer worker: fail this chunk's room if its pages hold K/V that was non-finite when
         the forward wrote it (``MemhaQuantKVPool.nonfinite_layers``). Returns True when refused:
@@ -161,10 +190,11 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
         if local is None or self.conclude_state == KVPoll.Failed:
             return
         info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
+        tp = (self.kv_mgr.attn_tp_size, getattr(info, "attn_tp_size", self.kv_mgr.attn_tp_size))
         reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
-                                              peer=self.bootstrap_addr, secret=self.kv_mgr.memha_secret)
+                                              peer=self.bootstrap_addr, secret=self.kv_mgr.memha_secret, tp=tp)
         if reason is None:
-            bridges = handshake.bridges_for(local, info.kv_layout)
+            bridges = handshake.bridges_for(local, info.kv_layout, tp)
             if bridges:
                 self.kv_mgr.memha_bridges[self.bootstrap_room] = bridges
                 # the bytes cross in the prefill's format and are converted here on arrival
