@@ -139,7 +139,8 @@ def test_owner_signal_stops_its_processes(tmp_path, mode, sig, code):
 def test_handler_installed_while_live_and_restored(tmp_path):
     if procs._LIVE:
         pytest.skip("another deployment of this test process is live: the handler stays")
-    before = signal.getsignal(signal.SIGTERM)
+    # SIGINT's previous handler is Python's, or SIG_IGN where the suite runs as a background job
+    before, before_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     p = ManagedProcess("s", [sys.executable, "-c", "import time; time.sleep(600)"],
                        str(tmp_path / "s.log"), dict(os.environ))
     try:
@@ -149,7 +150,7 @@ def test_handler_installed_while_live_and_restored(tmp_path):
     finally:
         p.stop(grace_s=5)
     assert signal.getsignal(signal.SIGTERM) is before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before_int
 
 
 def test_each_run_logs_fresh(tmp_path):

@@ -194,7 +194,7 @@ def test_decode_request_refused_at_init_is_counted(registry, monkeypatch):
     metrics.start({**LABELS, "engine_type": "decode"}, "fp8_e4m3", 4096, registry)
     monkeypatch.setattr(mc.MooncakeKVReceiver, "init", lambda self, rank: None)
     mgr = object.__new__(MemhaKVManager)
-    mgr.memha_desc, mgr.memha_secret = desc(), None
+    mgr.memha_desc, mgr.memha_secret, mgr.attn_tp_size = desc(), None, 1  # as SGLang's manager sets it
     mgr.prefill_info_table = {"p:1": SimpleNamespace(kv_layout=handshake.encode_layout(desc(fmt="int4_kivi")))}
     failed = []
     mgr.record_failure = lambda room, reason: failed.append(reason)
