@@ -303,14 +303,21 @@ class PDCluster(_Deployment):
         """What the router does for one request, aimed at a chosen decode server: POST the
         payload plus ``bootstrap_host/port/room`` to prefill and decode at once and return the
         decode's answer (for tests that must pick the decode server; ``room``: default random)."""
-        host, _ = _host_port(self.prefill_url)
-        body = {**payload, "bootstrap_host": host, "bootstrap_port": self.bootstrap_port,
-                "bootstrap_room": random.getrandbits(63) if room is None else room}
-        with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            pf = ex.submit(http_json, f"{self.prefill_url}/generate", body, timeout)
-            df = ex.submit(http_json, f"{self.decode_urls[decode_index]}/generate", body, timeout)
-            pf.result()
-            return df.result()
+        return direct_pd_generate(self.prefill_url, self.bootstrap_port, self.decode_urls[decode_index], payload,
+                                  timeout, room)
+
+
+def direct_pd_generate(prefill_url: str, bootstrap_port: int, decode_url: str, payload: dict,
+                       timeout: float = 300.0, room: int | None = None) -> tuple[int, dict | str]:
+    """What the router does for one request: POST ``payload`` plus ``bootstrap_host/port/room``
+    (``room``: default random) to the prefill and the decode at once; the decode's answer."""
+    body = {**payload, "bootstrap_host": _host_port(prefill_url)[0], "bootstrap_port": bootstrap_port,
+            "bootstrap_room": random.getrandbits(63) if room is None else room}
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        pf = ex.submit(http_json, f"{prefill_url}/generate", body, timeout)
+        df = ex.submit(http_json, f"{decode_url}/generate", body, timeout)
+        pf.result()
+        return df.result()
 
 
 def main(argv: list[str] | None = None) -> None:

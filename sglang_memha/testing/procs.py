@@ -117,23 +117,27 @@ def check_port_free(port: int, what: str) -> None:
                                f"stop what listens there or pass another port (0 = pick a free one)") from None
 
 
-def http_json(url: str, payload: dict | None = None, timeout: float = 120.0) -> tuple[int, dict | str]:
-    """POST ``payload`` (or GET when None); return (status, parsed JSON or text). Never raises on
-    HTTP errors; connection errors come back as status 0."""
+def http_call(method: str, url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, dict | str]:
+    """``method`` (``GET``, ``POST``, ``DELETE``, ...) with an optional JSON body; (status, parsed
+    JSON or text). Never raises on HTTP errors; connection errors come back as status 0."""
     data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read().decode()
-            status = r.status
+            status, body = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
-        body, status = e.read().decode(errors="replace"), e.code
+        status, body = e.code, e.read().decode(errors="replace")
     except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as e:
         return 0, str(e)
     try:
         return status, json.loads(body)
     except json.JSONDecodeError:
         return status, body
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 120.0) -> tuple[int, dict | str]:
+    """POST ``payload`` (or GET when None): ``http_call``."""
+    return http_call("GET" if payload is None else "POST", url, payload, timeout)
 
 
 @dataclass

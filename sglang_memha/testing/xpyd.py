@@ -25,34 +25,10 @@ sent to a removed worker run to their end (the router only stops choosing it).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import random
-import socket
-import urllib.error
-import urllib.request
-
 from sglang_memha.testing.cluster import (HOST, STARTUP_TIMEOUT_S, _check_model, _Deployment, _health, _host_port,
-                                          cpu_server_flags, router_missing, server_env, wait_router_workers)
-from sglang_memha.testing.procs import ClusterError, check_port_free, free_port, http_json, wait_until
-
-
-def http_call(method: str, url: str, payload: dict | None = None, timeout: float = 30.0) -> tuple[int, dict | str]:
-    """``method`` (``DELETE``, ``POST``, ...) with an optional JSON body; (status, JSON or text).
-    Never raises on HTTP errors; connection errors come back as status 0."""
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, body = r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        status, body = e.code, e.read().decode(errors="replace")
-    except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as e:
-        return 0, str(e)
-    try:
-        return status, json.loads(body)
-    except json.JSONDecodeError:
-        return status, body
+                                          cpu_server_flags, direct_pd_generate, router_missing, server_env,
+                                          wait_router_workers)
+from sglang_memha.testing.procs import ClusterError, check_port_free, free_port, http_call, http_json, wait_until
 
 
 class XPyDCluster(_Deployment):
@@ -173,15 +149,8 @@ class XPyDCluster(_Deployment):
                         room: int | None = None) -> tuple[int, dict | str]:
         """What the router does for one request, aimed at a chosen prefill and decode: POST the
         payload plus ``bootstrap_host/port/room`` to both at once; the decode's answer."""
-        prefill = self.prefill_urls[prefill_index]
-        body = {**payload, "bootstrap_host": _host_port(prefill)[0],
-                "bootstrap_port": self.bootstrap_ports[prefill_index],
-                "bootstrap_room": random.getrandbits(63) if room is None else room}
-        with concurrent.futures.ThreadPoolExecutor(2) as ex:
-            pf = ex.submit(http_json, f"{prefill}/generate", body, timeout)
-            df = ex.submit(http_json, f"{self.decode_urls[decode_index]}/generate", body, timeout)
-            pf.result()
-            return df.result()
+        return direct_pd_generate(self.prefill_urls[prefill_index], self.bootstrap_ports[prefill_index],
+                                  self.decode_urls[decode_index], payload, timeout, room)
 
 
 __all__ = ["XPyDCluster", "http_call"]
