@@ -43,6 +43,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from eval import request_timeline  # noqa: E402
 from eval.bench_threads import group_cpu_s, thread_cpu_s, top_threads  # noqa: E402
 
 # The issue's comparison, started as the README says: MEMHA_* on both servers, pipeline on the
@@ -100,16 +101,19 @@ def datasets(args, work: str) -> dict[str, list[str]]:
     return out
 
 
-def bench(cluster, model: str, flags: list[str], out_file: str) -> dict:
-    """One bench_serving run against the cluster's router; its result line plus CPU use."""
+def bench(cluster, model: str, flags: list[str], out_file: str, time_stats: bool = False) -> dict:
+    """One bench_serving run against the cluster's router; its result line plus CPU use, and with
+    ``time_stats`` every request's stages from the servers' logs (``eval/request_timeline.py``)
+    beside bench_serving's own per-request TTFT and inter-token gaps."""
     host, port = cluster.url.rsplit("//", 1)[1].split(":")
+    offsets = {p.name: os.path.getsize(p.log_path) for p in cluster.procs}
     servers = {p.name: p.pid for p in cluster.procs if p.name != "router"}
     cpu0 = {n: group_cpu_s(pid) for n, pid in servers.items()}
     thr0 = {n: thread_cpu_s(pid) for n, pid in servers.items()}
     t0 = time.monotonic()
     cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", host, "--port", port,
            "--model", model, "--tokenizer", model, "--disable-tqdm", "--seed", "1", *flags,
-           "--output-file", out_file]
+           "--output-file", out_file, *(["--output-details"] if time_stats else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
     wall = time.monotonic() - t0
     if proc.returncode != 0 or not os.path.exists(out_file):
@@ -121,6 +125,11 @@ def bench(cluster, model: str, flags: list[str], out_file: str) -> dict:
     row["wall_s"] = wall
     row["cpu_s"] = {n: group_cpu_s(pid) - cpu0[n] for n, pid in servers.items()}
     row["busiest_threads"] = {n: top_threads(thr0[n], thread_cpu_s(pid)) for n, pid in servers.items()}
+    if time_stats:
+        row["requests"] = request_timeline.join(*request_timeline.read_logs(cluster.log_dir, offsets))
+        row["stages"] = request_timeline.summarize(row["requests"])
+        row["client"] = [{"input_len": i, "output_len": o, "ttft_s": t, "itl_s": g} for i, o, t, g in
+                         zip(res["input_lens"], res["output_lens"], res["ttfts"], res["itls"])]
     return row
 
 
@@ -181,6 +190,9 @@ def main() -> None:
     ap.add_argument("--random-rate", type=float, default=1.0)
     ap.add_argument("--random-input", type=int, default=512)
     ap.add_argument("--random-output", type=int, default=32)
+    ap.add_argument("--time-stats", action="store_true",
+                    help="servers log SGLang's per-request stage times; each run records them per request "
+                         "(eval/request_timeline.py) with bench_serving's per-request TTFT and gaps")
     ap.add_argument("--out", default="eval/results/bench_serving.json")
     ap.add_argument("--estimate", action="store_true", help="print the plan and its time, run nothing")
     args = ap.parse_args()
@@ -213,13 +225,15 @@ def main() -> None:
             for cfg in order:
                 env = CONFIGS[cfg]
                 page_flags = ["--page-size", str(page)]
+                if args.time_stats:
+                    page_flags.append("--enable-request-time-stats-logging")
                 with PDCluster(model, page_flags, page_flags, max_total_tokens=None,
                                prefill_env=env["prefill"], decode_env=env["decode"],
                                log_dir=os.path.join(work, f"r{rnd}-p{page}-{cfg}")) as c:
                     warm_up(c)
                     for wl in args.workloads:
                         out_file = os.path.join(work, f"r{rnd}-p{page}-{cfg}-{wl}.jsonl")
-                        row = bench(c, model, flags[wl], out_file)
+                        row = bench(c, model, flags[wl], out_file, args.time_stats)
                         row.update(round=rnd, page_size=page, config=cfg, workload=wl)
                         runs.append(row)
                         print(f"round {rnd} page {page} {cfg:22s} {wl:6s} TTFT {row['mean_ttft_ms']:8.0f} ms  "

@@ -9,7 +9,8 @@
 3. **PD configurations**, one cluster each, same prompts: memha fp8 whole-request with the
    servers on loopback (no shaped link: prefill compute plus every PD overhead, the baseline of
    "exposed transfer"), then on the shaped link stock SGLang PD (bf16 pool, whole request sent
-   after the forward), memha fp8 whole-request, memha fp8 pipelined, memha bf16 pipelined. TTFT = client latency of a non-streaming ``max_new_tokens=1`` request through the
+   after the forward), memha bf16 whole-request, memha fp8 whole-request, memha fp8 pipelined,
+   memha bf16 pipelined. TTFT = client latency of a non-streaming ``max_new_tokens=1`` request through the
    router (the decode server answers once the KV landed and the first token is committed).
    Pipelined runs set ``MEMHA_PIPELINE_MIN_TOKENS=0`` so every length is measured pipelined;
    the shipped default threshold is chosen from these numbers.
@@ -18,8 +19,11 @@ Every prompt is fresh random token ids (no radix-cache hit); lengths are measure
 increasing order, ``--reps`` times each (median reported). ``--chunked-prefill-size`` is larger
 than the longest prompt so "whole request" means one forward, then one send.
 
-Writes ``eval/results/ttft.json`` (flat keys ``ttft_ratio_4k``, ``exposed_transfer_fraction_4k``,
-``ttft_ratio_256`` plus every median) and ``eval/results/ttft.png``.
+Writes ``eval/results/ttft.json``: every median and range (``ttft_s_<config>_<n>``,
+``ttft_range_s_<config>_<n>``), each effect of ``EFFECTS`` on its own per length with its range
+(bytes alone ``ttft_bytes_fp8_vs_bf16_whole_4k``, pipelining alone ``ttft_pipelined_vs_whole_4k``
+(fp8) and ``ttft_pipelined_vs_whole_bf16_4k``, both vs stock ``ttft_ratio_4k`` / ``ttft_ratio_256``,
+the floor ``ttft_floor_vs_stock_4k``), ``exposed_transfer_fraction_4k``, and ``eval/results/ttft.png``.
 Needs root (network namespaces). ``python eval/bench_ttft.py`` (~25 min on 2 cores).
 """
 from __future__ import annotations
@@ -47,7 +51,35 @@ OUT_PNG = os.path.join(ROOT, "eval", "results", "ttft.png")
 
 NO_LINK = "pd_fp8_no_link"  # prefill compute + PD overheads, KV over loopback (~free)
 CONFIGS = {name: PD_CONFIGS[name].env for name in
-           (NO_LINK, "stock_bf16", "memha_fp8_whole", "memha_fp8_pipelined", "memha_bf16_pipelined")}
+           (NO_LINK, "stock_bf16", "memha_bf16_whole", "memha_fp8_whole", "memha_fp8_pipelined",
+            "memha_bf16_pipelined")}
+# Each effect on its own (issue 22): key -> (numerator config, denominator config). Everything on
+# the same shaped link, so a ratio changes one thing: the bytes (fp8 vs bf16, both whole-request,
+# both memha's code path), the pipelining (per format), or everything vs stock SGLang PD. The
+# floor is prefill compute alone (a single server, no transfer).
+EFFECTS = {
+    "ttft_bytes_fp8_vs_bf16_whole": ("memha_fp8_whole", "memha_bf16_whole"),
+    "ttft_pipelined_vs_whole": ("memha_fp8_pipelined", "memha_fp8_whole"),
+    "ttft_pipelined_vs_whole_bf16": ("memha_bf16_pipelined", "memha_bf16_whole"),
+    "ttft_ratio": ("memha_fp8_pipelined", "stock_bf16"),
+    "ttft_memha_bf16_whole_vs_stock": ("memha_bf16_whole", "stock_bf16"),
+    "ttft_floor_vs_stock": ("prefill_only", "stock_bf16"),
+}
+
+
+def effect_keys(samples: dict[str, dict[int, list[float]]]) -> dict[str, float | list[float]]:
+    """``<effect>_<n>`` = median / median per prompt length, and ``<effect>_<n>_range`` = [min
+    of the numerator / max of the denominator, max / min]: the widest the ratio of two single
+    requests could be (requests are not paired across configurations)."""
+    out: dict[str, float | list[float]] = {}
+    for key, (num, den) in EFFECTS.items():
+        if num not in samples or den not in samples:
+            continue
+        for n in sorted(set(samples[num]) & set(samples[den])):
+            a, b = samples[num][n], samples[den][n]
+            out[f"{key}_{n}"] = round(statistics.median(a) / statistics.median(b), 4)
+            out[f"{key}_{n}_range"] = [round(min(a) / max(b), 4), round(max(a) / min(b), 4)]
+    return out
 
 
 def one_request(deploy, n: int, rng: random.Random) -> float:
@@ -73,7 +105,7 @@ def measure(deploy, lengths: list[int], reps: dict[int, int], seed: int, label: 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="256,512,1024,2048,4096,8000")
-    ap.add_argument("--reps", type=int, default=2, help="requests per length (median reported)")
+    ap.add_argument("--reps", type=int, default=3, help="requests per length (median and range reported)")
     ap.add_argument("--reps-long", type=int, default=1, help="requests per length above 4096")
     ap.add_argument("--rate", default="auto", help="link rate (tc units, e.g. 40mbit) or 'auto'")
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -104,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         one_request(s, 64, random.Random(99))  # warm-up
         prefill = measure(s, lengths, reps, seed=1, label="prefill_only")
     med = {"prefill_only": {n: statistics.median(v) for n, v in prefill.items()}}
+    samples = {"prefill_only": prefill}
 
     ref_len = 4096 if 4096 in lengths else max(lengths)
     if a.rate == "auto":
@@ -127,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(1.0)  # the transfer line is logged when the room concludes
                 rows = transfer_rows(c.logs()["prefill"])[before:]
             med[name] = {n: statistics.median(v) for n, v in got.items()}
+            samples[name] = got
             order = [n for n in lengths for _ in range(reps[n])]
             if len(rows) == len(order):
                 by_len: dict[int, list] = {}
@@ -146,18 +180,20 @@ def main(argv: list[str] | None = None) -> None:
     for name, m in med.items():
         for n, v in m.items():
             out[f"ttft_s_{name}_{n}"] = round(v, 4)
+    for name, m in samples.items():
+        for n, v in m.items():
+            out[f"ttft_range_s_{name}_{n}"] = [round(min(v), 4), round(max(v), 4)]
+    out.update(effect_keys(samples))
+    for key in EFFECTS:
+        if f"{key}_4096" in out:
+            out[f"{key}_4k"] = out[f"{key}_4096"]
     for name, m in transfer_ms.items():
         for n, v in m.items():
             out[f"transfer_ms_{name}_{n}"] = round(v, 1)
     for name, m in pipelined.items():
         for n, v in m.items():
             out[f"pipelined_pages_{name}_{n}"] = v
-    stock, pipe = med.get("stock_bf16"), med.get("memha_fp8_pipelined")
-    if stock and pipe:
-        for n in lengths:
-            out[f"ttft_ratio_{n}"] = round(pipe[n] / stock[n], 4)
-        if 4096 in lengths:
-            out["ttft_ratio_4k"] = out["ttft_ratio_4096"]
+    pipe = med.get("memha_fp8_pipelined")
     whole = transfer_ms.get("memha_fp8_whole", {})
     if pipe and 4096 in lengths and 4096 in whole:
         # Exposed transfer = what the link adds to TTFT beyond the same PD path with a ~free link
@@ -173,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=1, sort_keys=True)
-    print(json.dumps({k: v for k, v in out.items() if k.startswith(("ttft_ratio", "exposed"))}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k.startswith(("ttft_ratio", "exposed"))
+                      or k.endswith("_4k")}, indent=1))
     plot(med, lengths, rate, OUT_PNG if a.out == OUT_JSON else a.out.replace(".json", ".png"))
     print(markdown_table(out))
 

@@ -41,6 +41,7 @@ PD_CONFIGS: dict[str, PDConfig] = {
     "memha_fp8_whole": PDConfig("memha fp8_e4m3, whole request", {"MEMHA_KV_FORMAT": "fp8_e4m3"}),
     "memha_fp8_pipelined": PDConfig("memha fp8_e4m3, per-layer pipelined",
                                     {"MEMHA_KV_FORMAT": "fp8_e4m3", **_PIPELINED}),
+    "memha_bf16_whole": PDConfig("memha bf16 pool, whole request", {"MEMHA_KV_FORMAT": "bf16"}),
     "memha_bf16_pipelined": PDConfig("memha bf16 pool, per-layer pipelined",
                                      {"MEMHA_KV_FORMAT": "bf16", **_PIPELINED}),
     "memha_int4_pipelined": PDConfig("memha int4_g64, per-layer pipelined",

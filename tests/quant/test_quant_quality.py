@@ -55,13 +55,28 @@ THRESHOLDS = {"bf16": (1.0, 1e-6), "fp8_e4m3": (0.48, 0.6), "int8": (0.58, 0.3),
               "int4_kivi": (0.36, 1.0), "fp8_e4m3+koff+had": (0.48, 0.6)}
 
 
-def _run(deploy) -> list[dict]:
-    out = []
-    for p in PROMPTS:
-        status, body = deploy_generate(deploy, p)
+SEQUENTIAL = {"bf16", "int8"}  # compared one request at a time (see _run)
+
+
+def _run(deploy, concurrent: bool) -> list[dict]:
+    """meta_info per prompt, in PROMPTS order: one request at a time, or all at once.
+
+    All at once takes a fraction of the time on this 2-core box (decode batches of 12 instead of
+    12 requests of 16 steps each), but batches round differently from single requests and the
+    PD decode's batches depend on when each KV lands, which adds noise to ``dlogp`` (measured
+    2026-12-07, all at once vs one at a time: int8 0.25 vs 0.13; fp8 0.26 vs 0.34; int4_kivi
+    0.44 vs 0.55; fp8+koff+had 0.22; agree: fp8 0.66, int8 0.93, int4_kivi 0.62, int4_g64
+    0.141 both ways). So bf16 (exact) and int8 (whose dlogp bar is the sharp one) run one at a
+    time on both sides; the other formats, whose bars sit >= 2x above what they measure, run
+    all at once against a reference run all at once.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(PROMPTS) if concurrent else 1) as pool:
+        results = list(pool.map(lambda p: deploy_generate(deploy, p), PROMPTS))
+    for status, body in results:
         assert status == 200, body
-        out.append(body["meta_info"])
-    return out
+    return [body["meta_info"] for _, body in results]
 
 
 def deploy_generate(deploy, prompt):
@@ -97,7 +112,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def reference(smollm2, tmp_path_factory):
     with SingleServer(smollm2, PAGE, log_dir=str(tmp_path_factory.mktemp("single"))) as s:
-        return _run(s)
+        return {False: _run(s, concurrent=False), True: _run(s, concurrent=True)}
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +141,10 @@ def test_quality_vs_single_bf16(fmt, smollm2, reference, tmp_path, request):
     if "koff" in flags:
         env["MEMHA_K_OFFSET"] = request.getfixturevalue("smollm2_k_offset")
     page = ["--page-size", "32"] if name == "int4_kivi" else PAGE  # its K blocks are 32 tokens
+    concurrent = fmt not in SEQUENTIAL
     with PDCluster(smollm2, page, page, env=env, log_dir=str(tmp_path)) as c:
-        got = _run(c)
-    agree, dlogp = compare(reference, got)
+        got = _run(c, concurrent)
+    agree, dlogp = compare(reference[concurrent], got)
     min_agree, max_dlogp = THRESHOLDS[fmt]
     print(f"{fmt}: agree={agree:.3f} max|dlogp|={dlogp:.4f}")
     assert agree >= min_agree and dlogp <= max_dlogp, (fmt, agree, dlogp)
