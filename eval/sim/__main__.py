@@ -7,6 +7,10 @@
                                   exists) | harness | reference (older copied medians);
                                   --write updates the validation keys of eval/results/sim.json
                                   (with --repeat its sim_repeat_* keys: a repeat session's file F)
+    extrapolate --calib F [--other F2] [--short-max N] [--attn-ratio R] [--link-groups G] [--write]
+                                  fit on bench_ttft file F's prompts <= N (1024), predict its longer
+                                  prompts and every point of F2 (another link rate); --write merges
+                                  the sim_extrapolation_* keys into eval/results/sim.json
     replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
     search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
     all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import energy as E
+from . import extrapolate as X
 from . import search as S
 from . import systems, trace, validate
 from .cluster import simulate
@@ -33,6 +38,7 @@ from .cluster import simulate
 RESULTS = Path(__file__).resolve().parents[2] / "eval" / "results"
 MAIN_TRACES = ("azure_conv", "azure_code", "mooncake_conversation")
 MAX_OUTPUT = 4096
+KEPT_BY_ALL = ("sim_repeat_", "sim_extrapolation_")  # sim.json keys of `validate --repeat`, `extrapolate`
 
 
 def _trace(name: str, n: int) -> trace.Trace:
@@ -114,6 +120,22 @@ def cmd_validate(a: argparse.Namespace) -> dict:
         path.write_text(json.dumps(out, indent=1))
         _plot_validation(v)
         print(f"updated the validation keys of {path} and {RESULTS / 'sim_validation.png'}")
+    return v
+
+
+def kept_keys(path: Path) -> dict:
+    """The keys of ``path`` that `all` keeps: those other commands write (``KEPT_BY_ALL``)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    return {k: v for k, v in old.items() if k.startswith(KEPT_BY_ALL)}
+
+
+def cmd_extrapolate(a: argparse.Namespace, argv: list[str]) -> dict:
+    v = X.run(a.calib, a.other, a.short_max, a.attn_ratio, a.link_groups)
+    print(X.format_table(v))
+    if a.write:
+        path = RESULTS / "sim.json"
+        X.write_keys(v, path, "python -m eval.sim " + " ".join(argv))
+        print(f"updated the sim_extrapolation_* keys of {path}")
     return v
 
 
@@ -244,6 +266,7 @@ def cmd_all(a: argparse.Namespace) -> None:
     plt.close(fig)
     out["sim_distributions_azure_conv"] = {"rate_rps": rate, **dist}
 
+    out.update({k: v for k, v in kept_keys(RESULTS / "sim.json").items() if k not in out})
     with open(RESULTS / "sim.json", "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {RESULTS / 'sim.json'}")
@@ -304,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("--harness-file", default=None, help="measure_cpu_pd.py output (default eval/results/cpu_pd_measured.json)")
     v.add_argument("--repeat", action="store_true",
                    help="with --write and --harness-file: write the sim_repeat_* keys (a repeat session) instead")
+    x = sub.add_parser("extrapolate", help="fit on short prompts at one link rate, predict long ones and another rate")
+    x.add_argument("--calib", required=True, help="eval/bench_ttft.py output the constants are fitted on")
+    x.add_argument("--other", default=None, help="a bench_ttft.py output at another link rate (all predicted)")
+    x.add_argument("--short-max", type=int, default=X.SHORT_MAX, help="longest calibration prompt")
+    x.add_argument("--attn-ratio", type=float, default=None,
+                   help="F_gemm / F_attn when --calib has < 3 short lengths (default: validate's harness fit)")
+    x.add_argument("--link-groups", default="config", choices=("config", "schedule"))
+    x.add_argument("--write", action="store_true", help="merge the sim_extrapolation_* keys into eval/results/sim.json")
     r = sub.add_parser("replay")
     for k in ("model", "system"):
         r.add_argument(k)
@@ -332,12 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     en.add_argument("--n", type=int, default=2000)
     en.add_argument("--traces", default=",".join(MAIN_TRACES))
     en.add_argument("--out", default=str(RESULTS / "sim_energy.json"))
+    argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     if a.cmd == "vendor-traces":
         for p in trace.vendor():
             print(p)
     elif a.cmd == "validate":
         cmd_validate(a)
+    elif a.cmd == "extrapolate":
+        cmd_extrapolate(a, argv)
     elif a.cmd == "replay":
         cmd_replay(a)
     elif a.cmd == "search":

@@ -122,21 +122,38 @@ def _prefill_features(m: ModelConfig, n: int) -> tuple[float, float]:
     return lin, attn
 
 
-def fit_testbed(tb: dict | None = None) -> tuple[ModelConfig, Device, float, float | None]:
-    """Return (model, calibrated device, PD hand-off seconds, fitted PD slowdown or None).
+def _lstsq_nonneg(A: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares; unknowns that come out negative are fixed at 0 and the rest refitted
+    (a tiny negative overhead is noise, an unphysical rate still fails in the caller)."""
+    free = np.ones(A.shape[1], dtype=bool)
+    while True:
+        x = np.zeros(A.shape[1])
+        x[free] = np.linalg.lstsq(A[:, free], y, rcond=None)[0]
+        if x.min() >= 0 or free.sum() <= 1:
+            return x
+        free &= x > 0
 
-    The PD prefill slowdown is fitted when the table has two PD loopback (b) calibration
-    prefills; otherwise (reference table) it comes from the measured CPU shares.
+
+def fit_prefill(m: ModelConfig, dev: Device, cal: list[dict], tb: dict,
+                attn_ratio: float | None = None) -> Device:
+    """``dev`` with the prefill overhead, 1/F_gemm and 1/F_attn fitted on single-server (setup a)
+    TTFT rows ``cal`` (``prompt``, ``ttft_s``): exact with 3 rows, least squares with more; an
+    unknown that would come out negative is held at 0 (then the rows are fitted, not exact).
+
+    With fewer than 3 rows pass ``attn_ratio`` = F_gemm / F_attn (taken from elsewhere): the
+    unknowns are then the overhead and 1/F_gemm, and 1/F_attn = attn_ratio / F_gemm.
     """
-    tb = tb or testbed_table()
-    m = load_model(tb["model"])
-    dev = _base_device(tb)
-    cal = [r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "a"]
-    A = np.array([[1.0, *_prefill_features(m, r["prompt"])] for r in cal])
+    if len(cal) < (3 if attn_ratio is None else 2):
+        raise ValueError(f"{len(cal)} prefill calibration rows: 3 unknowns need 3 (2 with attn_ratio)")
+    if attn_ratio is not None and not attn_ratio > 0:
+        raise ValueError(f"attn_ratio={attn_ratio!r}: expected F_gemm / F_attn > 0")
+    feats = [(1.0, *_prefill_features(m, r["prompt"])) for r in cal]
+    A = np.array(feats if attn_ratio is None else [(o, g + attn_ratio * a) for o, g, a in feats])
     y = np.array([r["ttft_s"] for r in cal])
 
     def prefill_device(params: np.ndarray) -> Device:
-        o_p, inv_gemm, inv_attn = params
+        o_p, inv_gemm = params[:2]
+        inv_attn = params[2] if attn_ratio is None else attn_ratio * inv_gemm
         if min(o_p, inv_gemm, inv_attn) < 0:
             raise ValueError(f"prefill fit is unphysical: overhead={o_p}, 1/F_gemm={inv_gemm}, 1/F_attn={inv_attn}")
         return replace(dev, bf16_tflops=1e-12 / inv_gemm, prefill_step_overhead_s=float(o_p),
@@ -145,13 +162,58 @@ def fit_testbed(tb: dict | None = None) -> tuple[ModelConfig, Device, float, flo
     # The simulator prices each operator max(FLOPs / rate, bytes / mem_bw); the linear fit sees
     # only FLOPs. Fixed point: refit the FLOP model on the measurements minus what the roofline's
     # memory terms add at the current rates, so the replayed calibration points come out exact.
-    params = np.linalg.lstsq(A, y, rcond=None)[0]
+    params = _lstsq_nonneg(A, y)
     for _ in range(50):
-        pred = np.array([_replay_ttft(m, prefill_device(params), "a", r["prompt"], 0.0, tb) for r in cal])
+        pred = np.array([replay_ttft(m, prefill_device(params), "a", r["prompt"], 0.0, tb) for r in cal])
         if np.max(np.abs(pred / y - 1)) < 1e-4:
             break
-        params = np.linalg.lstsq(A, y - (pred - A @ params), rcond=None)[0]
-    dev = prefill_device(params)
+        params = _lstsq_nonneg(A, y - (pred - A @ params))
+    return prefill_device(params)
+
+
+def fit_pd(m: ModelConfig, dev: Device, bcal: list[dict], tb: dict, setup: str = "b",
+           **cluster_kw) -> tuple[float, float | None]:
+    """(PD hand-off seconds, PD prefill slowdown or None) from PD TTFT rows ``bcal`` of ``setup``.
+
+    One row: the hand-off only. Two: both, exactly (a root find; predicted TTFT grows with the
+    slowdown). More: the shortest and the longest prompt's rows are solved exactly, the rest are
+    not used. ``cluster_kw`` goes to ``testbed_cluster`` (link, KV format).
+    """
+    bcal = sorted(bcal, key=lambda r: r["prompt"])
+    handoff, slowdown = 0.0, None
+    if len(bcal) == 1:
+        r = bcal[0]
+        handoff = r["ttft_s"] - replay_ttft(m, dev, setup, r["prompt"], 0.0, tb, **cluster_kw)
+    elif len(bcal) >= 2:
+        lo, hi = bcal[0], bcal[-1]
+
+        def resid(f: float) -> tuple[float, float]:
+            h = lo["ttft_s"] - replay_ttft(m, dev, setup, lo["prompt"], 0.0, tb, f, **cluster_kw)
+            return replay_ttft(m, dev, setup, hi["prompt"], h, tb, f, **cluster_kw) - hi["ttft_s"], h
+
+        a, b = 0.25, 8.0
+        if resid(a)[0] > 0 or resid(b)[0] < 0:
+            raise ValueError(f"PD slowdown fit has no root in [{a}, {b}]")
+        for _ in range(60):  # bisection: predicted TTFT grows with the slowdown
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if resid(mid)[0] < 0 else (a, mid)
+        slowdown = 0.5 * (a + b)
+        handoff = resid(slowdown)[1]
+    if handoff < 0:
+        raise ValueError(f"PD hand-off fit is negative ({handoff:.3f} s)")
+    return float(handoff), slowdown
+
+
+def fit_testbed(tb: dict | None = None) -> tuple[ModelConfig, Device, float, float | None]:
+    """Return (model, calibrated device, PD hand-off seconds, fitted PD slowdown or None).
+
+    The PD prefill slowdown is fitted when the table has two PD loopback (b) calibration
+    prefills; otherwise (reference table) it comes from the measured CPU shares.
+    """
+    tb = tb or testbed_table()
+    m = load_model(tb["model"])
+    cal = [r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "a"]
+    dev = fit_prefill(m, _base_device(tb), cal, tb)
     # decode: step = o_step + B*o_req + C0[B] + S*D, C0 from the roofline with zero overheads
     dcal = [r for r in tb["decode"] if r["role"] == "calibration" and r["setup"] == "a"]
     zero = replace(dev, decode_step_overhead_s=0.0, decode_per_request_overhead_s=0.0)
@@ -172,36 +234,20 @@ def fit_testbed(tb: dict | None = None) -> tuple[ModelConfig, Device, float, flo
                   attn_tflops=top / 1e12, attn_prefill_eff=dev.attn_tflops * 1e12 / top,
                   attn_decode_eff=f_attn_dec / top)
     # PD hand-off overhead (and slowdown, with two points) from (b) calibration prefills
-    bcal = sorted((r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "b"),
-                  key=lambda r: r["prompt"])
-    handoff, slowdown = 0.0, None
-    if len(bcal) == 1:
-        r = bcal[0]
-        handoff = r["ttft_s"] - _replay_ttft(m, dev, "b", r["prompt"], 0.0, tb)
-    elif len(bcal) == 2:
-        lo, hi = bcal
-
-        def resid(f: float) -> tuple[float, float]:
-            h = lo["ttft_s"] - _replay_ttft(m, dev, "b", lo["prompt"], 0.0, tb, f)
-            return _replay_ttft(m, dev, "b", hi["prompt"], h, tb, f) - hi["ttft_s"], h
-
-        a, b = 0.25, 8.0
-        if resid(a)[0] > 0 or resid(b)[0] < 0:
-            raise ValueError(f"PD slowdown fit has no root in [{a}, {b}]")
-        for _ in range(60):  # bisection: predicted TTFT grows with the slowdown
-            mid = 0.5 * (a + b)
-            a, b = (mid, b) if resid(mid)[0] < 0 else (a, mid)
-        slowdown = 0.5 * (a + b)
-        handoff = resid(slowdown)[1]
-    elif bcal:
+    bcal = [r for r in tb["prefill"] if r["role"] == "calibration" and r["setup"] == "b"]
+    if len(bcal) > 2:
         raise ValueError(f"{len(bcal)} PD calibration prefills: expected 1 or 2")
-    if handoff < 0:
-        raise ValueError(f"PD hand-off fit is negative ({handoff:.3f} s)")
-    return m, dev, float(handoff), slowdown
+    handoff, slowdown = fit_pd(m, dev, bcal, tb)
+    return m, dev, handoff, slowdown
 
 
-def _cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict,
-             slowdown: float | None = None) -> ClusterSpec:
+def testbed_cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict,
+                    slowdown: float | None = None, link: Link | None = None, kv_fmt: str = "bf16",
+                    pipelined: bool = False) -> ClusterSpec:
+    """One prefill + one decode instance of the CPU testbed. ``setup`` a: single server (no
+    transfer, no hand-off); b: PD on loopback; c: PD on the shaped link of ``tb["links"]``.
+    ``link`` replaces the link of b/c; ``kv_fmt`` is the prefill pool's and the wire's format;
+    ``pipelined`` sends per layer."""
     share = tb["cpu_share"]
     if setup == "a":
         factor, gbps, hand = 1.0, 1e6, 0.0  # single server: no transfer, no hand-off
@@ -210,29 +256,32 @@ def _cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb: dict,
             share["prefill_alone"] / share["prefill_pd_loopback" if setup == "b" else "prefill_pd_shaped"])
         gbps = tb["links"]["loopback_gbps" if setup == "b" else "shaped_gbps"]
         hand = handoff
+    if setup == "a" or link is None:
+        link = Link(gbps=gbps)
     pdev = replace(dev, bf16_tflops=dev.bf16_tflops / factor, attn_tflops=dev.attn_tflops / factor)
 
     def step(new: np.ndarray, cached: np.ndarray, n_fin: int) -> float:
-        return prefill_step_time(m, pdev, new, cached, n_fin, "bf16")
+        return prefill_step_time(m, pdev, new, cached, n_fin, kv_fmt)
 
     pool = tb["pool_tokens"]
     p = PrefillSpec(step_time=step, n_layers=m.num_hidden_layers, capacity_tokens=pool,
-                    chunk_tokens=min(dev.chunked_prefill_size, pool), link=Link(gbps=gbps),
-                    wire_bytes_per_token=kv_bytes_per_token_model(m, "bf16"))
+                    chunk_tokens=min(dev.chunked_prefill_size, pool), link=link,
+                    wire_bytes_per_token=kv_bytes_per_token_model(m, kv_fmt))
     d = DecodeSpec(cost=decode_cost(m, dev, "bf16"), capacity_tokens=pool, max_batch=dev.max_running_requests)
-    return ClusterSpec(prefill=(p,), decode=(d,), pipelined=False, handoff_s=hand)
+    return ClusterSpec(prefill=(p,), decode=(d,), pipelined=pipelined, handoff_s=hand)
 
 
-def _replay_ttft(m: ModelConfig, dev: Device, setup: str, prompt: int, handoff: float, tb: dict,
-                 slowdown: float | None = None) -> float:
-    r = simulate(_cluster(m, dev, setup, handoff, tb, slowdown), np.zeros(1), np.array([prompt]), np.array([1]))
-    return float(r.ttft[0])
+def replay_ttft(m: ModelConfig, dev: Device, setup: str, prompt: int, handoff: float, tb: dict,
+                slowdown: float | None = None, **cluster_kw) -> float:
+    """TTFT of one ``prompt``-token request replayed through ``cluster.simulate``."""
+    spec = testbed_cluster(m, dev, setup, handoff, tb, slowdown, **cluster_kw)
+    return float(simulate(spec, np.zeros(1), np.array([prompt]), np.array([1])).ttft[0])
 
 
 def _replay_tpot(m: ModelConfig, dev: Device, setup: str, batch: int, prompt: int, tokens: int,
                  handoff: float, tb: dict, slowdown: float | None = None) -> float:
     # batch requests arriving together; they prefill in one batch and decode together
-    r = simulate(_cluster(m, dev, setup, handoff, tb, slowdown), np.zeros(batch), np.full(batch, prompt),
+    r = simulate(testbed_cluster(m, dev, setup, handoff, tb, slowdown), np.zeros(batch), np.full(batch, prompt),
                  np.full(batch, tokens))
     return float(np.nanmedian(r.tpot))
 
@@ -247,7 +296,7 @@ def run(source: str = "auto", harness_file: Path | None = None) -> dict:
     m, dev, handoff, slowdown = fit_testbed(tb)
     rows = []
     for r in tb["prefill"]:
-        pred = _replay_ttft(m, dev, r["setup"], r["prompt"], handoff, tb, slowdown)
+        pred = replay_ttft(m, dev, r["setup"], r["prompt"], handoff, tb, slowdown)
         rows.append({"metric": "ttft", "setup": r["setup"], "prompt": r["prompt"], "batch": 1,
                      "measured_s": r["ttft_s"], "predicted_s": pred, "role": r["role"], "source": r["source"]})
     for r in tb["decode"]:
