@@ -130,7 +130,38 @@ def bench(cluster, model: str, flags: list[str], out_file: str, time_stats: bool
         row["stages"] = request_timeline.summarize(row["requests"])
         row["client"] = [{"input_len": i, "output_len": o, "ttft_s": t, "itl_s": g} for i, o, t, g in
                          zip(res["input_lens"], res["output_lens"], res["ttfts"], res["itls"])]
+        # bench_serving starts a request's TTFT at its first chunk with non-empty text. A request
+        # whose tokens all detokenize to "" (SmolLM2 under ignore_eos: <|im_end|> and the like,
+        # skipped as special tokens) gets ttft 0, and its TPOT becomes its whole latency.
+        row["empty_text_requests"] = [i for i, t in enumerate(res["generated_texts"]) if not t]
     return row
+
+
+def request_tpot_s(client: dict) -> float | None:
+    """One request's TPOT from bench_serving's own gaps: (last chunk - first text chunk) /
+    (tokens - 1); None when it streamed no text or a single token."""
+    if client["ttft_s"] <= 0 or client["output_len"] < 2 or not client["itl_s"]:
+        return None
+    return sum(client["itl_s"]) / (client["output_len"] - 1)
+
+
+def add_paired_tpot(runs: list[dict]) -> None:
+    """Per non-baseline run with per-request details: mean TPOT over the requests that streamed
+    text in both it and the same round's baseline run (the same prompts: bench_serving keeps the
+    dataset's order), for both sides, as ``paired_mean_tpot_ms`` / ``paired_base_mean_tpot_ms``."""
+    for r in runs:
+        if r["config"] == BASELINE or "client" not in r:
+            continue
+        base = [b for b in runs if b["config"] == BASELINE and "client" in b and
+                (b["round"], b["page_size"], b["workload"]) == (r["round"], r["page_size"], r["workload"])]
+        if not base:
+            continue
+        pairs = [(request_tpot_s(a), request_tpot_s(b)) for a, b in zip(r["client"], base[0]["client"])]
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if pairs:
+            r["paired_requests"] = len(pairs)
+            r["paired_mean_tpot_ms"] = 1e3 * statistics.fmean(a for a, _ in pairs)
+            r["paired_base_mean_tpot_ms"] = 1e3 * statistics.fmean(b for _, b in pairs)
 
 
 def warm_up(cluster) -> None:
@@ -169,6 +200,13 @@ def summarize(runs: list[dict], configs: list[str]) -> dict:
                     if ratios:
                         entry[f"{short}_ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
                                                    "max": max(ratios), "per_round": ratios}
+                paired = [r["paired_mean_tpot_ms"] / r["paired_base_mean_tpot_ms"] for r in rs
+                          if r.get("paired_base_mean_tpot_ms")]
+                if paired:
+                    entry["paired_tpot_ratio"] = {"median": statistics.median(paired), "min": min(paired),
+                                                  "max": max(paired), "per_round": paired,
+                                                  "requests": [r["paired_requests"] for r in rs
+                                                               if "paired_requests" in r]}
             table[f"page{page}/{wl}/{cfg}"] = entry
     return table
 
@@ -240,6 +278,7 @@ def main() -> None:
                               f"TPOT {row['mean_tpot_ms']:6.1f} ms (p99 {row['p99_tpot_ms']:6.1f})  "
                               f"done {row['completed']}  cpu {json.dumps({k: round(v, 1) for k, v in row['cpu_s'].items()})}",
                               flush=True)
+    add_paired_tpot(runs)
     table = summarize(runs, configs)
     out = {"command": "python eval/bench_serving_pd.py " + " ".join(sys.argv[1:]), "model": args.model,
            "configs": {c: CONFIGS[c] for c in configs}, "summary": table, "runs": runs,
@@ -248,7 +287,7 @@ def main() -> None:
     if "tpot_ratio" in head:
         out["tpot_ratio_bench_serving"] = head["tpot_ratio"]["median"]
         out["ttft_ratio_bench_serving"] = head["ttft_ratio"]["median"]
-        for short in ("median_tpot", "itl"):
+        for short in ("median_tpot", "itl", "paired_tpot"):
             if f"{short}_ratio" in head:
                 out[f"{short}_ratio_bench_serving"] = head[f"{short}_ratio"]["median"]
     for key, entry in table.items():

@@ -23,3 +23,26 @@ def test_ratios_are_per_round_and_missing_metrics_are_skipped():
     assert memha["median_tpot_ratio"]["per_round"] == [1.5, 1.0, 1.0]
     assert memha["itl_ratio"] == {"median": 1.5, "min": 0.5, "max": 1.5, "per_round": [1.5, 0.5, 1.5]}
     assert "p99_tpot_ratio" not in memha
+
+
+def _client(ttft, itl, out):
+    return {"input_len": 100, "output_len": out, "ttft_s": ttft, "itl_s": itl}
+
+
+def test_paired_tpot_skips_requests_without_text_on_either_side():
+    from eval.bench_serving_pd import add_paired_tpot, request_tpot_s
+
+    assert request_tpot_s(_client(2.0, [0.5, 1.5], 3)) == 1.0
+    # ttft 0: bench_serving saw no text (its TPOT would be the whole latency); one token: no TPOT
+    assert request_tpot_s(_client(0.0, [], 2)) is None and request_tpot_s(_client(1.0, [], 1)) is None
+    stock = dict(_run("stock_bf16", 0, 1.0, 1.0, 1.0, 1.0),
+                 client=[_client(1.0, [2.0], 2), _client(1.0, [4.0], 2), _client(0.0, [], 2)])
+    memha = dict(_run("memha_fp8_pipelined", 0, 1.0, 1.0, 1.0, 1.0),
+                 client=[_client(1.0, [1.0], 2), _client(0.0, [], 2), _client(1.0, [9.0], 2)])
+    add_paired_tpot([stock, memha])
+    # only request 0 streamed text in both runs
+    assert memha["paired_requests"] == 1
+    assert memha["paired_mean_tpot_ms"] == 1000.0 and memha["paired_base_mean_tpot_ms"] == 2000.0
+    table = summarize([stock, memha], ["stock_bf16", "memha_fp8_pipelined"])
+    assert table["page1/trace/memha_fp8_pipelined"]["paired_tpot_ratio"] == {
+        "median": 0.5, "min": 0.5, "max": 0.5, "per_round": [0.5], "requests": [1]}
