@@ -80,7 +80,7 @@ def cpu_throughput(tokens: int, reps: int) -> dict:
     memcpy_s = timed(copy, reps)
     res = {"memcpy_GBps": nbytes / memcpy_s / 1e9, "tensor_MB": nbytes / 1e6}
     for f in KVFormat:
-        codec = get_codec(f, role="k")  # int4_kivi: K's codec (V's is int4_g32's)
+        codec = get_codec(f, role="k")  # int4_kivi(_g64): K's codec (V's is int4_g32's / int4_g64's)
         q = codec.quantize(x)
         tq, mq = paired(lambda: codec.quantize(x), copy, reps)
         td, md = paired(lambda: codec.dequantize(*q, torch.bfloat16), copy, reps)

@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--mem-fraction-static", type=float, default=0.2)
-    ap.add_argument("--page-size", type=int, default=16, help="every config, stock included (int4_kivi: 32)")
+    ap.add_argument("--page-size", type=int, default=16,
+                    help="every config, stock included (int4_kivi, int4_kivi_g64: a multiple of 32)")
     args = ap.parse_args()
     model = ensure_smollm2()
     rng = random.Random(0)

@@ -71,7 +71,8 @@ output records them under ``bytes_per_token_head_d64``).
 ``int4_kivi`` (and ``int4_kivi+had``) run the real ``int4_kivi`` codecs (``kvformat/kivi.py``): K per
 channel over whole 32-token blocks, a trailing open block left as is (the format's bf16 residual),
 V as ``int4_g32``; on whole blocks its K equals ``int4kivi_t32``'s bit for bit. 80 B per
-token-head at D = 64 (K 40 + V 40). Its keys are ``top1_agreement_int4_kivi`` etc.
+token-head at D = 64 (K 40 + V 40). Its keys are ``top1_agreement_int4_kivi`` etc. ``int4_kivi_g64``
+(and ``+had``) is the same K with V as ``int4_g64``: 76 B (K 40 + V 36), 0.297 of bf16 (issue 22).
 
 Writes ``--out`` (eval/results/quality.json): flat keys ``top1_agreement_<cls>`` /
 ``ppl_rel_change_<cls>`` (fractions) for the configuration the product recommends for each class
@@ -96,9 +97,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sglang_memha.kvformat import FORMAT_VERSION, format_spec, get_codec, kv_bytes_per_token  # noqa: E402
+from sglang_memha.kvformat import FORMAT_VERSION, format_spec, get_codec, kv_bytes_per_token, row_bytes  # noqa: E402
 from sglang_memha.kvformat.base import bf16_round  # noqa: E402
-from sglang_memha.kvformat.spec import KVFormat  # noqa: E402
+from sglang_memha.kvformat.spec import KVFormat, side_format  # noqa: E402
 from sglang_memha.kvformat.transforms import rotate, unrotate  # noqa: E402
 
 # the configuration each class ships with (MEMHA_KV_FORMAT + MEMHA_K_TRANSFORM [+ MEMHA_K_OFFSET])
@@ -106,9 +107,10 @@ from sglang_memha.kvformat.transforms import rotate, unrotate  # noqa: E402
 # fp8 / int8: + a static K offset calibrated on held-out text (+koff) since session 8
 RECOMMENDED = {"fp8": "fp8_e4m3+koff+had", "int8": "int8+koff+had", "int4": "int4_kivi"}
 MODES = ("noise_ulp,bf16,fp8_e4m3,fp8_e4m3+had,fp8_e4m3+koff,fp8_e4m3+koff+had,int8,int8+had,int8+koff+had,"
-         "int4_g32+had,int4_g64,int4_g64+had,int4_kivi,int4_kivi+had")
-# int4_kivi through its real codec (K per channel over 32-token blocks, bf16 residual; docs/kv_format.md)
-BLOCK_CODED_MODES = ("int4_kivi", "int4_kivi+had")
+         "int4_g32+had,int4_g64,int4_g64+had,int4_kivi,int4_kivi+had,int4_kivi_g64,int4_kivi_g64+had")
+# int4_kivi(_g64) through its real codecs (K per channel over 32-token blocks, bf16 residual; V
+# int4_g32 / int4_g64; docs/kv_format.md)
+BLOCK_CODED_MODES = ("int4_kivi", "int4_kivi+had", "int4_kivi_g64", "int4_kivi_g64+had")
 # candidate fixes worth measuring (not run by default; see the module docstring)
 CANDIDATE_MODES = ("bf16+kmean,fp8_e4m3+kmean+had,int4a_g64+kmean+had,int4a_g32+kmean+had,"
                    "int4a_g64+anchor16+had,int4kivi_t32,int4kivi_t32+had,int4a_g64+kmean+had_Konly")
@@ -140,9 +142,14 @@ class ModeSpec:
                 and not self.koff and not self.kmean and not self.anchor)
 
     @property
+    def block_coded(self) -> bool:
+        """A real block-coded format (int4_kivi, int4_kivi_g64): K through int4_kivi's K codec."""
+        return self.fmt in _CODEC_NAMES and not format_spec(self.fmt).token_local
+
+    @property
     def v_fmt(self) -> str:
-        if self.fmt == KVFormat.INT4_KIVI.value:
-            return get_codec(self.fmt, role="v").fmt.value  # int4_g32
+        if self.fmt in _CODEC_NAMES:
+            return side_format(self.fmt, "v").value  # int4_kivi: int4_g32, int4_kivi_g64: int4_g64
         return "int4a_g64" if self.fmt.startswith("int4kivi_") else self.fmt
 
 
@@ -199,7 +206,7 @@ def parse_mode(mode: str) -> ModeSpec:
         last = pos
         kw[key] = val
     spec = ModeSpec(fmt, k_only=k_only, v_only=v_only, **kw)
-    if (spec.fmt.startswith("int4kivi_") or spec.fmt == KVFormat.INT4_KIVI.value) and spec.anchor:
+    if (spec.fmt.startswith("int4kivi_") or spec.block_coded) and spec.anchor:
         raise ValueError(f"mode {mode!r}: int4kivi (per-channel over token blocks) does not combine with anchor")
     if spec.v_only and (spec.koff or spec.kmean or spec.anchor or spec.had):
         raise ValueError(f"mode {mode!r}: koff / kmean / anchor / had act on K only, meaningless with _Vonly")
@@ -241,10 +248,10 @@ def kivi_k_fake(k32: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def kivi_codec_k(x32: torch.Tensor) -> torch.Tensor:
-    """K [B, H, T, D] fp32 through the real ``int4_kivi`` K codec: whole 32-token blocks are
-    coded; a trailing open block keeps its values (the format's bf16 residual: the model's K is
-    already bf16 here). Unlike ``kivi_k_fake`` (which codes a partial block with its own stats)
-    this is what a pool holding the format would store."""
+    """K [B, H, T, D] fp32 through the real ``int4_kivi`` K codec (``int4_kivi_g64``'s K too): whole
+    32-token blocks are coded; a trailing open block keeps its values (the format's bf16 residual:
+    the model's K is already bf16 here). Unlike ``kivi_k_fake`` (which codes a partial block with
+    its own stats) this is what a pool holding the format would store."""
     codec = get_codec(KVFormat.INT4_KIVI, role="k")
     b, h, t, d = x32.shape
     full = t - t % codec.spec.group_size
@@ -305,7 +312,7 @@ def fake_k(k: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
         x = rotate(x)
     if m := _KIVI.fullmatch(spec.fmt):
         y = kivi_k_fake(x, int(m.group(1)))
-    elif spec.fmt == KVFormat.INT4_KIVI.value:
+    elif spec.block_coded:
         y = kivi_codec_k(x)
     else:
         y = token_fake(x, spec.fmt)
@@ -334,8 +341,7 @@ def fake_v(v: torch.Tensor, spec: ModeSpec) -> torch.Tensor:
 def _token_bytes(fmt: str, head_dim: int) -> float:
     if m := _INT4A.fullmatch(fmt):
         return head_dim / 2 + 4 * head_dim / int(m.group(1))
-    sp = format_spec(fmt)
-    return sp.data_bytes_per_head(head_dim) + sp.scale_bytes_per_head(head_dim)
+    return sum(row_bytes(fmt, "k", head_dim))  # a K row (int4_kivi_g64's V: v_fmt int4_g64)
 
 
 def mode_bytes(mode: str, head_dim: int = 64, tokens: int = 512) -> dict:

@@ -67,7 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default) | tiny | a Hugging Face folder")
     ap.add_argument("--kv-format", default="fp8_e4m3",
-                    help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, int4_kivi, ...) or 'stock'")
+                    help="MEMHA_KV_FORMAT of both servers (bf16, fp8_e4m3, int8, int4_g64, int4_kivi, int4_kivi_g64, ...) or 'stock'")
     ap.add_argument("--no-pipeline", action="store_true", help="send each request after its forward")
     ap.add_argument("--prefill-pool", choices=("format", "stock"), default="format",
                     help="stock: the prefill keeps SGLang's bf16 pool and converts pages on send")
@@ -90,7 +90,8 @@ def main() -> None:
     model = get_model()
     t0 = time.monotonic()
     print(f"model ready in {t0 - t_start:.0f}s; starting prefill + decode + router for {model} ...", flush=True)
-    page = ["--page-size", "32" if args.kv_format == "int4_kivi" else "16"]  # int4_kivi: 32-token K blocks
+    block_coded = args.kv_format in ("int4_kivi", "int4_kivi_g64")  # their K is coded in 32-token blocks
+    page = ["--page-size", "32" if block_coded else "16"]
     with PDCluster(model, page, page, env=env, prefill_env=prefill_env) as c:
         print(f"ready in {time.monotonic() - t0:.0f}s: router {c.url}, prefill {c.prefill_url}, "
               f"decode {c.decode_url}, logs in {c.log_dir}\n")

@@ -6,7 +6,7 @@
 | ``MEMHA_CPU_COMPAT``  | ``auto``                  | ``auto``: apply CPU compat when ``SGLANG_USE_CPU_ENGINE=1``; ``0``: never; ``1``: always |
 | ``MEMHA_CPU_KERNELS`` | ``1``                     | ``0``: never build/use the fused C codec kernels (torch reference only) |
 | ``MEMHA_CHECK_KV``    | ``0``                     | ``1``: codecs also check K/V values on a GPU (a host sync per call; debugging only). CPU always checks; pools zero non-finite K/V without a sync and fail only that request |
-| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
+| ``MEMHA_KV_FORMAT``   | unset (plugin KV path off) | KV page format of this server's pool: one of ``kvformat.KVFormat`` (``bf16``, ``fp8_e4m3``, ``int8``, ``int4_g64``, ``int4_kivi`` / ``int4_kivi_g64`` (``--page-size`` a multiple of 32), ...). Set it on BOTH prefill and decode |
 | ``MEMHA_K_TRANSFORM`` | ``none``                  | ``hadamard``: rotate K before quantizing (better low-bit quality); both sides must agree |
 | ``MEMHA_K_OFFSET``    | unset                     | a K offset file (``python -m sglang_memha.calibrate``): subtract a calibrated per-channel K vector before quantizing (exact for attention; better fp8/int8 quality, large-K-bias models). Needs ``MEMHA_KV_FORMAT``; set the same file on both sides |
 | ``MEMHA_DECODE_DEQUANT`` | ``deferred``           | decode only. ``deferred``: keep arrived pages quantized, dequantize in attention; ``eager``: dequantize on arrival into a bf16 pool (ablation) |

@@ -63,7 +63,8 @@ def test_parser_accepts(mode):
 @pytest.mark.parametrize("mode", [
     "", "int4", "int4a", "int4a_g", "int4a_g48", "int4a_g4", "int4a_g256", "int4_g64+hadamard", "int4a_g64+had+kmean",
     "int4a_g64+had+anchor16", "int4a_g64+kmean+kmean", "int4a_g64+anchor", "int4a_g64+anchor1", "int4kivi_t1",
-    "int4kivi_t32+anchor16", "int4_kivi+anchor16", "int4a_g64+kmean_Vonly", "noise_ulp+had", "int4a_g64+", "+had", "fp8+had",
+    "int4kivi_t32+anchor16", "int4_kivi+anchor16", "int4_kivi_g64+anchor16", "int4a_g64+kmean_Vonly", "noise_ulp+had",
+    "int4a_g64+", "+had", "fp8+had",
     "int4a_g64_Konly_Vonly", "int4a_g64+had_konly"])
 def test_parser_rejects(mode):
     with pytest.raises(ValueError):
@@ -195,20 +196,22 @@ def test_kivi_per_channel_blocks():
     assert fk(k.to(torch.bfloat16)).dtype == torch.bfloat16
 
 
-def test_int4_kivi_mode_runs_the_codec_and_keeps_the_open_block():
-    """int4_kivi: whole blocks through the real K codec (equal to the emulation there), the tail of
-    6 tokens untouched (the format's bf16 residual); V through int4_g32's codec."""
+@pytest.mark.parametrize("mode,v_fmt,total", [("int4_kivi", "int4_g32", 80), ("int4_kivi_g64", "int4_g64", 76)])
+def test_int4_kivi_mode_runs_the_codec_and_keeps_the_open_block(mode, v_fmt, total):
+    """int4_kivi(_g64): whole blocks through the real K codec (equal to the emulation there), the
+    tail of 6 tokens untouched (the format's bf16 residual); V through int4_g32's (int4_g64's) codec."""
     k = biased_k(t=70)
-    fk, fv = fake_quant("int4_kivi")
+    fk, fv = fake_quant(mode)
     y = fk(k)
     assert torch.equal(y[..., 64:, :], k[..., 64:, :])
     assert torch.equal(y[..., :64, :], kivi_k_fake(k[..., :64, :].float(), 32).to(k.dtype))
     assert not torch.equal(y[..., :64, :], k[..., :64, :])
-    g32 = get_codec("int4_g32")
+    vc = get_codec(v_fmt)
     v = biased_k(seed=3)
     rows = v[0].permute(1, 0, 2).contiguous()
-    assert torch.equal(fv(v), g32.dequantize(*g32.quantize(rows), v.dtype).permute(1, 0, 2)[None])
-    assert mode_bytes("int4_kivi")["total"] == 80
+    assert torch.equal(fv(v), vc.dequantize(*vc.quantize(rows), v.dtype).permute(1, 0, 2)[None])
+    assert parse_mode(mode).v_fmt == v_fmt and parse_mode(mode).block_coded
+    assert mode_bytes(mode)["total"] == total  # int4_kivi_g64: K 32 + 8, V 32 + 4 (0.297 of bf16)
 
 
 # ---- fake_quant wiring, bytes -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from sglang_memha.kvformat.spec import (
     FORMAT_SPECS,
     FORMAT_VERSION,
     FORMAT_VERSION_HISTORY,
+    SIDE_FORMATS,
     TOKEN_LOCAL_FORMATS,
     FormatSpec,
     KVFormat,
@@ -26,12 +27,15 @@ from sglang_memha.kvformat.spec import (
     format_spec,
     kv_bytes_per_token,
     page_geometry,
+    row_bytes,
+    side_format,
 )
 
 __all__ = [
     "FORMAT_SPECS",
     "FORMAT_VERSION",
     "FORMAT_VERSION_HISTORY",
+    "SIDE_FORMATS",
     "TOKEN_LOCAL_FORMATS",
     "SENDER_BRIDGES",
     "Bridge",
@@ -45,4 +49,6 @@ __all__ = [
     "get_codec",
     "kv_bytes_per_token",
     "page_geometry",
+    "row_bytes",
+    "side_format",
 ]

@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from sglang_memha.kvformat.spec import FORMAT_SPECS, MAX_ABS_INPUT, FormatSpec, KVFormat
+from sglang_memha.kvformat.spec import FORMAT_SPECS, MAX_ABS_INPUT, SIDE_FORMATS, FormatSpec, KVFormat, side_format
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -199,9 +199,7 @@ _REGISTRY: dict[KVFormat, tuple[str, str]] = {
     KVFormat.INT4_G64: ("sglang_memha.kvformat.intq", "Int4G64Codec"),
     KVFormat.BFP8: ("sglang_memha.kvformat.bfp", "Bfp8Codec"),
     KVFormat.INT4_KIVI: ("sglang_memha.kvformat.kivi", "Int4KiviKCodec"),
-}
-# Formats that code K and V differently: V's codec is this format's.
-_V_CODEC_OF: dict[KVFormat, KVFormat] = {KVFormat.INT4_KIVI: KVFormat.INT4_G32}
+}  # int4_kivi_g64 has no entry: its K and V codecs are other formats' (SIDE_FORMATS)
 _CACHE: dict[KVFormat, KVCodec] = {}
 
 
@@ -209,15 +207,16 @@ def get_codec(fmt: str | KVFormat, role: str | None = None) -> KVCodec:
     """The codec for ``fmt`` (imported lazily; unknown names list the supported ones).
 
     ``role`` ("k" or "v") picks K's or V's codec; it is required for formats that code them
-    differently (``int4_kivi``) and ignored by the others, which code both alike."""
+    differently (``SIDE_FORMATS``: ``int4_kivi``, ``int4_kivi_g64``), whose K codec is int4_kivi's
+    and V codec int4_g32's or int4_g64's (``spec.side_format``), and ignored by the others, which
+    code both alike."""
     fmt = KVFormat.parse(fmt)
     if role not in (None, "k", "v"):
         raise ValueError(f"role={role!r}: expected 'k', 'v' or None")
-    if fmt in _V_CODEC_OF:
+    if fmt in SIDE_FORMATS:
         if role is None:
             raise ValueError(f"{fmt.value} codes K and V differently: call get_codec({fmt.value!r}, role='k' or 'v')")
-        if role == "v":
-            fmt = _V_CODEC_OF[fmt]
+        fmt = side_format(fmt, role)
     if fmt not in _CACHE:
         module, cls = _REGISTRY[fmt]
         _CACHE[fmt] = getattr(importlib.import_module(module), cls)()

@@ -34,9 +34,10 @@ Each side builds a ``FormatDescriptor`` of the KV it writes (prefill) or stores 
   is per rank, so it is compared as heads x TP, and the prefill sends each decode rank the rows
   of the heads they share (``layout.head_slice_blocks``); not combined with a sender bridge;
 * anything else -> ``FormatMismatchError`` naming every differing field with both values: a
-  block-coded format (``int4_kivi``) on either side with another format or page size, a K
-  transform on the sender that the receiver lacks, and every other field (heads, head_dim,
-  layers, model, K offset, layout, version).
+  block-coded format (``int4_kivi``, ``int4_kivi_g64``) on either side with another format (the
+  two with each other too: their V rows differ) or page size, a K transform on the sender that
+  the receiver lacks, and every other field (heads, head_dim, layers, model, K offset, layout,
+  version).
 """
 
 from __future__ import annotations
@@ -179,8 +180,8 @@ class FormatDescriptor:
         bridges: list[Bridge] = []
         if peer.version not in SUPPORTED_VERSIONS or self.version not in SUPPORTED_VERSIONS:
             bad.append(("version", self.version, peer.version))
-        # Block-coded formats (int4_kivi) move whole K blocks as they are: no row conversion, no
-        # re-paging (both rewrite rows one token at a time).
+        # Block-coded formats (int4_kivi, int4_kivi_g64) move whole K blocks as they are: no row
+        # conversion, no re-paging (both rewrite rows one token at a time).
         block_coded = not (format_spec(self.fmt).token_local and format_spec(peer.fmt).token_local)
         if peer.fmt != self.fmt:
             bridge = _FORMAT_BRIDGES.get((peer.fmt, self.fmt))
@@ -191,7 +192,8 @@ class FormatDescriptor:
             else:
                 bridges.append(bridge)
         if block_coded and peer.page_size != self.page_size:
-            bad.append(("page_size (int4_kivi pages are not re-paged)", self.page_size, peer.page_size))
+            coded = next(f for f in (self.fmt, peer.fmt) if not format_spec(f).token_local)
+            bad.append((f"page_size ({coded.value} pages are not re-paged)", self.page_size, peer.page_size))
         # Encoding on send applies the receiver's K transform to untransformed (dequantized) rows.
         transform_applied = (bool({Bridge.ENCODE_ON_SEND, Bridge.REQUANTIZE_ON_SEND} & set(bridges))
                              and peer.k_transform == "none")

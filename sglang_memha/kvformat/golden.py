@@ -9,6 +9,8 @@ it divided by; empty for bf16) and ``dequant_fp32_hex``. Another implementation 
 decoding ``input_hex``, encoding, and comparing bytes. Regenerate with
 ``python -m sglang_memha.kvformat.golden`` when FORMAT_VERSION changes or cases are added (a case's
 bytes never change within a version); tests fail if the code and the files disagree.
+``int4_kivi_g64`` has no file of its own: its K is int4_kivi's (``int4_kivi.json``) and its V
+int4_g64's (``int4_g64.json``), byte for byte (``GOLDEN_FORMATS``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from pathlib import Path
 import torch
 
 from sglang_memha.kvformat.base import get_codec
-from sglang_memha.kvformat.spec import FORMAT_VERSION, KVFormat, format_spec
+from sglang_memha.kvformat.spec import FORMAT_VERSION, KVFormat, format_spec, side_format
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
+# Formats with a golden file: those whose K rows are their own format's. The others
+# (int4_kivi_g64) code K and V with codecs those files cover (``spec.SIDE_FORMATS``).
+GOLDEN_FORMATS: tuple[KVFormat, ...] = tuple(f for f in KVFormat if side_format(f, "k") == f)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -225,7 +230,7 @@ def _hex(t: torch.Tensor) -> str:
 
 
 def encode_case(fmt: KVFormat, x: torch.Tensor, layer_scale: float | None) -> dict:
-    codec = get_codec(fmt, role="k")  # K's codec (V's differs only for int4_kivi: int4_g32's)
+    codec = get_codec(fmt, role="k")  # K's codec (V's differs only for SIDE_FORMATS)
     if fmt == KVFormat.FP8_E4M3_TENSOR:
         data, scales = codec.quantize(x, 1.0 if layer_scale is None else layer_scale)
         scale_raw = scales
@@ -258,7 +263,8 @@ def generate(fmt: KVFormat) -> dict:
         cases.append(case)
     doc = {"format": fmt.value, "format_version": FORMAT_VERSION, "layout": "NHD", "cases": cases}
     if not format_spec(fmt).token_local:
-        doc["role"] = "k (V is coded as int4_g32: see int4_g32.json)"
+        v = side_format(fmt, "v").value
+        doc["role"] = f"k (V is coded as {v}: see {v}.json)"
     return doc
 
 
@@ -274,7 +280,7 @@ def input_of(case: dict) -> torch.Tensor:
 
 def main() -> None:
     GOLDEN_DIR.mkdir(exist_ok=True)
-    for fmt in KVFormat:
+    for fmt in GOLDEN_FORMATS:
         path = GOLDEN_DIR / f"{fmt.value}.json"
         path.write_text(json.dumps(generate(fmt), indent=1) + "\n")
         print(f"wrote {path} ({path.stat().st_size} bytes)")

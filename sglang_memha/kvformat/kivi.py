@@ -1,5 +1,8 @@
 """int4_kivi: K per channel over blocks of 32 tokens (KIVI), V per token in groups of 32 (int4_g32).
 
+``int4_kivi_g64`` has the same K (this codec, byte for byte) and int4_g64's V (groups of 64): its
+V scale rows are D/16 B instead of D/8, 0.297 of bf16 instead of 0.3125 (``spec.SIDE_FORMATS``).
+
 Why: SmolLM2's int4 loss is nearly all K, whose channels carry large per-channel offsets that eat a
 per-token range. Grouping K along tokens per channel (KIVI, Liu et al. 2024) keeps each channel's
 offset in its own min; measured offline on SmolLM2 (eval/RESULTS.md) it is the only candidate that
@@ -51,7 +54,8 @@ def gather_table(scales: torch.Tensor) -> torch.Tensor:
 
 
 class Int4KiviKCodec(KVCodec):
-    """K of int4_kivi. ``get_codec("int4_kivi", role="v")`` is the int4_g32 codec."""
+    """K of int4_kivi and int4_kivi_g64. ``get_codec("int4_kivi", role="v")`` is the int4_g32 codec,
+    ``get_codec("int4_kivi_g64", role="v")`` the int4_g64 codec."""
 
     fmt = KVFormat.INT4_KIVI
     scale_dtype = torch.bfloat16

@@ -29,7 +29,9 @@ Pools holding other KV heads of one model (a prefill and a decode with different
 sizes) exchange, per token, the rows of the heads they share (``head_slice_blocks``): data and
 scale rows are both per (token, head), so a head's slice is a slice of each buffer, each with its
 own row bytes (``int4_kivi``'s K scale rows too: each head's block table is spread over that
-head's rows). Pure arithmetic: no SGLang, no torch buffers.
+head's rows). K and V buffers have the same row bytes except the scale rows of ``SIDE_FORMATS``
+(``int4_kivi_g64``: K D/8, V D/16 bytes per (token, head)): every entry's bytes come from its own
+side's ``RowLayout``. Pure arithmetic: no SGLang, no torch buffers.
 """
 from __future__ import annotations
 
@@ -37,21 +39,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sglang_memha.kvformat.spec import KVFormat, format_spec
+from sglang_memha.kvformat.spec import KVFormat, format_spec, row_bytes
 
 ALIGN = 16  # bytes: the boundary every data row starts on (for data_bytes_per_head % 16 == 0)
 
 
 class RowLayout:
-    """Bytes of one (token, kv-head) row of one format: ``data_bytes`` in the data buffer,
-    ``scale_bytes`` in the scale buffer (0: no scale buffer)."""
+    """Bytes of one (token, kv-head) row of ``side`` ("k" or "v") of a ``fmt`` pool: ``data_bytes``
+    in the data buffer, ``scale_bytes`` in the scale buffer (0: no scale buffer). K and V rows are
+    alike except in ``SIDE_FORMATS`` (``int4_kivi_g64``: K scale rows D/8 B, V's D/16 B)."""
 
-    def __init__(self, fmt: KVFormat | str, head_dim: int):
+    def __init__(self, fmt: KVFormat | str, head_dim: int, side: str = "k"):
         self.fmt = KVFormat.parse(fmt)
         spec = format_spec(self.fmt)
-        self.head_dim = head_dim
-        self.data_bytes = spec.data_bytes_per_head(head_dim)
-        self.scale_bytes = spec.scale_bytes_per_head(head_dim)
+        self.head_dim, self.side = head_dim, side
+        self.data_bytes, self.scale_bytes = row_bytes(self.fmt, side, head_dim)
         self.row_bytes = self.data_bytes + self.scale_bytes  # both buffers together
         self.has_layer_scale = spec.scale_scope == "layer"
 
@@ -78,7 +80,9 @@ class PoolLayout:
 
     def __init__(self, fmt: KVFormat | str, head_dim: int, num_kv_heads: int, num_layers: int,
                  page_size: int):
-        self.row = RowLayout(fmt, head_dim)
+        self.rows = {side: RowLayout(fmt, head_dim, side) for side in "kv"}
+        self.row = self.rows["k"]  # K's; V's differs only in scale bytes, for SIDE_FORMATS
+        assert self.row.has_scale_rows == self.rows["v"].has_scale_rows
         self.fmt, self.heads, self.layers, self.page_size = self.row.fmt, num_kv_heads, num_layers, page_size
         kinds = ("data", "scale") if self.row.has_scale_rows else ("data",)
         self.entries = [Entry(side, kind, layer) for side in "kv" for kind in kinds for layer in range(num_layers)]
@@ -90,7 +94,8 @@ class PoolLayout:
 
     def head_bytes(self, entry: Entry) -> int:
         """Bytes of one (token, kv-head) row in ``entry``'s buffer."""
-        return self.row.data_bytes if entry.kind == "data" else self.row.scale_bytes
+        row = self.rows[entry.side]
+        return row.data_bytes if entry.kind == "data" else row.scale_bytes
 
     def token_bytes(self, entry: Entry) -> int:
         """Bytes one token occupies in ``entry``'s buffer."""

@@ -12,7 +12,10 @@ In a KV pool the scales live in a *companion* buffer indexed by the same slot as
 ``[p * data_bytes, (p + 1) * data_bytes)`` of the data buffer plus
 ``[p * scale_bytes, (p + 1) * scale_bytes)`` of the scale buffer. The data buffer of
 ``fp8_e4m3_tensor`` is therefore byte-identical to SGLang's ``--kv-cache-dtype fp8_e4m3`` pool.
-For a single contiguous wire/file form, ``PageGeometry`` also gives a *packed* page of one layer:
+Formats in ``SIDE_FORMATS`` (``int4_kivi``, ``int4_kivi_g64``) store K rows of one format and V
+rows of another (``side_format``), so their K and V scale rows may differ in size; every figure
+of a ``FormatSpec`` describes K's rows there. For a single contiguous wire/file form,
+``PageGeometry`` also gives a *packed* page of one layer:
 ``[K data | V data | K scale | V scale]``, each segment starting at a multiple of ``PACK_ALIGN``
 bytes (zero padding between). Byte order is little-endian everywhere.
 
@@ -46,7 +49,9 @@ FORMAT_VERSION_HISTORY: tuple[tuple[int, str], ...] = (
         "every (token, head) data run starts on a 16-byte boundary for head_dim a multiple of 32; v3 "
         "interleaved [data | scale] per (token, head) in one buffer (130 B rows for fp8 at D = 128, "
         "2-byte aligned). The codes and scales of every format are unchanged; a v3 peer is refused "
-        "because its pages hold the same bytes at other addresses"),
+        "because its pages hold the same bytes at other addresses. int4_kivi_g64 added (int4_kivi's K "
+        "rows, int4_g64's V rows; a new name, no existing byte changes meaning, so no version bump; a "
+        "v4 peer without it refuses the name)"),
 )
 # Versions this build reads (handshake accepts a peer whose version is in this set). v1 and v2 are
 # refused: their fp8_e4m3 / fp8_e4m3fnuz scale rows are 4-byte fp32 (v1) / 1-byte E8M0 (v2), v3's
@@ -72,6 +77,7 @@ class KVFormat(str, enum.Enum):
     INT4_G64 = "int4_g64"
     BFP8 = "bfp8"
     INT4_KIVI = "int4_kivi"
+    INT4_KIVI_G64 = "int4_kivi_g64"
 
     @classmethod
     def parse(cls, value: str | KVFormat) -> KVFormat:
@@ -89,7 +95,9 @@ class KVFormat(str, enum.Enum):
 
 @dataclass(frozen=True)
 class FormatSpec:
-    """Static facts of one format (the rows of the table in docs/kv_format.md)."""
+    """Static facts of one format (the rows of the table in docs/kv_format.md). For a format in
+    ``SIDE_FORMATS`` the per-row figures (bits, scales, bytes) are K's; V's are those of
+    ``format_spec(side_format(fmt, "v"))``. ``head_dim_multiple`` holds for both sides."""
 
     fmt: KVFormat
     bits: int  # stored bits per K/V element
@@ -147,7 +155,15 @@ FORMAT_SPECS: dict[KVFormat, FormatSpec] = {
         FormatSpec(KVFormat.BFP8, 8, "group", 16, "e8m0", 1, 16, "x = sign * mag7 * 2^(exp - 133)"),
         FormatSpec(KVFormat.INT4_KIVI, 4, "channel_block", 32, "bf16x2", 4, 32,
                    "K: x = uint4(data) * scale[c] + min[c] of its 32-token block; V: as int4_g32"),
+        FormatSpec(KVFormat.INT4_KIVI_G64, 4, "channel_block", 32, "bf16x2", 4, 64,
+                   "K: as int4_kivi; V: as int4_g64"),
     )
+}
+# Formats whose K rows and V rows are those of two formats: fmt -> (K's format, V's format). K is
+# int4_kivi's per-channel 32-token blocks; V a per-token int4 format. The others store K and V alike.
+SIDE_FORMATS: dict[KVFormat, tuple[KVFormat, KVFormat]] = {
+    KVFormat.INT4_KIVI: (KVFormat.INT4_KIVI, KVFormat.INT4_G32),
+    KVFormat.INT4_KIVI_G64: (KVFormat.INT4_KIVI, KVFormat.INT4_G64),
 }
 # Formats whose rows are coded one (token, head) at a time (see ``FormatSpec.token_local``).
 TOKEN_LOCAL_FORMATS: tuple[KVFormat, ...] = tuple(f for f, s in FORMAT_SPECS.items() if s.token_local)
@@ -155,6 +171,22 @@ TOKEN_LOCAL_FORMATS: tuple[KVFormat, ...] = tuple(f for f, s in FORMAT_SPECS.ite
 
 def format_spec(fmt: str | KVFormat) -> FormatSpec:
     return FORMAT_SPECS[KVFormat.parse(fmt)]
+
+
+def side_format(fmt: str | KVFormat, side: str) -> KVFormat:
+    """The format whose rows ``side`` ("k" or "v") of a ``fmt`` pool holds: ``fmt`` itself, except
+    for ``SIDE_FORMATS`` (``int4_kivi_g64``'s V -> ``int4_g64``)."""
+    fmt = KVFormat.parse(fmt)
+    if side not in ("k", "v"):
+        raise ValueError(f"side={side!r}: expected 'k' or 'v'")
+    return SIDE_FORMATS.get(fmt, (fmt, fmt))[side == "v"]
+
+
+def row_bytes(fmt: str | KVFormat, side: str, head_dim: int) -> tuple[int, int]:
+    """(data bytes, scale bytes) of one (token, kv-head) row of ``side`` in a ``fmt`` pool."""
+    format_spec(fmt).check_head_dim(head_dim)
+    spec = format_spec(side_format(fmt, side))
+    return spec.data_bytes_per_head(head_dim), spec.scale_bytes_per_head(head_dim)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -172,15 +204,14 @@ def kv_bytes_per_token(fmt: str | KVFormat, num_kv_heads: int, head_dim: int) ->
 
     Per-layer scales (``fp8_e4m3_tensor``: 8 bytes per layer) are not per token and not counted.
     """
-    spec = format_spec(fmt)
     _positive_int("num_kv_heads", num_kv_heads)
-    per_head = spec.data_bytes_per_head(head_dim) + spec.scale_bytes_per_head(head_dim)
-    return 2 * num_kv_heads * per_head
+    return num_kv_heads * sum(sum(row_bytes(fmt, side, head_dim)) for side in "kv")
 
 
 @dataclass(frozen=True)
 class PageGeometry:
-    """Byte geometry of one page of one layer (sizes are for K alone; V is the same)."""
+    """Byte geometry of one page of one layer (sizes are for K alone; V's are the same, except the
+    scale rows of a ``SIDE_FORMATS`` format: ``v_scale_bytes_per_head`` / ``v_scale_bytes``)."""
 
     fmt: KVFormat
     page_size: int
@@ -191,6 +222,8 @@ class PageGeometry:
     data_bytes: int  # page_size * num_kv_heads * data_bytes_per_head
     scale_bytes: int  # page_size * num_kv_heads * scale_bytes_per_head
     layer_scale_bytes: int  # per layer, K and V together (fp8_e4m3_tensor: 8), sent once
+    v_scale_bytes_per_head: int  # V's scale_bytes_per_head (int4_kivi_g64: int4_g64's, D/16)
+    v_scale_bytes: int  # page_size * num_kv_heads * v_scale_bytes_per_head
     # packed page [K data | V data | K scale | V scale], each segment aligned to PACK_ALIGN
     k_data_offset: int
     v_data_offset: int
@@ -207,18 +240,21 @@ def page_geometry(fmt: str | KVFormat, page_size: int, num_kv_heads: int, head_d
     spec = format_spec(fmt)
     _positive_int("page_size", page_size)
     _positive_int("num_kv_heads", num_kv_heads)
-    dph = spec.data_bytes_per_head(head_dim)
-    sph = spec.scale_bytes_per_head(head_dim)
+    dph, sph = row_bytes(spec.fmt, "k", head_dim)
+    v_dph, v_sph = row_bytes(spec.fmt, "v", head_dim)
+    assert v_dph == dph, f"{spec.fmt.value}: K and V data rows differ"
     data = page_size * num_kv_heads * dph
     scale = page_size * num_kv_heads * sph
+    v_scale_len = page_size * num_kv_heads * v_sph
     v_data = _align(data, PACK_ALIGN)
     k_scale = v_data + _align(data, PACK_ALIGN)
     v_scale = k_scale + _align(scale, PACK_ALIGN)
-    packed = v_scale + _align(scale, PACK_ALIGN)
+    packed = v_scale + _align(v_scale_len, PACK_ALIGN)
     return PageGeometry(
         fmt=spec.fmt, page_size=page_size, num_kv_heads=num_kv_heads, head_dim=head_dim,
         data_bytes_per_head=dph, scale_bytes_per_head=sph, data_bytes=data, scale_bytes=scale,
         layer_scale_bytes=8 if spec.scale_scope == "layer" else 0,
+        v_scale_bytes_per_head=v_sph, v_scale_bytes=v_scale_len,
         k_data_offset=0, v_data_offset=v_data, k_scale_offset=k_scale, v_scale_offset=v_scale,
         packed_bytes=packed,
     )

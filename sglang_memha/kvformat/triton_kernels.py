@@ -20,7 +20,8 @@ imported without it, and the launchers raise ``RuntimeError`` when it is missing
 Formats: fp8_e4m3, fp8_e4m3fnuz, int8, int4_g32, int4_g64, bfp8. bf16 and fp8_e4m3_tensor are
 plain casts; ``codec.quantize_into`` / ``codec.gather_dequantize`` cover them on any device.
 int4_kivi's K has its own pair at the end (``kivi_quantize_blocks``: whole or partly filled
-32-token blocks, one program per (block, head); ``kivi_dequantize_pages``); its V is int4_g32.
+32-token blocks, one program per (block, head); ``kivi_dequantize_pages``), which int4_kivi_g64's
+K shares; their V is int4_g32 / int4_g64 (the kernels above).
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def dequantize_pages(
     return out
 
 
-# ---- int4_kivi: K per channel over 32-token blocks (its V is int4_g32: the kernels above) ---------
+# ---- int4_kivi(_g64): K per channel over 32-token blocks (V int4_g32 / g64: the kernels above) ----
 def kivi_quantize_blocks(blocks: torch.Tensor, fill: torch.Tensor, num_warps: int = 4,
                          hw: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``Int4KiviKCodec.quantize_blocks``: blocks [NB, 32, H, D] bf16/fp16/fp32 (last dim

@@ -122,7 +122,8 @@ def format_refusal(fmt) -> str | None:
 
     if fmt in DECODE_FORMATS:
         return None
-    why = {"int4_kivi": "its open K block lives in a side table the kernel does not read",
+    kivi = "its open K block lives in a side table the kernel does not read"
+    why = {"int4_kivi": kivi, "int4_kivi_g64": kivi,
            "fp8_e4m3_tensor": "use SGLang's own fp8 pool (--kv-cache-dtype fp8_e4m3, no MEMHA_KV_FORMAT) "
                               "with --attention-backend triton or flashinfer"}.get(fmt.value, "not implemented")
     return (f"--attention-backend {BACKEND_NAME} reads {[f.value for f in DECODE_FORMATS]}, not "

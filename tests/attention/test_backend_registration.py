@@ -91,6 +91,8 @@ def test_format_refusal_names_the_formats_it_reads():
     for ok in ("bf16", "fp8_e4m3", "fp8_e4m3fnuz", "int8", "int4_g32", "int4_g64"):
         assert ab.format_refusal(KVFormat(ok)) is None
     assert "int4_kivi (its open K block lives in a side table" in ab.format_refusal(KVFormat.INT4_KIVI)
+    assert "MEMHA_KV_FORMAT=int4_kivi_g64 (its open K block lives in a side table the kernel does not read)" in \
+        ab.format_refusal(KVFormat.INT4_KIVI_G64)
     assert "--kv-cache-dtype fp8_e4m3" in ab.format_refusal(KVFormat.FP8_E4M3_TENSOR)
 
 

@@ -28,8 +28,9 @@ def code_tables() -> dict[str, list[list[str]]]:
     for f in KVFormat:
         g = page_geometry(f, 16, 8, 128)
         buffers = 4 if g.scale_bytes_per_head else 2  # K data (+ K scale), V data (+ V scale)
-        geometry.append([f.value, str(g.data_bytes_per_head), str(g.scale_bytes_per_head), str(g.data_bytes),
-                         str(g.scale_bytes), str(buffers)])
+        geometry.append([f.value, str(g.data_bytes_per_head), str(g.scale_bytes_per_head),
+                         str(g.v_scale_bytes_per_head), str(g.data_bytes), str(g.scale_bytes), str(g.v_scale_bytes),
+                         str(buffers)])
     versions = [[str(v), text] for v, text in FORMAT_VERSION_HISTORY]
     worked = []
     for f in KVFormat:

@@ -90,12 +90,18 @@ def test_requantize_on_send_k_transform_and_block_coded_rules():
     with pytest.raises(FormatMismatchError) as ei:  # the receiver cannot hold rotated K
         dataclasses.replace(BASE, fmt="int8").check_compatible(dataclasses.replace(had, fmt="fp8_e4m3fnuz"))
     assert ei.value.mismatches == [("k_transform", "none", "hadamard")]
-    kivi = dataclasses.replace(BASE, fmt="int4_kivi", page_size=32)
-    for local, peer in ((kivi, dataclasses.replace(BASE, fmt="int8", page_size=32)),
-                        (dataclasses.replace(BASE, fmt="int8", page_size=32), kivi)):
-        with pytest.raises(FormatMismatchError) as ei:  # K blocks are not rows: never converted
-            local.check_compatible(peer)
-        assert ei.value.mismatches == [("fmt", local.fmt.value, peer.fmt.value)]
+    for fmt in ("int4_kivi", "int4_kivi_g64"):
+        kivi = dataclasses.replace(BASE, fmt=fmt, page_size=32)
+        for local, peer in ((kivi, dataclasses.replace(BASE, fmt="int8", page_size=32)),
+                            (dataclasses.replace(BASE, fmt="int8", page_size=32), kivi)):
+            with pytest.raises(FormatMismatchError) as ei:  # K blocks are not rows: never converted
+                local.check_compatible(peer)
+            assert ei.value.mismatches == [("fmt", local.fmt.value, peer.fmt.value)]
+    g32, g64 = (dataclasses.replace(BASE, fmt=f, page_size=32) for f in ("int4_kivi", "int4_kivi_g64"))
+    with pytest.raises(FormatMismatchError) as ei:  # the same K blocks, other V rows: not converted either
+        g32.check_compatible(g64)
+    assert ei.value.mismatches == [("fmt", "int4_kivi", "int4_kivi_g64")]
+    assert g64.check_compatible(dataclasses.replace(g64)) == []
 
 
 def test_unsupported_version_named():

@@ -1,5 +1,6 @@
 """int4_kivi: K per channel over 32-token blocks (bounds, byte placement, pool ops, refusals);
-V is int4_g32's codec. Golden bytes and doc tables are checked with the other formats."""
+V is int4_g32's codec. int4_kivi_g64: the same K, V int4_g64's (exact bytes, codecs, handshake).
+Golden bytes and doc tables are checked with the other formats."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sglang_memha.kvformat import (
-    TOKEN_LOCAL_FORMATS, Bridge, FormatDescriptor, FormatMismatchError, KVFormat, get_codec, page_geometry)
+    TOKEN_LOCAL_FORMATS, Bridge, FormatDescriptor, FormatMismatchError, KVFormat, get_codec, kv_bytes_per_token,
+    page_geometry, row_bytes, side_format)
 from sglang_memha.kvformat.base import bf16_round
 from sglang_memha.kvformat.kivi import BLOCK
+from sglang_memha.kvformat.layout import PoolLayout
 
 from .test_codecs import make
 
@@ -186,3 +189,71 @@ def test_handshake_moves_kivi_pages_as_they_are():
         kivi.check_compatible(FormatDescriptor(fmt="int4_kivi", page_size=64, **kw))
     bf16 = FormatDescriptor(fmt="bf16", page_size=16, **kw)
     assert bf16.check_compatible(FormatDescriptor(fmt="bf16", page_size=32, **kw)) == [Bridge.REPAGE]
+
+
+# ---- int4_kivi_g64: int4_kivi's K, int4_g64's V (issue 22) --------------------------------------
+
+@pytest.mark.parametrize("head_dim,k_row,v_row,total", [(64, (32, 8), (32, 4), 76), (128, (64, 16), (64, 8), 152)])
+def test_kivi_g64_exact_bytes_and_ratio(head_dim, k_row, v_row, total):
+    """Rows: K D/2 + D/8 (int4_kivi's), V D/2 + D/16 (int4_g64's): 76 B at D = 64, 152 B at D = 128,
+    19/64 = 0.296875 of bf16's 4D (<= 0.30, issue 22's wire goal), where int4_kivi is 0.3125."""
+    fmt = KVFormat.INT4_KIVI_G64
+    assert row_bytes(fmt, "k", head_dim) == k_row == row_bytes(KVFormat.INT4_KIVI, "k", head_dim)
+    assert row_bytes(fmt, "v", head_dim) == v_row == row_bytes(KVFormat.INT4_G64, "v", head_dim)
+    assert kv_bytes_per_token(fmt, 1, head_dim) == total and kv_bytes_per_token(fmt, 3, head_dim) == 3 * total
+    ratio = kv_bytes_per_token(fmt, 8, head_dim) / kv_bytes_per_token(KVFormat.BF16, 8, head_dim)
+    assert ratio == 19 / 64 == 0.296875 and ratio <= 0.30
+    assert kv_bytes_per_token(KVFormat.INT4_KIVI, 1, head_dim) / (4 * head_dim) == 0.3125
+    geo = page_geometry(fmt, BLOCK, 2, head_dim)
+    assert (geo.data_bytes_per_head, geo.scale_bytes_per_head, geo.v_scale_bytes_per_head) == (*k_row, v_row[1])
+    assert (geo.data_bytes, geo.scale_bytes, geo.v_scale_bytes) == (BLOCK * 2 * k_row[0], BLOCK * 2 * k_row[1],
+                                                                   BLOCK * 2 * v_row[1])
+    # a pool of 3 layers publishes [K data, K scale, V data, V scale] x 3, each with its own page bytes
+    layout = PoolLayout(fmt, head_dim, 2, 3, BLOCK)
+    page = BLOCK * 2
+    assert layout.item_lens() == [page * n for n in (*k_row, *v_row) for _ in range(3)]
+    assert sum(layout.token_lens()) == 3 * kv_bytes_per_token(fmt, 2, head_dim)
+
+
+def test_kivi_g64_codecs_are_int4_kivi_k_and_int4_g64_v():
+    assert get_codec("int4_kivi_g64", role="k") is K
+    assert get_codec("int4_kivi_g64", role="v") is get_codec("int4_g64")
+    assert side_format("int4_kivi_g64", "k") == KVFormat.INT4_KIVI
+    assert side_format("int4_kivi_g64", "v") == KVFormat.INT4_G64
+    assert side_format("int4_kivi", "v") == KVFormat.INT4_G32 and side_format("int8", "v") == KVFormat.INT8
+    with pytest.raises(ValueError, match=r"int4_kivi_g64 codes K and V differently"):
+        get_codec("int4_kivi_g64")
+    with pytest.raises(ValueError, match="head_dim=32 is not valid for int4_kivi_g64: expected a positive multiple of 64"):
+        kv_bytes_per_token("int4_kivi_g64", 1, 32)
+    with pytest.raises(ValueError, match="head_dim=96 is not valid for int4_kivi_g64"):
+        PoolLayout("int4_kivi_g64", 96, 1, 1, BLOCK)
+    assert KVFormat.INT4_KIVI_G64 not in TOKEN_LOCAL_FORMATS
+
+
+def test_kivi_g64_round_trip_k_within_bound_and_v_is_g64():
+    x = make("outlier", (2 * BLOCK, 3, 128), seed=21)
+    assert excess(x) <= 0  # K: int4_kivi's codec and bound
+    v = get_codec("int4_kivi_g64", role="v")
+    data, scales = v.quantize(x)
+    assert data.shape == (2 * BLOCK, 3, 64) and v.scale_bytes(scales).shape == (2 * BLOCK, 3, 8)
+    err = (v.dequantize(data, scales, torch.float32) - x).abs().reshape(2 * BLOCK, 3, 2, 64)
+    assert bool((err <= scales.float()[..., 0:1] * (0.5 + 2.0**-19) + x.abs().amax() * 2.0**-24 + 2.0**-150).all())
+
+
+def test_handshake_moves_kivi_g64_pages_as_they_are():
+    """int4_kivi_g64 pairs only with itself at the same page size: not with int4_kivi (V rows
+    differ), not encoded on send from bf16, not re-paged; each refusal names the field."""
+    kw = dict(num_kv_heads=3, head_dim=64, num_layers=30, model_id="m")
+    g64 = FormatDescriptor(fmt="int4_kivi_g64", page_size=32, **kw)
+    assert FormatDescriptor.from_bytes(g64.to_bytes()) == g64
+    assert g64.check_compatible(FormatDescriptor(fmt="int4_kivi_g64", page_size=32, **kw)) == []
+    for peer in ("int4_kivi", "bf16", "int4_g64"):
+        with pytest.raises(FormatMismatchError, match=rf"fmt: local='int4_kivi_g64' peer='{peer}'"):
+            g64.check_compatible(FormatDescriptor(fmt=peer, page_size=32, **kw))
+    with pytest.raises(FormatMismatchError, match=r"fmt: local='int4_kivi' peer='int4_kivi_g64'"):
+        FormatDescriptor(fmt="int4_kivi", page_size=32, **kw).check_compatible(g64)
+    with pytest.raises(FormatMismatchError,
+                       match=r"page_size \(int4_kivi_g64 pages are not re-paged\): local=32 peer=64"):
+        g64.check_compatible(FormatDescriptor(fmt="int4_kivi_g64", page_size=64, **kw))
+    with pytest.raises(FormatMismatchError, match=r"page_size \(int4_kivi_g64 pages are not re-paged\)"):
+        FormatDescriptor(fmt="int8", page_size=64, **kw).check_compatible(g64)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sglang_memha.kvformat import KVFormat
-from sglang_memha.kvformat.golden import load
+from sglang_memha.kvformat.golden import GOLDEN_FORMATS, load
 
 from .test_spec_reference import (F32, bf16_directed, bf16_value, bits, e4m3_table, enc_fp8_tensor, fp8_rne, int4_rule,
                                   le_hex, read_input)
@@ -148,7 +148,7 @@ def test_zero_blocks():
 NEG_ZERO_WRITERS = {KVFormat.BF16, KVFormat.FP8_E4M3_TENSOR}
 
 
-@pytest.mark.parametrize("fmt", list(KVFormat), ids=str)
+@pytest.mark.parametrize("fmt", GOLDEN_FORMATS, ids=str)
 def test_which_encoders_write_negative_zero(fmt):
     """docs/kv_format.md, Conventions: only bf16 (0x8000) and fp8_e4m3_tensor (0x80) write a
     negative zero, from -0 inputs and negatives that round to zero; every other encoder writes +0

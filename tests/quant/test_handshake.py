@@ -24,7 +24,8 @@ def test_frame_only_after_stock_frames():
     assert hs.find_frame(msg) is None
 
 
-@pytest.mark.parametrize("field,value", [("fmt", "int4_kivi"), ("num_layers", 3), ("head_dim", 128),
+@pytest.mark.parametrize("field,value", [("fmt", "int4_kivi"), ("fmt", "int4_kivi_g64"), ("num_layers", 3),
+                                         ("head_dim", 128),
                                          ("num_kv_heads", 4), ("model_id", "other#2"),
                                          ("k_transform", "hadamard")])
 def test_mismatch_names_field_and_both_values(field, value):
@@ -118,15 +119,21 @@ def test_sender_side_bridges_accepted_by_both_sides(prefill_fmt, decode_fmt):
     assert hs.send_target(d, hs.encode_frame(d)) is None  # same format: rows go as they are
 
 
-def test_unconvertible_formats_refused_by_both_sides_naming_both_formats():
-    """int4_kivi's K blocks are not rows: no conversion into or out of it."""
-    kivi, int8 = desc(fmt="int4_kivi", page_size=32), desc(fmt="int8", page_size=32)
-    r = hs.check_prefill_peer(kivi, hs.encode_layout(int8), "10.0.0.1:8998")
+@pytest.mark.parametrize("coded,other", [("int4_kivi", "int8"), ("int4_kivi_g64", "int8"),
+                                         ("int4_kivi_g64", "int4_kivi")])
+def test_unconvertible_formats_refused_by_both_sides_naming_both_formats(coded, other):
+    """int4_kivi(_g64)'s K blocks are not rows: no conversion into or out of them (nor between the
+    two: same K, other V rows)."""
+    kivi, peer = desc(fmt=coded, page_size=32), desc(fmt=other, page_size=32)
+    r = hs.check_prefill_peer(kivi, hs.encode_layout(peer), "10.0.0.1:8998")
     assert r == ("prefill at 10.0.0.1:8998 is incompatible: KV format mismatch with peer (not bridgeable): "
-                 "fmt: local='int4_kivi' peer='int8' (local = decode, peer = prefill)")
-    r = hs.check_decode_peer(kivi, hs.encode_frame(int8), "10.0.0.2:4000")
+                 f"fmt: local='{coded}' peer='{other}' (local = decode, peer = prefill)")
+    r = hs.check_decode_peer(kivi, hs.encode_frame(peer), "10.0.0.2:4000")
     assert r == ("decode at 10.0.0.2:4000 is incompatible: KV format mismatch with peer (not bridgeable): "
-                 "fmt: local='int8' peer='int4_kivi' (local = decode, peer = prefill)")
+                 f"fmt: local='{other}' peer='{coded}' (local = decode, peer = prefill)")
+    same = desc(fmt=coded, page_size=32)
+    assert hs.check_prefill_peer(kivi, hs.encode_layout(same), "p") is None
+    assert hs.check_decode_peer(same, hs.encode_frame(kivi), "d") is None
 
 
 # ---- shared secret -----------------------------------------------------------------------------

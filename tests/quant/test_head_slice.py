@@ -35,6 +35,7 @@ from sglang_memha.testing.transfer_log import transfer_rows  # noqa: E402
 H, D, L, PAGE = 2, 64, 2, 32  # tiny_qwen3 geometry; pages of 32 hold whole int4_kivi K blocks
 SRC_PAGES, DST_PAGES = np.array([1, 2, 5]), np.array([6, 3, 4])
 FORMATS = [f.value for f in KVFormat]
+BLOCK_CODED = ("int4_kivi", "int4_kivi_g64")  # K coded per 32-token block
 MODEL = "test#0"
 
 
@@ -148,7 +149,7 @@ def test_prefill_tp2_merged_into_decode_tp1_byte_exact(fmt, offset_path, monkeyp
             send(mgr, decode, 0, 1, room=10 + r)
             mgr._log_room(10 + r, "ok")
     src, dst = slots(SRC_PAGES), slots(DST_PAGES)
-    if fmt != "int4_kivi":  # model-space K: each head's rows hold K minus that head's offset
+    if fmt not in BLOCK_CODED:  # model-space K: each head's rows hold K minus that head's offset
         assert torch.equal(decode.get_key_buffer(1)[dst], want.get_key_buffer(1)[src]), fmt
     for a, b in zip(buffers(want), buffers(decode)):
         assert torch.equal(b[dst], a[src]), fmt
@@ -173,7 +174,7 @@ def test_prefill_tp1_split_over_decode_tp2_byte_exact(fmt, offset_path, monkeypa
     for r, decode in enumerate(decodes):
         want = make_pool(fmt, 1, r, 2, offset_path, monkeypatch)
         write(want, slice(r, r + 1))
-        if fmt != "int4_kivi":  # model-space K read back: the decode rank adds its own heads' offset
+        if fmt not in BLOCK_CODED:  # model-space K read back: the decode rank adds its own heads' offset
             assert torch.equal(decode.get_key_buffer(1)[dst], want.get_key_buffer(1)[src]), (fmt, r)
         for a, b in zip(buffers(want), buffers(decode)):
             assert torch.equal(b[dst], a[src]), (fmt, r)

@@ -1,8 +1,8 @@
-"""An int4_kivi pool in-process (SGLang's real MHATokenToKVPool base, CPU, no server).
+"""An int4_kivi (and int4_kivi_g64) pool in-process (SGLang's real MHATokenToKVPool base, CPU, no server).
 
 Reference: KIVI with a bf16 residual. After each forward, K read at position p is the bf16 value
 written there if p's 32-token block is still open, else the codec's round trip of the whole
-block (``Int4KiviKCodec.quantize`` of the exact values); V is int4_g32's round trip. And the
+block (``Int4KiviKCodec.quantize`` of the exact values); V is int4_g32's (int4_g64's) round trip. And the
 pool rows are at every moment what the codec makes of the written rows (``quantize_blocks``),
 so any page can be sent as is.
 """
@@ -18,8 +18,8 @@ pytest.importorskip("sglang.srt.mem_cache.memory_pool")
 from sglang_memha.sglang_ext.pool.quant_pool import MemhaQuantKVPool  # noqa: E402
 
 H, D, L, PAGE, B = 2, 64, 2, 32, 32
-K = get_codec("int4_kivi", role="k")
-V = get_codec("int4_kivi", role="v")
+K = get_codec("int4_kivi", role="k")  # int4_kivi_g64's K too
+FMTS = ["int4_kivi", "int4_kivi_g64"]  # V: int4_g32, int4_g64
 
 
 class _Layer:
@@ -27,8 +27,8 @@ class _Layer:
         self.layer_id = layer_id
 
 
-def make_pool(k_transform="none", size=40 * PAGE):
-    cls = MemhaQuantKVPool.configured("int4_kivi", k_transform, "test#0")
+def make_pool(k_transform="none", size=40 * PAGE, fmt="int4_kivi"):
+    cls = MemhaQuantKVPool.configured(fmt, k_transform, "test#0")
     return cls(size, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
                device="cpu", enable_memory_saver=False)
 
@@ -63,8 +63,9 @@ class Seq:
             return unrotate(out).to(torch.bfloat16)
         return out.to(torch.bfloat16)
 
-    def want_v(self):
-        return V.dequantize(*V.quantize(self.v), torch.bfloat16)
+    def want_v(self, fmt="int4_kivi"):
+        v = get_codec(fmt, role="v")
+        return v.dequantize(*v.quantize(self.v), torch.bfloat16)
 
 
 def forward(pool, writes):
@@ -82,7 +83,8 @@ def check(pool, seq, k_transform="none"):
         got_k = pool.get_key_buffer(layer)[seq.slots]
         assert torch.equal(got_k.view(torch.int16), seq.want_k(k_transform).view(torch.int16)), f"layer {layer} K"
         got_v = pool.get_value_buffer(layer)[seq.slots]
-        assert torch.equal(got_v.view(torch.int16), seq.want_v().view(torch.int16)), f"layer {layer} V"
+        want_v = seq.want_v(pool.memha_format)
+        assert torch.equal(got_v.view(torch.int16), want_v.view(torch.int16)), f"layer {layer} V"
 
 
 def check_rows_are_the_codecs(pool, seq, k_transform="none", layer=0):
@@ -99,9 +101,10 @@ def check_rows_are_the_codecs(pool, seq, k_transform="none", layer=0):
     assert torch.equal(pool.k_scale_buffer[layer][at], K.scale_bytes(scales))
 
 
+@pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("k_transform", ["none", "hadamard"])
-def test_chunked_prefill_then_decode_reads_kivi_with_residual(k_transform):
-    pool = make_pool(k_transform)
+def test_chunked_prefill_then_decode_reads_kivi_with_residual(k_transform, fmt):
+    pool = make_pool(k_transform, fmt=fmt)
     seq = Seq(base=2 * PAGE, seed=1)
     for n in (20, 25, 40):  # chunks: open block continued, a block completed, whole blocks
         forward(pool, [seq.new(n)])
@@ -113,8 +116,9 @@ def test_chunked_prefill_then_decode_reads_kivi_with_residual(k_transform):
     check_rows_are_the_codecs(pool, seq, k_transform)
 
 
-def test_a_batch_of_requests_written_in_any_order():
-    pool = make_pool()
+@pytest.mark.parametrize("fmt", FMTS)
+def test_a_batch_of_requests_written_in_any_order(fmt):
+    pool = make_pool(fmt=fmt)
     seqs = [Seq(base=(2 + 4 * i) * PAGE, seed=10 + i) for i in range(5)]  # 4 pages each
     forward(pool, [s.new(n) for s, n in zip(seqs, (3, 32, 50, 64, 1))])
     for step in range(35):
@@ -124,11 +128,12 @@ def test_a_batch_of_requests_written_in_any_order():
         check(pool, s)
 
 
-def test_rows_landed_by_a_transfer_are_continued_from_their_codes():
+@pytest.mark.parametrize("fmt", FMTS)
+def test_rows_landed_by_a_transfer_are_continued_from_their_codes(fmt):
     """Decode side: the prefill's rows arrive as bytes (Mooncake), then the decode appends. The
     open block's earlier rows come back through their codes (rounded once more), never from a
     shadow some earlier owner of the block left behind."""
-    prefill, decode = make_pool(), make_pool()
+    prefill, decode = make_pool(fmt=fmt), make_pool(fmt=fmt)
     seq = Seq(base=4 * PAGE, seed=3)
     forward(prefill, [seq.new(45)])
     stale = Seq(base=4 * PAGE, seed=99)  # an earlier request on the decode's same pages, same fill
@@ -152,18 +157,47 @@ def test_rows_landed_by_a_transfer_are_continued_from_their_codes():
         assert torch.equal(got[45], k[0])
 
 
-def test_cpu_copy_round_trip_then_continue():
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cpu_copy_round_trip_then_continue(fmt):
     """Retraction: rows copied out and back (another pool: no shadow), then decoding goes on."""
-    a, b = make_pool(), make_pool()
+    a, b = make_pool(fmt=fmt), make_pool(fmt=fmt)
     seq = Seq(base=PAGE, seed=5)
     forward(a, [seq.new(50)])
     b.load_cpu_copy(a.get_cpu_copy(seq.slots), seq.slots)
     for layer in range(L):  # whole blocks copied: the open block's later rows hold its table
         assert torch.equal(b.k_buffer[layer], a.k_buffer[layer])
         assert torch.equal(b.k_scale_buffer[layer], a.k_scale_buffer[layer])
+        assert torch.equal(b.v_scale_buffer[layer], a.v_scale_buffer[layer])
     forward(b, [seq.new(1)])
     got = b.get_key_buffer(0)[seq.slots]
     assert torch.equal(got[:32], seq.want_k()[:32]) and torch.equal(got[50], seq.k[50])
+
+
+def test_kivi_g64_pool_stores_int4_g64_v_rows_beside_int4_kivi_k_rows():
+    """int4_kivi_g64: K rows as an int4_kivi pool's (D/2 + D/8 B), V rows int4_g64's bytes
+    (D/2 + D/16 B): 76 B per (token, head) at D = 64, the pool's bytes per token and its
+    published page bytes."""
+    from sglang_memha.kvformat import kv_bytes_per_token
+
+    g64, kivi = make_pool(fmt="int4_kivi_g64"), make_pool()
+    assert [b[0].shape[-1] for b in (g64.k_buffer, g64.k_scale_buffer, g64.v_buffer, g64.v_scale_buffer)] == \
+        [D // 2, D // 8, D // 2, D // 16]
+    assert g64.bytes_per_token() == L * H * 76 == L * kv_bytes_per_token("int4_kivi_g64", H, D)
+    assert kivi.bytes_per_token() == L * H * 80
+    _, _, item_lens = g64.get_contiguous_buf_infos()
+    assert item_lens == [PAGE * H * n for n in (D // 2, D // 8, D // 2, D // 16) for _ in range(L)]
+    seq = Seq(base=2 * PAGE, seed=7)
+    writes = [seq.new(45)]
+    forward(g64, writes)
+    forward(kivi, writes)
+    v = get_codec("int4_g64")
+    data, scales = v.quantize(seq.v)
+    for layer in range(L):
+        assert torch.equal(g64.k_buffer[layer], kivi.k_buffer[layer])
+        assert torch.equal(g64.k_scale_buffer[layer], kivi.k_scale_buffer[layer])
+        assert torch.equal(g64.v_buffer[layer][seq.slots], data)
+        assert torch.equal(g64.v_scale_buffer[layer][seq.slots], v.scale_bytes(scales))
+    check(g64, seq)
 
 
 def test_more_open_blocks_than_shadows_grows_the_table(caplog):
@@ -192,25 +226,28 @@ def test_shadows_are_reused_least_recent_first():
     assert torch.equal(got[3], old[0].k[3])  # the newest row exact; rows 0..2 through their codes
 
 
-def test_refusals():
-    pool = make_pool()
+@pytest.mark.parametrize("fmt", FMTS)
+def test_refusals(fmt):
+    pool = make_pool(fmt=fmt)
     x = torch.zeros(2, H * D).bfloat16()
     pool.set_kv_buffer(_Layer(0), torch.tensor([64, 65]), x, x)
     with pytest.raises(ValueError, match="do not fill their 32-token K blocks in position order"):
         pool.set_kv_buffer(_Layer(0), torch.tensor([70, 72]), x, x)
-    cls = MemhaQuantKVPool.configured("int4_kivi", "none", "test#0")
-    with pytest.raises(ValueError, match="--page-size must be a multiple of 32 \\(got 16\\)"):
+    cls = MemhaQuantKVPool.configured(fmt, "none", "test#0")
+    with pytest.raises(ValueError, match=f"MEMHA_KV_FORMAT={fmt} codes K per 32-token block, so --page-size "
+                                         f"must be a multiple of 32 \\(got 16\\)"):
         cls(256, page_size=16, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L, device="cpu",
             enable_memory_saver=False)
 
 
-def test_eager_pool_lands_kivi_blocks_through_their_codes():
-    """MEMHA_DECODE_DEQUANT=eager with int4_kivi: arrived pages decode through their blocks'
+@pytest.mark.parametrize("fmt", FMTS)
+def test_eager_pool_lands_kivi_blocks_through_their_codes(fmt):
+    """MEMHA_DECODE_DEQUANT=eager with int4_kivi(_g64): arrived pages decode through their blocks'
     tables, the open block too (its rows as the prefill coded them)."""
     from sglang_memha.sglang_ext.pool.eager_pool import MemhaEagerKVPool
 
-    prefill = make_pool()
-    cls = MemhaEagerKVPool.configured("int4_kivi", "none", "test#0")
+    prefill = make_pool(fmt=fmt)
+    cls = MemhaEagerKVPool.configured(fmt, "none", "test#0")
     eager = cls(40 * PAGE, page_size=PAGE, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
                 device="cpu", enable_memory_saver=False)
     seq = Seq(base=3 * PAGE, seed=8)
@@ -225,7 +262,7 @@ def test_eager_pool_lands_kivi_blocks_through_their_codes():
         want = K.dequantize(prefill.k_buffer[layer][pages], K.scales_from_bytes(prefill.k_scale_buffer[layer][pages]),
                             torch.bfloat16)[:45]
         assert torch.equal(eager.get_key_buffer(layer)[seq.slots], want)
-        assert torch.equal(eager.get_value_buffer(layer)[seq.slots], seq.want_v())
+        assert torch.equal(eager.get_value_buffer(layer)[seq.slots], seq.want_v(fmt))
 
 
 def test_k_offset_pool_stores_k_minus_c_in_blocks(tmp_path):

@@ -91,16 +91,17 @@ def test_pipelined_equals_whole_request(chunked, tiny_model, tmp_path):
     assert descendants() == []
 
 
-def _run_kivi(model, args, env, log_dir) -> tuple[list[list[int]], list]:
-    """One int4_kivi cluster: the first ``N_ALONE`` prompts one at a time (tokens), then other
-    prompts 32 at once (transfer rows)."""
-    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": "int4_kivi", **env}, log_dir=log_dir) as c:
+def _run_kivi(model, args, env, log_dir, fmt="int4_kivi") -> tuple[list[list[int]], list]:
+    """One int4_kivi (or int4_kivi_g64) cluster: the first ``N_ALONE`` prompts one at a time
+    (tokens), then other prompts 32 at once (transfer rows)."""
+    with PDCluster(model, args, args, env={"MEMHA_KV_FORMAT": fmt, **env}, log_dir=log_dir) as c:
         tokens, _ = _send(c, _prompts()[:N_ALONE], 1)
         _, rows = _send(c, _prompts(seed=8), N)
     return tokens, rows
 
 
-def test_int4_kivi_pipelined_with_chunked_prefill(tiny_model, tmp_path):
+@pytest.mark.parametrize("fmt", ["int4_kivi", "int4_kivi_g64"])  # g64: V scale rows half of K's
+def test_int4_kivi_pipelined_with_chunked_prefill(fmt, tiny_model, tmp_path):
     """int4_kivi through the per-layer pipeline with chunked prefill: each layer's pages leave as
     soon as that layer's rows (codes and block tables) are written; a block's rows change only
     while it is open (SGLang ends chunks on page boundaries, so that is a prompt's last block, or
@@ -113,12 +114,12 @@ def test_int4_kivi_pipelined_with_chunked_prefill(tiny_model, tmp_path):
     differ at its 5th token). Per-token formats do not depend on cuts; their tokens are compared
     32 at once above. The concurrent pass checks that every page went out layer by layer."""
     args = ["--page-size", "32", "--chunked-prefill-size", "64"]
-    whole_tokens, whole_rows = _run_kivi(tiny_model, args, {}, str(tmp_path / "whole"))
+    whole_tokens, whole_rows = _run_kivi(tiny_model, args, {}, str(tmp_path / "whole"), fmt)
     piped, rows = _run_kivi(tiny_model, args, {"MEMHA_PIPELINE": "1", "MEMHA_PIPELINE_MIN_TOKENS": "0"},
-                            str(tmp_path / "pipelined"))
+                            str(tmp_path / "pipelined"), fmt)
     assert piped == whole_tokens
     assert len(rows) == N and all(r.status == "ok" and r.pipelined_pages == r.pages for r in rows), rows[:2]
-    per_page = 32 * L * kv_bytes_per_token("int4_kivi", H, D)
+    per_page = 32 * L * kv_bytes_per_token(fmt, H, D)
     assert all(r.kv_bytes == r.pages * per_page for r in whole_rows)
     assert descendants() == []
 

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from sglang_memha.kvformat import KVFormat, kv_bytes_per_token
+from sglang_memha.kvformat import KVFormat, format_spec, kv_bytes_per_token
 from sglang_memha.testing import PDCluster, SingleServer
 from sglang_memha.testing.transfer_log import transfer_rows
 from tests.conftest import descendants
@@ -49,7 +49,7 @@ def reference(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("fmt", [f.value for f in KVFormat])
 def test_format_end_to_end(fmt, tiny_model, reference, tmp_path):
     env = {"MEMHA_KV_FORMAT": fmt}
-    page = 32 if fmt == "int4_kivi" else 16  # int4_kivi's K blocks are 32 tokens
+    page = 16 if format_spec(fmt).token_local else 32  # int4_kivi(_g64)'s K blocks are 32 tokens
     args = ["--page-size", str(page)]
     with PDCluster(tiny_model, args, args, env=env, log_dir=str(tmp_path)) as c:
         got = {k: _ids(c.generate(input_ids=v, max_new_tokens=MAX_NEW, ignore_eos=True))

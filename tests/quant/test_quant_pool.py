@@ -7,7 +7,8 @@ rotation when it is on): the pool adds layout, not arithmetic.
 import pytest
 import torch
 
-from sglang_memha.kvformat import TOKEN_LOCAL_FORMATS, KVFormat, get_codec, kv_bytes_per_token, page_geometry
+from sglang_memha.kvformat import (
+    TOKEN_LOCAL_FORMATS, KVFormat, format_spec, get_codec, kv_bytes_per_token, page_geometry)
 from sglang_memha.kvformat.layout import PoolLayout
 from sglang_memha.kvformat.transforms import rotate, unrotate
 
@@ -42,7 +43,7 @@ def reference(fmt, x, is_key, k_transform):
 
 
 @pytest.mark.parametrize("k_transform", ["none", "hadamard"])
-@pytest.mark.parametrize("fmt", TOKEN_LOCAL_FORMATS)  # int4_kivi: test_kivi_pool.py
+@pytest.mark.parametrize("fmt", TOKEN_LOCAL_FORMATS)  # int4_kivi(_g64): test_kivi_pool.py
 def test_write_then_gather_equals_codec_round_trip(fmt, k_transform):
     pool = make_pool(fmt, k_transform)
     g = torch.Generator().manual_seed(7)
@@ -64,7 +65,7 @@ def test_write_then_gather_equals_codec_round_trip(fmt, k_transform):
 
 @pytest.mark.parametrize("fmt", list(KVFormat))
 def test_transfer_geometry_is_the_formats(fmt):
-    page = 32 if fmt == KVFormat.INT4_KIVI else PAGE
+    page = PAGE if format_spec(fmt).token_local else 32  # int4_kivi(_g64): whole 32-token K blocks
     pool = make_pool(fmt, page=page)
     geo = page_geometry(fmt, page, H, D)
     ptrs, lens, item_lens = pool.get_contiguous_buf_infos()
@@ -73,8 +74,10 @@ def test_transfer_geometry_is_the_formats(fmt):
     want = [*pool.k_buffer, *(pool.k_scale_buffer if scales else ()),
             *pool.v_buffer, *(pool.v_scale_buffer if scales else ())]
     assert ptrs == [t.data_ptr() for t in want] and len(ptrs) == (4 if scales else 2) * L
-    per_side = [geo.data_bytes] * L + ([geo.scale_bytes] * L if scales else [])
-    assert item_lens == per_side * 2 == PoolLayout(fmt, D, H, L, page).item_lens()
+    k_side = [geo.data_bytes] * L + ([geo.scale_bytes] * L if scales else [])
+    v_side = [geo.data_bytes] * L + ([geo.v_scale_bytes] * L if scales else [])  # int4_kivi_g64: V's differ
+    assert item_lens == k_side + v_side == PoolLayout(fmt, D, H, L, page).item_lens()
+    assert [t.shape[-1] for t in want] == [n // (page * H) for n in item_lens]
     assert lens == [n // page * (pool.size + page) for n in item_lens]
     assert all(p % 16 == 0 for p in ptrs)  # data rows of D = 64 start on 16-byte boundaries
     assert pool.bytes_per_token() == L * kv_bytes_per_token(fmt, H, D)
@@ -251,13 +254,13 @@ def test_fused_gather_read_equals_gather_then_decode(fmt):
         assert torch.equal(view[slots].view(torch.int16), pool.read_rows(*gathered, is_key, 1).view(torch.int16))
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_g64", "bf16", "int4_kivi"])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4_g64", "bf16", "int4_kivi", "int4_kivi_g64"])
 def test_nonfinite_kv_is_zeroed_and_flagged_not_raised(fmt):
     """A NaN / inf / huge K or V element must not raise inside the forward (that would end the
     scheduler): the pool stores 0 there and flags the token's slot for its layer, so the
     prefill's sender fails only that request (``nonfinite_layers``); a later finite write of the
     slot clears the flag."""
-    page = 32 if fmt == "int4_kivi" else PAGE
+    page = PAGE if format_spec(fmt).token_local else 32
     pool, ref = make_pool(fmt, page=page), make_pool(fmt, page=page)
     loc = torch.arange(2 * page, 3 * page)  # page 2
     k, v = (torch.randn(page, H, D) * 2).bfloat16(), torch.randn(page, H, D).bfloat16()

@@ -248,9 +248,10 @@ def test_wrong_decode_page_bytes_and_unbridgeable_pairs_refused():
         conv.send(memmove_transfer([]), "s", np.array([1]), desc("fp8_e4m3"), ptrs[:3],
                   np.array([[0, 2 * PAGE, PAGE]]), PAGE * H * D)
     data, scales = torch.empty(4, H, D, dtype=torch.uint8), torch.empty(4, H, 2, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="fmt: local='fp8_e4m3' peer='int4_kivi'"):  # K blocks, not rows
-        transcode.convert_rows(torch.zeros(4, H, D // 2, dtype=torch.uint8), desc("int4_kivi"), desc("fp8_e4m3"),
-                               data, scales, True)
+    for kivi in ("int4_kivi", "int4_kivi_g64"):
+        with pytest.raises(ValueError, match=f"fmt: local='fp8_e4m3' peer='{kivi}'"):  # K blocks, not rows
+            transcode.convert_rows(torch.zeros(4, H, D // 2, dtype=torch.uint8), desc(kivi), desc("fp8_e4m3"),
+                                   data, scales, True)
 
 
 def _tensor_at(pool, ptr):

@@ -1,4 +1,5 @@
-"""K rows of an ``int4_kivi`` pool: 32-token blocks coded per channel, open blocks kept in bf16.
+"""K rows of an ``int4_kivi`` (or ``int4_kivi_g64``: same K) pool: 32-token blocks coded per channel,
+open blocks kept in bf16.
 
 ``int4_kivi`` codes K per (32-token block, head, channel) (``kvformat/kivi.py``), so a block's
 codes depend on all of its rows. SGLang writes a page's slots in position order (prefill chunks,
@@ -44,7 +45,7 @@ class OpenBlocks:
 
     def __init__(self, codec: Int4KiviKCodec, layout, num_layers: int, num_slots: int, head_num: int,
                  dtype: torch.dtype, device, capacity: int = 32):
-        """``layout``: the pool's ``RowLayout`` (code and scale bytes of an ``int4_kivi`` row)."""
+        """``layout``: the pool's K ``RowLayout`` (code and scale bytes of an ``int4_kivi`` K row)."""
         self.codec, self.layout = codec, layout
         self.layers, self.h, self.d = num_layers, head_num, layout.head_dim
         self.dtype, self.device = dtype, device

@@ -1,9 +1,9 @@
 """``MemhaQuantKVPool``: an SGLang MHA KV pool that stores K and V in a ``kvformat`` format.
 
-Buffers (format v4; ``kvformat/layout.py`` owns the byte geometry), per layer, K and V alike::
+Buffers (format v4; ``kvformat/layout.py`` owns the geometry), per layer (K, V scale rows differ in int4_kivi_g64)::
 
     k_buffer[l], v_buffer[l]               uint8 [size + page_size, num_kv_heads, data_bytes_per_head]
-    k_scale_buffer[l], v_scale_buffer[l]   uint8 [size + page_size, num_kv_heads, scale_bytes_per_head]
+    k_scale_buffer[l], v_scale_buffer[l]   uint8 [size + page_size, num_kv_heads, {k,v}_scale_bytes_per_head]
 
 The scale lists are None for formats without per-row scales (bf16, ``fp8_e4m3_tensor``). Data
 rows start on 16-byte boundaries (head_dim a multiple of 32), so a GPU kernel loads them with
@@ -119,8 +119,8 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         if self.use_hnd or self.kv_cache_layout != "nhd" or self.post_capture_active:
             raise ValueError("sglang-memha KV formats support only the plain NHD pool layout "
                              "(unset SGLANG_USE_HND_KVCACHE / page-major / post-capture backing)")
-        self.codec = get_codec(self.memha_format, role="v")  # K's too, except for int4_kivi
-        self.layout = RowLayout(self.memha_format, self.head_dim)
+        self.codec = get_codec(self.memha_format, role="v")  # K's too, except for int4_kivi(_g64)
+        self.layout, self.v_layout = (RowLayout(self.memha_format, self.head_dim, side) for side in "kv")
         self.open_blocks = None
         block_coded = not format_spec(self.memha_format).token_local
         self.store_dtype = torch.uint8
@@ -145,7 +145,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             self.k_buffer, self.v_buffer = buffers(self.layout.data_bytes), buffers(self.layout.data_bytes)
             if self.layout.has_scale_rows:
                 self.k_scale_buffer = buffers(self.layout.scale_bytes)
-                self.v_scale_buffer = buffers(self.layout.scale_bytes)
+                self.v_scale_buffer = buffers(self.v_layout.scale_bytes)
         # fp8_e4m3_tensor: one scale per layer for K and V; 1.0 as SGLang defaults without a
         # calibrated checkpoint scale (so the data bytes equal a stock fp8 pool's).
         self.layer_scale = torch.ones(1, dtype=torch.float32, device=self.device)
@@ -196,7 +196,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
 
     def bytes_per_token(self) -> int:
         """KV bytes one token occupies across all layers of this pool (K and V, scales included)."""
-        return 2 * self.layer_num * self.head_num * self.layout.row_bytes
+        return self.layer_num * self.head_num * (self.layout.row_bytes + self.v_layout.row_bytes)
 
     def scale_rows(self, is_key: bool, idx: int) -> torch.Tensor | None:
         """Scale buffer of pool-local layer ``idx`` (K or V), or None (no per-row scales)."""
