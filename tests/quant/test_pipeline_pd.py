@@ -100,7 +100,10 @@ def _run_kivi(model, args, env, log_dir, fmt="int4_kivi") -> tuple[list[list[int
     return tokens, rows
 
 
-@pytest.mark.parametrize("fmt", ["int4_kivi", "int4_kivi_g64"])  # g64: V scale rows half of K's
+# int4_kivi_g64 only: its K blocks are int4_kivi's (same pool path, same sends), and its V scale
+# rows are half of K's, which the per-layer sends must size apart; int4_kivi's symmetric rows
+# are the common case every other pipelined format covers. (Both would cost CI ~4 min.)
+@pytest.mark.parametrize("fmt", ["int4_kivi_g64"])
 def test_int4_kivi_pipelined_with_chunked_prefill(fmt, tiny_model, tmp_path):
     """int4_kivi through the per-layer pipeline with chunked prefill: each layer's pages leave as
     soon as that layer's rows (codes and block tables) are written; a block's rows change only
