@@ -182,11 +182,12 @@ def load_trace(name_or_path: str):
                      "arrival_s,input_len,output_len")
 
 
-def select_rows(tr, rows: int | None, offset: int, fit_testbed: bool):
+def select_rows(tr, rows: int | None, offset: int, fit_testbed: bool, output_scale: float | None = None):
     """Rows ``offset .. offset+rows-1`` of trace ``tr`` as (arrival s from the first, input, output).
     ``fit_testbed``: the goodput harness's window instead (``eval/goodput/workload.py``: tied
     stamps spread over the trace's clock tick, lengths x1/8 clipped to [16, 2048] in and [2, 32]
-    out), i.e. the same requests ``python -m eval.goodput`` replays at that offset."""
+    out), i.e. the same requests ``python -m eval.goodput`` replays at that offset; with
+    ``output_scale`` the outputs are scaled by it instead, clipped to [2, 256]."""
     rows = len(tr) - offset if rows is None else rows
     if offset < 0 or rows < 1 or offset + rows > len(tr):
         raise ValueError(f"--offset {offset} --rows {rows}: trace {tr.name} has {len(tr):,} rows "
@@ -198,7 +199,8 @@ def select_rows(tr, rows: int | None, offset: int, fit_testbed: bool):
             raise ValueError(f"--fit-testbed --rows {rows}: the goodput window needs >= 2 rows "
                              "(its rate is set by their gaps)")
 
-        w = window(tr, rows, offset, Scaling())
+        w = window(tr, rows, offset, Scaling() if output_scale is None else
+                   Scaling(output_scale=output_scale, max_output=256))
         return w.arrival, w.input_len, w.output_len
     sl = slice(offset, offset + rows)
     return tr.arrival[sl] - tr.arrival[offset], tr.input_len[sl], tr.output_len[sl]
@@ -271,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--offset", type=int, default=0, help="first row (default 0)")
     t.add_argument("--fit-testbed", action="store_true",
                    help="the goodput harness's window: ties spread, lengths x1/8 clipped")
+    t.add_argument("--output-scale", type=float, default=None,
+                   help="with --fit-testbed: scale outputs by this instead of x1/8 (clipped to 2-256); "
+                        "1 keeps the trace's, so a request has more than one inter-token gap")
     t.add_argument("--prompt-overhead", type=int, default=0,
                    help="tokens bench_serving adds around the hash-id blocks (SmolLM2: 44)")
     a = ap.parse_args(argv)
@@ -286,7 +291,10 @@ def main(argv: list[str] | None = None) -> None:
             print(describe_scan(src, kept, skipped, report))
         else:
             tr = load_trace(a.trace)
-            records = mooncake_records(*select_rows(tr, a.rows, a.offset, a.fit_testbed),
+            if a.output_scale is not None and not a.fit_testbed:
+                raise ValueError(f"--output-scale {a.output_scale}: only with --fit-testbed (without it "
+                                 "every length is the trace's own)")
+            records = mooncake_records(*select_rows(tr, a.rows, a.offset, a.fit_testbed, a.output_scale),
                                        overhead=a.prompt_overhead)
             write_jsonl(records, a.out)
             print(a.out)

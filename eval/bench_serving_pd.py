@@ -84,6 +84,8 @@ def datasets(args, work: str) -> dict[str, list[str]]:
     if "trace" in args.workloads:
         path = os.path.join(work, f"{args.trace}.jsonl")
         fit = [] if args.raw_lengths else ["--fit-testbed"]
+        if args.output_scale is not None:
+            fit += ["--output-scale", str(args.output_scale)]
         subprocess.run([sys.executable, "-m", "eval.bench_datasets", "trace", "--trace", args.trace,
                         "--rows", str(args.rows), "--offset", str(args.offset), *fit,
                         "--prompt-overhead", str(PROMPT_OVERHEAD), "--out", path], check=True, cwd=ROOT)
@@ -228,6 +230,9 @@ def main() -> None:
     ap.add_argument("--random-rate", type=float, default=1.0)
     ap.add_argument("--random-input", type=int, default=512)
     ap.add_argument("--random-output", type=int, default=32)
+    ap.add_argument("--output-scale", type=float, default=None,
+                    help="trace outputs x this instead of the goodput window's x1/8 (1: the trace's own, "
+                         "clipped to 2-256; azure_code's rows 0-19 then emit 6-27 tokens, not ~2)")
     ap.add_argument("--time-stats", action="store_true",
                     help="servers log SGLang's per-request stage times; each run records them per request "
                          "(eval/request_timeline.py) with bench_serving's per-request TTFT and gaps")

@@ -34,17 +34,23 @@ class Scaling:
     max_input: int = 2048
     min_output: int = 2  # >= 2 so every request has a TPOT
     max_output: int = 32
+    # outputs' own scale (None: length_scale). The goodput harness scales both; a TPOT benchmark
+    # keeps the trace's outputs (azure_code's are 6-27 tokens, x1/8 leaves 2: one gap per request)
+    output_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.length_scale <= 1:
             raise ValueError(f"length_scale={self.length_scale}: expected a value in (0, 1]")
         if not 1 <= self.min_input <= self.max_input:
             raise ValueError(f"min_input={self.min_input}, max_input={self.max_input}: expected 1 <= min <= max")
+        if self.output_scale is not None and not 0 < self.output_scale <= 1:
+            raise ValueError(f"output_scale={self.output_scale}: expected a value in (0, 1]")
         if not 1 <= self.min_output <= self.max_output:
             raise ValueError(f"min_output={self.min_output}, max_output={self.max_output}: expected 1 <= min <= max")
 
-    def scale(self, lengths: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        return np.clip(np.rint(np.asarray(lengths) * self.length_scale), lo, hi).astype(np.int64)
+    def scale(self, lengths: np.ndarray, lo: int, hi: int, factor: float | None = None) -> np.ndarray:
+        f = self.length_scale if factor is None else factor
+        return np.clip(np.rint(np.asarray(lengths) * f), lo, hi).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ def window(tr: trace_mod.Trace, n: int, offset: int, scaling: Scaling) -> Worklo
         raise ValueError(f"trace {tr.name} window at {offset}: all {n} requests arrive at once")
     return Workload(tr.name, offset, arr,
                     scaling.scale(tr.input_len[offset:offset + n], scaling.min_input, scaling.max_input),
-                    scaling.scale(tr.output_len[offset:offset + n], scaling.min_output, scaling.max_output),
+                    scaling.scale(tr.output_len[offset:offset + n], scaling.min_output, scaling.max_output,
+                                  scaling.output_scale),
                     native_rate=(n - 1) / float(arr[-1]), scaling=scaling)
 
 

@@ -153,6 +153,23 @@ def test_fit_testbed_is_the_goodput_window(tmp_path):
     assert len(set(r["timestamp"] for r in recs)) > 1  # the trace's 3 s ties were spread
 
 
+def test_output_scale_keeps_the_traces_outputs_and_the_windows_inputs(tmp_path):
+    from eval.goodput.workload import Scaling, load_window
+
+    out = tmp_path / "fit.jsonl"
+    bd.main(["trace", "--trace", "azure_code", "--out", str(out), "--rows", "20", "--fit-testbed",
+             "--output-scale", "1"])
+    recs = [json.loads(line) for line in open(out)]
+    assert [r["input_length"] for r in recs] == load_window("azure_code", 20, 0, Scaling()).input_len.tolist()
+    # azure_code rows 0-19 as vendored (eval/traces/azure_code.csv.gz), none outside [2, 256]
+    assert [r["output_length"] for r in recs] == [10, 8, 27, 14, 12, 14, 9, 23, 7, 24, 9, 8, 19, 19, 10,
+                                                  17, 6, 9, 26, 18]
+    with pytest.raises(SystemExit, match="--output-scale 1.0: only with --fit-testbed"):
+        bd.main(["trace", "--trace", "azure_code", "--out", str(out), "--rows", "20", "--output-scale", "1"])
+    with pytest.raises(ValueError, match=r"output_scale=0: expected a value in \(0, 1\]"):
+        Scaling(output_scale=0)
+
+
 def test_trace_bad_input_names_the_thing_and_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="'nope': not a vendored trace .*azure_code"):
         bd.main(["trace", "--trace", "nope", "--out", str(tmp_path / "o.jsonl")])
