@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -48,7 +49,7 @@ def _quote(text: str, width: int = 100) -> str:
 def _answer(r: faults.FaultRecord) -> str:
     reason = ("(client left after the first token)" if r.victim_status == 200 and r.aborted_by_client else
               "(client closed the connection)" if r.victim_status == -1 else
-              r.victim_reason.split("exception ")[-1][:80])
+              r.victim_reason.split("exception ")[-1][:110])
     return f"{r.victim_status}: {reason}".replace("|", "/")
 
 
@@ -60,7 +61,8 @@ def _log_cell(r: faults.FaultRecord) -> str:
     line = r.log_cause
     for start in ("Failed to send", "Lost connection", "Request ", "Aborted by", "Abort running"):
         if start in line:
-            line = line[line.index(start):]
+            rid = re.search(r"rid='\w+'", line) if start == "Aborted by" else None
+            line = (f"{rid.group(0)} ... " if rid else "") + line[line.index(start):]
             break
     return f"{r.log_server}: {_quote(line)}"
 
