@@ -7,12 +7,38 @@ slow enough that a long prompt's KV takes seconds to cross (``LONG_TOKENS`` fp8 
 model: ~0.53 MB, ~8 s at 500 kbit/s), so "mid-transfer" is a real window: the fault is injected
 once the prefill -> decode tbf counter shows ``IN_FLIGHT_BYTES`` of it sent.
 
+Each scenario states what names its cause (``fault_causes.Expect``): the text the victim's
+client must get, where a client can get one, and the line a named server's log must gain after
+the fault (read from that scenario's part of the log only), naming the victim's room or rid:
+
+=============================  ==============================  ==================================
+scenario                       client text                     log line (whose log)
+=============================  ==============================  ==================================
+transfer exceeds its timeout   ``timed out after 5.0s``        ``timed out after 5.0s`` (decode)
+client abort before / during   none: the client left           ``Aborted by AbortReq`` (a decode)
+client abort after             none: the client left           ``Abort running request`` (a
+                                                               decode; its log level is raised
+                                                               to debug for this scenario)
+decode killed mid-transfer     none: a closed connection       ``Failed to send kv chunk``
+                               (the router's or the dead       (prefill), and the prefill's
+                               decode's) names nothing         transfer line ``status=failed``
+link cut mid-transfer          ``Lost connection with          ``Lost connection with prefill
+                               prefill``                       instance`` (decode1)
+prefill killed mid-forward     ``Lost connection with          ``Lost connection with prefill
+                               prefill``                       instance`` (decode)
+=============================  ==============================  ==================================
+
 A ``FaultRecord`` per scenario:
 
 * ``victim_status`` / ``victim_reason``: what the client of the broken request got (HTTP status,
-  0 = connection closed; the error text), ``victim_clear``: it ended within the deadline, with
-  an error that names the cause (``lost`` = it did neither: hung past the deadline or answered
-  200 although its KV never arrived);
+  0 = connection closed, -1 = nothing read; the error text); ``client_cause`` / ``log_cause``
+  (``log_server``): the expected text found in it / the log line found, "" when missing
+  (``log_note`` then says what was there); ``expected``: what was looked for;
+* ``victim_clear``: the victim ended within the deadline and its cause is named where expected
+  (client text and log line); for a client abort: the servers logged the abort of that request
+  and every page came back;
+* ``lost`` (1/0): the victim was not aborted by its client (``aborted_by_client``) and neither
+  completed nor failed with a named cause (client text or log line);
 * ``survivors_ok``: requests sent afterwards through the surviving servers completed;
 * ``used_after``: KV tokens still held by each surviving server once it settled
   (``cluster.wait_idle``), i.e. leaked pages x page size when not 0.
@@ -27,9 +53,11 @@ import random
 import signal
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from sglang_memha.testing.cluster import PDCluster, wait_idle
+from sglang_memha.testing.fault_causes import Expect, LogWindow
 from sglang_memha.testing.procs import http_json
 from sglang_memha.testing.transfer_log import transfer_rows
 
@@ -46,6 +74,13 @@ class FaultRecord:
     fault: str
     victim_status: int = -1
     victim_reason: str = ""
+    client_cause: str = ""
+    log_cause: str = ""
+    log_server: str = ""
+    log_note: str = ""
+    expected: str = ""
+    aborted_by_client: bool = False
+    completed: bool = False
     victim_clear: bool = False
     survivors_ok: bool = False
     used_after: list[int] = field(default_factory=list)
@@ -53,7 +88,8 @@ class FaultRecord:
 
     @property
     def lost(self) -> int:
-        return 0 if self.victim_clear else 1
+        named = bool(self.client_cause or self.log_cause)
+        return 0 if self.aborted_by_client or self.completed or named else 1
 
     @property
     def pages_leaked(self) -> int:
@@ -87,16 +123,28 @@ def _victim(c: PDCluster, decode_index: int, room: int):
     return fut
 
 
-def _settle(rec: FaultRecord, fut, words: tuple[str, ...]) -> None:
-    """Fill the victim fields: an explicit error (any HTTP error, or the connection closed by a
-    killed server) whose text names one of ``words``."""
+def _answer(rec: FaultRecord, fut, expect: Expect) -> bool:
+    """Fill the client fields from the victim's answer; False when it hung past the deadline."""
     try:
         status, body = fut.result(timeout=VICTIM_DEADLINE_S + 30)
     except concurrent.futures.TimeoutError:
         rec.victim_reason = f"no answer within {VICTIM_DEADLINE_S + 30:.0f} s"
-        return
+        return False
     rec.victim_status, rec.victim_reason = status, str(body)[:500]
-    rec.victim_clear = status != 200 and any(w in rec.victim_reason for w in words)
+    rec.completed = _ok((status, body))
+    rec.client_cause = expect.client_cause(status, rec.victim_reason)
+    return True
+
+
+def _log_cause(rec: FaultRecord, win: LogWindow, expect: Expect, key: str) -> None:
+    rec.expected = expect.describe(key)
+    rec.log_server, rec.log_cause, rec.log_note = win.find(expect, key)
+
+
+def _named(rec: FaultRecord, answered: bool, expect: Expect) -> bool:
+    """The victim failed in time, with the client text (where one can reach it) and the log line."""
+    return (answered and rec.victim_status != 200 and bool(rec.log_cause)
+            and (bool(rec.client_cause) or not expect.client))
 
 
 def _proc(c: PDCluster, name: str):
@@ -113,39 +161,57 @@ def _room_row(c: PDCluster, room: int):
     return rows[-1] if rows else None
 
 
+def _decode_name(i: int) -> str:
+    return "decode" if i == 0 else f"decode{i}"
+
+
 def decode_killed_mid_transfer(c: PDCluster, link) -> FaultRecord:
-    """Decode 0 is SIGKILLed while the victim's layers cross the link. Survivors: the prefill
-    and decode 1 (a request through them completes); the prefill fails the room itself."""
+    """Decode 0 is SIGKILLed while the victim's layers cross the link. Its client can only see
+    a closed connection, so the cause must be named by the surviving prefill: SGLang's
+    ``Prefill transfer failed ... Failed to send kv chunk of <room> to <the dead decode>`` and
+    our transfer line for the room with ``status=failed`` (or ``aborted``). Survivors: the
+    prefill and decode 1 (a request through them completes)."""
     rec, t0 = FaultRecord("decode killed mid-transfer"), time.monotonic()
-    room = random.getrandbits(63)
+    expect = Expect(client=(), logs=("prefill",), line=("Failed to send kv chunk",))
+    room, win = random.getrandbits(63), LogWindow(c)
     before = link.sent_bytes()[0]
     fut = _victim(c, 0, room)
     _wait_in_flight(link, before)
     _kill(c, "decode")
-    _settle(rec, fut, ("Remote end closed", "Connection reset", "Connection refused"))
+    answered = _answer(rec, fut, expect)
     rec.survivors_ok = _ok(c.direct_generate(request(SHORT_TOKENS), 1))
     rec.used_after = wait_idle([c.prefill_url, c.decode_urls[1]])
+    _log_cause(rec, win, expect, f"bootstrap_room={room}")
     row = _room_row(c, room)  # the prefill's own verdict on the room
-    rec.victim_clear = rec.victim_clear and row is not None and row.status in ("failed", "aborted")
+    if row is None or row.status not in ("failed", "aborted"):
+        rec.log_note += f"; transfer line of room {room}: {row.status if row else 'none'}"
+        rec.log_cause = ""
+    rec.victim_clear = _named(rec, answered, expect)
     rec.seconds = time.monotonic() - t0
     return rec
 
 
 def link_cut_mid_transfer(c: PDCluster, link, decode_index: int = 1) -> FaultRecord:
     """The prefill <-> decode veth goes down mid-transfer and comes back once the victim failed:
-    the decode notices the silent prefill (SGLang's heartbeat) and fails the request; after the
-    link is back, new requests to the same decode complete."""
+    the decode notices the silent prefill (SGLang's heartbeat) and fails the request
+    (``Lost connection with prefill instance`` at the client and in that decode's log); after
+    the link is back, new requests to the same decode complete."""
     rec, t0 = FaultRecord("link cut mid-transfer"), time.monotonic()
+    expect = Expect(client=("Lost connection with prefill",), logs=(_decode_name(decode_index),),
+                    line=("Lost connection with prefill instance",))
+    room, win = random.getrandbits(63), LogWindow(c)
     before = link.sent_bytes()[0]
-    fut = _victim(c, decode_index, random.getrandbits(63))
+    fut = _victim(c, decode_index, room)
     _wait_in_flight(link, before)
     link.cut()
     try:
-        _settle(rec, fut, ("Lost connection", "timed out", "Failed to send"))
+        answered = _answer(rec, fut, expect)
     finally:
         link.restore()
     rec.survivors_ok = _ok(c.direct_generate(request(SHORT_TOKENS), decode_index, 180))
     rec.used_after = wait_idle([c.prefill_url, c.decode_urls[decode_index]])
+    _log_cause(rec, win, expect, f"bootstrap_room={room}")
+    rec.victim_clear = _named(rec, answered, expect)
     rec.seconds = time.monotonic() - t0
     return rec
 
@@ -153,27 +219,38 @@ def link_cut_mid_transfer(c: PDCluster, link, decode_index: int = 1) -> FaultRec
 def prefill_killed_mid_forward(c: PDCluster) -> FaultRecord:
     """The prefill is SIGKILLed right after the victim reached it (its forward or first layers
     running). Survivor: the decode, which fails the request once its heartbeat finds the prefill
-    gone, returns to idle and stays healthy."""
+    gone (``Lost connection with prefill instance`` at the client and in its log), returns to
+    idle and stays healthy."""
     rec, t0 = FaultRecord("prefill killed mid-forward"), time.monotonic()
-    fut = _victim(c, 0, random.getrandbits(63))
+    expect = Expect(client=("Lost connection with prefill",), logs=("decode",),
+                    line=("Lost connection with prefill instance",))
+    room, win = random.getrandbits(63), LogWindow(c)
+    fut = _victim(c, 0, room)
     time.sleep(0.3)
     _kill(c, "prefill")
-    _settle(rec, fut, ("Lost connection", "timed out"))
+    answered = _answer(rec, fut, expect)
     rec.survivors_ok = http_json(f"{c.decode_url}/health", timeout=10)[0] == 200
     rec.used_after = wait_idle([c.decode_url])
+    _log_cause(rec, win, expect, f"bootstrap_room={room}")
+    rec.victim_clear = _named(rec, answered, expect)
     rec.seconds = time.monotonic() - t0
     return rec
 
 
 def transfer_timeout(c: PDCluster, decode_index: int = 0) -> FaultRecord:
     """The victim's transfer outlasts the decode's ``SGLANG_DISAGGREGATION_WAITING_TIMEOUT``
-    (``TIMEOUT_DECODE_ENV`` on that decode): the decode fails it with SGLang's timeout and holds
-    its pages until the prefill acks that its layers stopped; then a short request to the same
-    decode completes."""
+    (``TIMEOUT_DECODE_ENV`` on that decode): the decode fails it with SGLang's timeout (at the
+    client and in its log) and holds its pages until the prefill acks that its layers stopped;
+    then a short request to the same decode completes."""
     rec, t0 = FaultRecord("transfer exceeds its timeout"), time.monotonic()
-    _settle(rec, _victim(c, decode_index, random.getrandbits(63)), ("timed out",))
+    expect = Expect(client=("timed out after 5.0s",), logs=(_decode_name(decode_index),),
+                    line=("timed out after 5.0s",))
+    room, win = random.getrandbits(63), LogWindow(c)
+    answered = _answer(rec, _victim(c, decode_index, room), expect)
     rec.used_after = wait_idle([c.prefill_url, c.decode_urls[decode_index]])
     rec.survivors_ok = _ok(c.direct_generate(request(SHORT_TOKENS), decode_index))
+    _log_cause(rec, win, expect, f"bootstrap_room={room}")
+    rec.victim_clear = _named(rec, answered, expect)
     rec.seconds = time.monotonic() - t0
     return rec
 
@@ -225,15 +302,32 @@ def _drop(conn: http.client.HTTPConnection) -> None:
     conn.close()
 
 
+def _log_level(urls: list[str], level: str) -> None:
+    """SGLang's ``/configure_logging``: the root log level of each server's processes."""
+    for url in urls:
+        status, body = http_json(f"{url}/configure_logging", {"log_level": level}, timeout=30)
+        if status != 200:
+            raise RuntimeError(f"{url}/configure_logging log_level={level} answered {status}: {str(body)[:200]}")
+
+
 def client_abort(c: PDCluster, link, phase: str) -> FaultRecord:
     """The client closes its connection to the router ``before`` the KV moves (0.2 s after
     sending), ``during`` the transfer, or ``after`` it (once the first streamed token arrived).
-    SGLang aborts the request on both servers; every page must come back and the next request
-    complete. The client left on purpose, so the victim is never counted lost; ``victim_reason``
-    is what it had read."""
+    SGLang aborts the request; the decode that held it must log that abort for the request's
+    ``rid`` (sent by the client): ``Decode transfer failed ... Aborted by AbortReq.`` before or
+    during the transfer; after it only SGLang's debug line ``Abort running request.``, so the
+    decodes run at debug level for that phase. The client left on purpose (``aborted_by_client``:
+    never counted lost); ``victim_clear`` = the abort is in a decode's log and every page came
+    back; then the next request must complete. ``victim_reason`` is what the client had read."""
     rec, t0 = FaultRecord(f"client abort {phase} transfer"), time.monotonic()
-    body = request(LONG_TOKENS if phase != "after" else SHORT_TOKENS, 400, stream=True)
-    before = link.sent_bytes()[0]
+    rec.aborted_by_client = True
+    line = ("Abort running request",) if phase == "after" else ("Aborted by AbortReq",)
+    expect = Expect(client=(), logs=tuple(_decode_name(i) for i in range(len(c.decode_urls))), line=line)
+    rid = uuid.uuid4().hex
+    body = request(LONG_TOKENS if phase != "after" else SHORT_TOKENS, 400, stream=True, rid=rid)
+    if phase == "after":
+        _log_level(c.decode_urls, "debug")
+    win, before = LogWindow(c), link.sent_bytes()[0]
     conn = _open_stream(c.url, body)
     if phase == "before":
         time.sleep(0.2)
@@ -243,8 +337,11 @@ def client_abort(c: PDCluster, link, phase: str) -> FaultRecord:
         resp = conn.getresponse()
         rec.victim_status, rec.victim_reason = resp.status, resp.read(120).decode(errors="replace")
     _drop(conn)
-    rec.victim_clear = True
     rec.used_after = wait_idle([c.prefill_url, *c.decode_urls])
+    if phase == "after":
+        _log_level(c.decode_urls, "info")
+    _log_cause(rec, win, expect, f"rid='{rid}'")
+    rec.victim_clear = bool(rec.log_cause) and bool(rec.used_after) and not any(rec.used_after)
     status, _ = c.generate(input_ids=request(SHORT_TOKENS)["input_ids"], max_new_tokens=8)
     rec.survivors_ok = status == 200
     rec.seconds = time.monotonic() - t0
