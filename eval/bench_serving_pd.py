@@ -107,8 +107,10 @@ def bench(cluster, model: str, flags: list[str], out_file: str, time_stats: bool
     """One bench_serving run against the cluster's router; its result line plus CPU use, and with
     ``time_stats`` every request's stages from the servers' logs (``eval/request_timeline.py``)
     beside bench_serving's own per-request TTFT and inter-token gaps."""
+    from sglang_memha.testing.cluster import LogWindow
+
     host, port = cluster.url.rsplit("//", 1)[1].split(":")
-    offsets = {p.name: os.path.getsize(p.log_path) for p in cluster.procs}
+    window = LogWindow(cluster)
     servers = {p.name: p.pid for p in cluster.procs if p.name != "router"}
     cpu0 = {n: group_cpu_s(pid) for n, pid in servers.items()}
     thr0 = {n: thread_cpu_s(pid) for n, pid in servers.items()}
@@ -128,7 +130,7 @@ def bench(cluster, model: str, flags: list[str], out_file: str, time_stats: bool
     row["cpu_s"] = {n: group_cpu_s(pid) - cpu0[n] for n, pid in servers.items()}
     row["busiest_threads"] = {n: top_threads(thr0[n], thread_cpu_s(pid)) for n, pid in servers.items()}
     if time_stats:
-        row["requests"] = request_timeline.join(*request_timeline.read_logs(cluster.log_dir, offsets))
+        row["requests"] = request_timeline.join(window.lines("prefill"), window.lines("decode"))
         row["stages"] = request_timeline.summarize(row["requests"])
         row["client"] = [{"input_len": i, "output_len": o, "ttft_s": t, "itl_s": g} for i, o, t, g in
                          zip(res["input_lens"], res["output_lens"], res["ttfts"], res["itls"])]

@@ -12,7 +12,7 @@ in the transfer queue until the KV is committed, ``queue`` the wait for a batch 
 ``forward`` the time from the request's first (prebuilt) step to its completion, i.e. the
 decode-side part of its TPOT. Prefill and decode lines are joined by bootstrap room.
 
-Used by ``eval/bench_serving_pd.py --time-stats``; ``python -m eval.request_timeline LOG_DIR``
+Used by ``eval/bench_serving_pd.py --time-stats`` (on a run's own lines: ``testing.cluster.LogWindow``); ``python -m eval.request_timeline LOG_DIR``
 prints the table for one cluster's logs.
 """
 from __future__ import annotations
@@ -24,15 +24,16 @@ import sys
 
 _LINE = re.compile(r"ReqTimeStats\((?P<head>[^)]*)\): (?P<body>.*)$")
 _KV = re.compile(r"(\w+)=([^,]+)")
-STAGES = {"prefill": ("bootstrap_duration", "queue_duration", "forward_duration"),
-          "decode": ("bootstrap_duration", "alloc_wait_duration", "transfer_duration", "queue_duration",
-                     "forward_duration")}
+# The decode's stages before its forward, in order from its prealloc entry: SGLang logs either
+# ``prealloc_queue`` or its split into ``bootstrap`` and ``alloc_wait``.
+DECODE_BEFORE_FORWARD = ("prealloc_queue", "bootstrap", "alloc_wait", "transfer", "queue")
 
 
-def parse(text: str) -> dict[int, dict]:
-    """bootstrap room -> {"type", "input_len", "output_len", "entry_time" (unix s), stage: seconds}."""
+def parse(lines: list[str]) -> dict[int, dict]:
+    """bootstrap room -> {"type", "input_len", "output_len", "entry_time" (unix s), stage: seconds}
+    (stage = SGLang's ``<stage>_duration`` field without the suffix)."""
     out = {}
-    for line in text.splitlines():
+    for line in lines:
         m = _LINE.search(line)
         if not m:
             continue
@@ -51,18 +52,17 @@ def parse(text: str) -> dict[int, dict]:
     return out
 
 
-def join(prefill_log: str, decode_log: str) -> list[dict]:
+def join(prefill_lines: list[str], decode_lines: list[str]) -> list[dict]:
     """One row per request seen on both sides: ``p_<stage>`` and ``d_<stage>`` in seconds, and
     ``d_lag``: how long after the prefill's entry the decode's forward began (its first token)."""
-    p, d = parse(prefill_log), parse(decode_log)
+    p, d = parse(prefill_lines), parse(decode_lines)
     rows = []
     for room in sorted(set(p) & set(d), key=lambda r: p[r].get("entry_time", 0)):
         row = {"room": room, "input_len": p[room]["input_len"], "output_len": d[room]["output_len"]}
         row.update({f"p_{k}": v for k, v in p[room].items() if isinstance(v, float) and k != "entry_time"})
         row.update({f"d_{k}": v for k, v in d[room].items() if isinstance(v, float) and k != "entry_time"})
         if "entry_time" in p[room] and "entry_time" in d[room]:
-            d_forward_start = d[room]["entry_time"] + sum(d[room].get(s.removesuffix("_duration"), 0.0)
-                                                          for s in STAGES["decode"][:-1])
+            d_forward_start = d[room]["entry_time"] + sum(d[room].get(s, 0.0) for s in DECODE_BEFORE_FORWARD)
             row["d_lag"] = d_forward_start - p[room]["entry_time"]
         rows.append(row)
     return rows
@@ -78,18 +78,13 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def read_logs(log_dir: str, offsets: dict[str, int] | None = None) -> tuple[str, str]:
-    """prefill.log and decode.log of a cluster's log folder, from ``offsets`` (bytes) on."""
-    texts = []
-    for name in ("prefill", "decode"):
-        with open(os.path.join(log_dir, f"{name}.log"), errors="replace") as f:
-            f.seek((offsets or {}).get(name, 0))
-            texts.append(f.read())
-    return texts[0], texts[1]
-
-
 def main(argv: list[str]) -> None:
-    rows = join(*read_logs(argv[0]))
+    """Every request of one cluster's log folder (its ``prefill.log`` and ``decode.log``)."""
+    logs = []
+    for name in ("prefill", "decode"):
+        with open(os.path.join(argv[0], f"{name}.log"), errors="replace") as f:
+            logs.append(f.read().splitlines())
+    rows = join(*logs)
     print(f"{len(rows)} requests")
     for c, s in summarize(rows).items():
         print(f"{c:28s} median {s['median']:8.2f} s  mean {s['mean']:8.2f} s  max {s['max']:8.2f} s")

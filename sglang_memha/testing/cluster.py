@@ -125,6 +125,21 @@ def wait_router_workers(router_url: str, prefill_urls: list[str], decode_urls: l
                lambda: f"router {router_url} to list its workers as healthy; missing: {', '.join(missing)}")
 
 
+class LogWindow:
+    """The lines each process of a deployment logged since this object was made: a deployment's
+    log files hold everything it served (truncated once, at start), so a scenario or a benchmark
+    run that needs only its own lines records the sizes first."""
+
+    def __init__(self, deployment: "_Deployment"):
+        self._paths = {p.name: p.log_path for p in deployment.procs}
+        self._start = {name: os.path.getsize(path) for name, path in self._paths.items()}
+
+    def lines(self, name: str) -> list[str]:
+        with open(self._paths[name], "rb") as f:
+            f.seek(self._start[name])
+            return f.read().decode(errors="replace").splitlines()
+
+
 class _Deployment:
     """Shared life cycle: a list of processes, a log folder, context-manager teardown."""
 

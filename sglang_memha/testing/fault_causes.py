@@ -10,9 +10,10 @@ bootstrap room, or the ``rid`` its client sent), so another request's failure ca
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
+
+from sglang_memha.testing.cluster import LogWindow as DeploymentLogWindow
 
 _STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] ")
 
@@ -38,17 +39,8 @@ class Expect:
         return next((t for t in self.client if t in reason), "")
 
 
-class LogWindow:
-    """The lines each server of ``cluster`` logged since this object was made."""
-
-    def __init__(self, cluster):
-        self._paths = {p.name: p.log_path for p in cluster.procs}
-        self._start = {name: os.path.getsize(path) for name, path in self._paths.items()}
-
-    def lines(self, name: str) -> list[str]:
-        with open(self._paths[name], "rb") as f:
-            f.seek(self._start[name])
-            return f.read().decode(errors="replace").splitlines()
+class LogWindow(DeploymentLogWindow):
+    """The lines each server of ``cluster`` logged since this object was made, and the cause in them."""
 
     def find(self, expect: Expect, key: str) -> tuple[str, str, str]:
         """(server, line, note): the first log of ``expect.logs`` with a line holding one of

@@ -31,7 +31,7 @@ def test_prefill_and_decode_lines_join_by_room_with_sglangs_stage_times():
               decode_transfer_queue_entry_time=10.6, wait_queue_entry_time=14.5, forward_entry_time=15.0,
               completion_time=18.0)
     other = _line(DisaggregationMode.DECODE, 8, 2, decode_prealloc_queue_entry_time=1.0)  # no prefill line
-    (row,) = request_timeline.join(p + "\nnoise\n", "\n".join([d, other]))
+    (row,) = request_timeline.join([p, "noise"], [d, other])
     assert row["room"] == 7 and row["input_len"] == 100 and row["output_len"] == 2
     assert row["p_bootstrap"] == pytest.approx(0.5) and row["p_forward"] == pytest.approx(2.0)
     assert row["d_bootstrap"] == pytest.approx(0.2) and row["d_alloc_wait"] == pytest.approx(0.2)
