@@ -22,7 +22,7 @@ import os
 import re
 import time
 
-from sglang_memha.kvformat import kv_bytes_per_token
+from sglang_memha.kvformat import format_spec, kv_bytes_per_token
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.procs import http_json
 
@@ -90,7 +90,8 @@ def main() -> None:
     model = get_model()
     t0 = time.monotonic()
     print(f"model ready in {t0 - t_start:.0f}s; starting prefill + decode + router for {model} ...", flush=True)
-    block_coded = args.kv_format in ("int4_kivi", "int4_kivi_g64")  # their K is coded in 32-token blocks
+    # int4_kivi(_g64) code K in 32-token blocks: pages of 32 (the spec knows which formats do)
+    block_coded = args.kv_format != "stock" and not format_spec(args.kv_format).token_local
     page = ["--page-size", "32" if block_coded else "16"]
     with PDCluster(model, page, page, env=env, prefill_env=prefill_env) as c:
         print(f"ready in {time.monotonic() - t0:.0f}s: router {c.url}, prefill {c.prefill_url}, "
