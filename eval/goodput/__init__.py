@@ -10,4 +10,6 @@ Data flow of ``python -m eval.goodput`` (one module per step):
 5. ``metrics``   TTFT/TPOT, SLO attainment, goodput (DistServe), the search's next rate
 6. ``prices``    goodput per dollar (``prices.json``, else the simulator's GPU table)
 7. ``report``    flat JSON, markdown summary, PNG plots; ``plan`` prints the time estimate first
+8. ``confidence`` several windows per trace (``--windows``, ``--windows-from``; ``windows`` plans the
+                 runs and draws the result): ratio per window, bootstrap 90 % interval per trace and overall
 """

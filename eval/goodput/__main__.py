@@ -10,6 +10,12 @@ estimate before starting. ``--quick``: a smoke run (one trace, stock + memha fp8
 command, to fit a session) into C.json, its summary and plots.
 ``--repeats-from A.json B.json --out H.json``: repeated runs of one experiment; H.json gets each
 run's ``goodput_ratio`` and the lowest over them (the headline in ``eval/RESULTS.md``).
+``--windows K --window-stride S``: K windows per trace at offsets ``--offset`` + i x S, one results
+file each (``goodput_<trace>_w<offset>.json`` beside ``--out``; finished ones are skipped, so the
+same command goes on in a later session), then their merge as with ``--windows-from``.
+``--windows-from A.json B.json ... --out W.json``: the memha / stock ratio per trace window, its
+geometric mean and bootstrap 90 % interval per trace and overall (``confidence.py``), W.json,
+its summary and ``W.png`` (error bars).
 
 SLOs (per trace, fixed before the sweep from the stock cluster run one request at a time on the
 same link): TTFT <= k_ttft x stock TTFT at the window's p90 prompt length; TPOT <= k_tpot x stock
@@ -20,6 +26,7 @@ stock goodput would be 0 by construction); the k's are the queueing allowance.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
@@ -30,7 +37,7 @@ import numpy as np
 
 from eval.goodput import plan as plan_mod
 from eval.goodput import prompts as prompts_mod
-from eval.goodput import report, runner
+from eval.goodput import confidence, report, runner, windows
 from eval.goodput.metrics import SLO, TARGET
 from eval.goodput.prices import COLUMNS, hourly_cost, load_prices
 from eval.goodput.workload import Scaling, load_window
@@ -81,6 +88,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats-from", metavar="JSON", nargs="+",
                     help="repeated runs of one experiment: write the lowest goodput_ratio over them "
                          "(and each run's) to --out")
+    ap.add_argument("--windows-from", metavar="JSON", nargs="+",
+                    help="runs of different windows (offsets) of the traces: per-window ratios, their "
+                         "geometric mean and bootstrap 90%% interval per trace and overall, to --out")
+    ap.add_argument("--windows", type=int, default=0, metavar="K",
+                    help="run K windows of each trace (offsets --offset + i x --window-stride), a file each")
+    ap.add_argument("--window-stride", type=int, default=1000, metavar="S", help="requests between windows")
+    ap.add_argument("--ratio-config", default=report.MEMHA, help="the memha config of the windows' ratio")
+    ap.add_argument("--bootstrap", type=int, default=confidence.N_RESAMPLES, help="bootstrap resamples")
     a = ap.parse_args(argv)
     if a.quick:
         a.traces = a.traces.split(",")[0]
@@ -88,15 +103,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             a.configs = "stock_bf16,memha_fp8_pipelined"
         a.n, a.max_runs, a.refine, a.calibration_reps = min(a.n, 10), 2, 0, 1
     a.start_factor = a.start_factor or (0.5 if a.quick else 1.0)
+    if sum(map(bool, (a.repeats_from, a.table_from, a.windows_from, a.windows))) > 1:
+        ap.error("--repeats-from, --table-from, --windows-from and --windows: one at a time")
     if a.repeats_from and not a.out:
         ap.error("--repeats-from writes a new file: name it with --out (e.g. eval/results/goodput_headline.json)")
-    a.out = a.out or os.path.join(RESULTS, "goodput_quick.json" if a.quick else "goodput.json")
+    if a.windows and a.window_stride < a.n:  # windows that share requests are not separate samples
+        ap.error(f"--window-stride {a.window_stride} < --n {a.n}: the windows would overlap")
+    default_out = "goodput_windows.json" if a.windows_from or a.windows else (
+        "goodput_quick.json" if a.quick else "goodput.json")
+    a.out = a.out or os.path.join(RESULTS, default_out)
     if (a.ttft_slo is None) != (a.tpot_slo is None):
         ap.error("--ttft-slo and --tpot-slo go together")
     a.configs = a.configs.split(",")
-    for c in a.configs:
+    for c in a.configs + [a.ratio_config]:
         if c not in PD_CONFIGS:
             ap.error(f"unknown config {c!r}; known: {', '.join(PD_CONFIGS)}")
+    if a.windows and a.ratio_config not in a.configs:
+        ap.error(f"--windows: the ratio's config {a.ratio_config} is not in --configs")
     if a.ttft_slo is None and a.configs[0] != "stock_bf16":
         if "stock_bf16" not in a.configs:
             ap.error("the SLOs are calibrated on stock_bf16: include it, or give --ttft-slo/--tpot-slo")
@@ -135,7 +158,10 @@ def progress_factory():
 
 def main(argv: list[str] | None = None) -> None:
     a = parse(argv)
-    out_base = a.out[:-5] if a.out.endswith(".json") else a.out
+    out_base = _base(a.out)
+    if a.windows_from:
+        windows_summary(a, a.windows_from, _command(argv))
+        return
     if a.repeats_from:
         parts = _load(a.repeats_from)
         names = [os.path.basename(p)[:-5] for p in a.repeats_from]
@@ -158,12 +184,61 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(md + "\n")
         report.plot(out, base + ".png", base + "_cdf.png")
         return
+    if a.windows:
+        run_windows(a, _command(argv))
+        return
+    measure(a, _command(argv))
+
+
+def run_windows(a: argparse.Namespace, command: str) -> None:
+    """The plan of ``--windows`` (estimate first), one ``measure`` per window not yet finished, then
+    the windows summary of every finished file of the plan."""
+    scaling = Scaling(a.length_scale, max_input=a.max_input, max_output=a.max_output)
+    plan = windows.plan_windows(a.traces, a.windows, a.window_stride, a.offset, os.path.dirname(a.out))
+    try:
+        est_s, lines = windows.estimate(plan, a.configs, a.n, scaling, _settings(a))
+    except ValueError as e:  # a window past the end of its trace: say so before anything runs
+        sys.exit(f"eval.goodput --windows: {e}")
+    todo = [w for w in plan if not w.done]
+    print(f"goodput windows: {len(a.traces)} trace(s) x {a.windows} windows of {a.n} requests every "
+          f"{a.window_stride} from #{a.offset}, {len(a.configs)} configs; {len(todo)} of {len(plan)} to run")
+    print("\n".join(lines))
+    print(f"estimated wall time of what is left: ~{est_s / 60:.0f} min (plan.py's model; each window's run "
+          f"prints its own); rerun the same command to go on", flush=True)
+    if a.plan_only:
+        return
+    for w in todo:
+        one = copy.copy(a)
+        one.traces, one.offset, one.out, one.windows = [w.trace], w.offset, w.path, 0
+        measure(one, f"{command}  # window {w.trace} @{w.offset}")
+    done = [w.path for w in plan if windows.finished(w.path)]
+    if done:
+        windows_summary(a, done, command)
+
+
+def windows_summary(a: argparse.Namespace, paths: list[str], command: str) -> dict:
+    """Ratio per window, geometric mean and bootstrap 90 % interval (``confidence``) -> a.out, its
+    markdown summary and plot."""
+    names = [os.path.relpath(p, ROOT) for p in paths]
+    out = confidence.summarize_windows(_load(paths), names, a.ratio_config, a.bootstrap)
+    out.update({"command": command, "date": dt.datetime.now().isoformat(timespec="seconds")})
+    _write(out, a.out)
+    md = windows.markdown_table(out)
+    with open(_base(a.out) + "_summary.md", "w") as f:
+        f.write(md + "\n")
+    png = windows.plot(out, _base(a.out) + ".png")
+    print(md)
+    print(f"wrote {a.out}, {_base(a.out)}_summary.md, {png}")
+    return out
+
+
+def measure(a: argparse.Namespace, command: str) -> None:
+    """One run: every configuration on every trace's window (``a.offset``, ``a.n``) -> a.out."""
+    out_base = _base(a.out)
     scaling = Scaling(a.length_scale, max_input=a.max_input, max_output=a.max_output)
     workloads = {t: load_window(t, a.n, a.offset, scaling) for t in a.traces}
     rate = link_rate(a.rate)
-    search = lambda start: runner.Search(start, a.step, a.refine, max_runs=a.max_runs)  # noqa: E731
-    settings = plan_mod.Settings(a.k_ttft, a.k_tpot, a.start_factor, a.step, search(1).resolution,
-                                 search(1).span, a.max_runs, a.calibration_reps, a.target)
+    settings = _settings(a)
     print(f"goodput: {len(a.traces)} trace(s) x {len(a.configs)} configs, {a.n} requests per run, "
           f"P->D link {rate}, lengths x{a.length_scale:g} (input <= {a.max_input}, output <= {a.max_output})")
     for t, wl in workloads.items():
@@ -191,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.monotonic()
     prices = load_prices()
     usd = {col: hourly_cost(prices, prices["deployment"], col) for col in COLUMNS}
-    out = _header(a, argv, rate, scaling, settings, prices, usd, est_s)
+    out = _header(a, command, rate, scaling, settings, prices, usd, est_s)
     eta = _Eta(est_s, settings, t_start)
     with ShapedLink(rate=rate, prefix="memhag", subnet=a.subnet) as link:
         for trace, wl in workloads.items():
@@ -220,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
                                 f"search_start_rate_{trace}": round(start, 4)})
                     print(f"  SLO TTFT <= {slo.ttft_s:.2f} s, TPOT <= {slo.tpot_s * 1e3:.0f} ms; "
                           f"search from {start:.3f} req/s", flush=True)
-                    points = runner.sweep(c, config, wl, prompts, slo, search(start), a.target, progress_factory())
+                    points = runner.sweep(c, config, wl, prompts, slo, _search(a, start), a.target,
+                                          progress_factory())
                     rows = [r for r in transfer_rows(c.logs()["prefill"]) if r.status == "ok"]
                 _record(out, trace, config, points, slo, usd, a.target, rows)
                 print(f"  goodput {out[f'goodput_{trace}_{config}']} req/s "
@@ -238,8 +314,26 @@ def main(argv: list[str] | None = None) -> None:
           f"(estimated {est_s / 60:.0f})")
 
 
-def _header(a, argv, rate: str, scaling: Scaling, settings, prices: dict, usd: dict, est_s: float) -> dict:
-    return {"command": "python -m eval.goodput " + " ".join(argv if argv is not None else sys.argv[1:]),
+def _command(argv: list[str] | None) -> str:
+    return "python -m eval.goodput " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+def _base(path: str) -> str:
+    return path[:-5] if path.endswith(".json") else path
+
+
+def _search(a: argparse.Namespace, start: float) -> runner.Search:
+    return runner.Search(start, a.step, a.refine, max_runs=a.max_runs)
+
+
+def _settings(a: argparse.Namespace) -> plan_mod.Settings:
+    s = _search(a, 1.0)
+    return plan_mod.Settings(a.k_ttft, a.k_tpot, a.start_factor, a.step, s.resolution, s.span, a.max_runs,
+                             a.calibration_reps, a.target)
+
+
+def _header(a, command: str, rate: str, scaling: Scaling, settings, prices: dict, usd: dict, est_s: float) -> dict:
+    return {"command": command,
             "date": dt.datetime.now().isoformat(timespec="seconds"), "model": "SmolLM2-135M-Instruct",
             "machine": f"{os.cpu_count()} CPU cores, --device cpu, torch_native attention, all servers on one box",
             "link_rate": rate, "prefill_threads": a.prefill_threads, "decode_threads": a.decode_threads,

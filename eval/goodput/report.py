@@ -48,12 +48,12 @@ def flatten(trace: str, config: str, points: list[RunPoint], slo: SLO, usd_per_h
     return out, cdf
 
 
-def ratio(out: dict, trace: str) -> tuple[float | None, str]:
-    """memha_fp8_pipelined / stock_bf16 goodput on ``trace`` and what kind of bound it is."""
-    a, b = out.get(f"goodput_{trace}_{MEMHA}"), out.get(f"goodput_{trace}_{BASE}")
+def ratio(out: dict, trace: str, memha: str = MEMHA) -> tuple[float | None, str]:
+    """``memha`` (memha_fp8_pipelined) / stock_bf16 goodput on ``trace`` and what kind of bound it is."""
+    a, b = out.get(f"goodput_{trace}_{memha}"), out.get(f"goodput_{trace}_{BASE}")
     if a is None or b is None:
         return None, "missing"
-    sa, sb = out[f"goodput_status_{trace}_{MEMHA}"], out[f"goodput_status_{trace}_{BASE}"]
+    sa, sb = out[f"goodput_status_{trace}_{memha}"], out[f"goodput_status_{trace}_{BASE}"]
     if b == 0:
         return None, "undefined (stock goodput 0 at the tested rates)"
     kind = "lower bound" if sa == "lower_bound" and sb != "lower_bound" else (
@@ -68,7 +68,7 @@ EXPERIMENT_SETTINGS = ("model", "link_rate", "n_requests", "length_scale", "k_tt
                        "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output")
 
 
-def _differing_setting(a: dict, b: dict) -> str | None:
+def differing_setting(a: dict, b: dict) -> str | None:
     """The first of EXPERIMENT_SETTINGS on which results a and b differ, else None."""
     return next((k for k in EXPERIMENT_SETTINGS if a.get(k) != b.get(k)), None)
 
@@ -79,7 +79,7 @@ def merge(parts: list[dict]) -> dict:
     experiment), else ValueError naming the key."""
     out = json.loads(json.dumps(parts[0]))
     for part in parts[1:]:
-        key = _differing_setting(out, part)
+        key = differing_setting(out, part)
         if key:
             raise ValueError(f"cannot merge: {key} differs ({out.get(key)!r} vs {part.get(key)!r})")
         dup = set(part["traces"]) & set(out["traces"])
@@ -113,7 +113,7 @@ def repeats(parts: list[dict], names: list[str]) -> dict:
                    "over the runs and traces below", "runs_from": names}
     lowest = []
     for name, part in zip(names, parts):
-        key = _differing_setting(parts[0], part)
+        key = differing_setting(parts[0], part)
         if key:
             raise ValueError(f"not repeats of one experiment: {key} differs in {name} "
                              f"({parts[0].get(key)!r} vs {part.get(key)!r})")
