@@ -40,7 +40,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eval.pd_configs import MAX_TOKENS, PD_CONFIGS, matched_link_rate, server_args, thread_env  # noqa: E402
+from eval.pd_configs import (COMPUTE_DTYPES, MAX_TOKENS, PD_CONFIGS, compute_args, matched_link_rate,  # noqa: E402
+                             server_args, thread_env)
 from sglang_memha.models.smollm2 import ensure_smollm2  # noqa: E402
 from sglang_memha.testing import PDCluster, SingleServer  # noqa: E402
 from sglang_memha.testing.netns import ShapedLink, netns_available  # noqa: E402
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads of the prefill server (OMP_NUM_THREADS); 0 = torch's default. "
                          "1 leaves the second core to Mooncake, whose TCP transport keeps a core busy "
                          "for as long as a transfer is in flight")
+    ap.add_argument("--compute-dtype", default="model", choices=COMPUTE_DTYPES,
+                    help="float32: compute in fp32, KV cache still bf16 (pd_configs.compute_args), "
+                         "for CPUs whose bf16 GEMMs are slow")
     ap.add_argument("--out", default=OUT_JSON)
     ap.add_argument("--log-dir", default="/tmp/memha-bench-ttft")
     ap.add_argument("--table-from", metavar="JSON", help="only print the markdown table of a results file")
@@ -127,11 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     reps = {n: (a.reps if n <= 4096 else a.reps_long) for n in lengths}
     model = ensure_smollm2()
+    flags = server_args(max(lengths)) + compute_args(a.compute_dtype)
     t_start = time.perf_counter()
 
     print("prefill-only (single server, no transfer)", flush=True)
     pf_env = thread_env(a.prefill_threads)
-    with SingleServer(model, server_args(max(lengths)), max_total_tokens=MAX_TOKENS, env=pf_env,
+    with SingleServer(model, flags, max_total_tokens=MAX_TOKENS, env=pf_env,
                       log_dir=os.path.join(a.log_dir, "single")) as s:
         one_request(s, 64, random.Random(99))  # warm-up
         prefill = measure(s, lengths, reps, seed=1, label="prefill_only")
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in a.configs.split(","):
             env = CONFIGS[name]
             print(f"{name}: {env or 'stock SGLang pools'}", flush=True)
-            with PDCluster(model, server_args(max(lengths)), server_args(max(lengths)), env=env,
+            with PDCluster(model, flags, flags, env=env,
                            prefill_env=pf_env,
                            max_total_tokens=MAX_TOKENS, link=None if name == NO_LINK else link,
                            log_dir=os.path.join(a.log_dir, name)) as c:
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
            "date": dt.datetime.now().isoformat(timespec="seconds"), "model": "SmolLM2-135M-Instruct",
            "machine": f"{os.cpu_count()} CPU cores, --device cpu, torch_native attention",
            "link_rate": rate, "reps": a.reps, "reps_long": a.reps_long,
-           "prefill_threads": a.prefill_threads or "torch default",
+           "prefill_threads": a.prefill_threads or "torch default", "compute_dtype": a.compute_dtype,
+           "cpu": _cpu_name(),
            "wall_s": round(time.perf_counter() - t_start, 1)}
     for name, m in med.items():
         for n, v in m.items():
@@ -213,6 +219,19 @@ def main(argv: list[str] | None = None) -> None:
                       or k.endswith("_4k")}, indent=1))
     plot(med, lengths, rate, OUT_PNG if a.out == OUT_JSON else a.out.replace(".json", ".png"))
     print(markdown_table(out))
+
+
+def _cpu_name() -> str:
+    """The CPU model and its widest vector unit torch uses (bf16 GEMM speed depends on it)."""
+    import torch
+
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def markdown_table(out: dict) -> str:

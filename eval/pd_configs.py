@@ -58,6 +58,22 @@ def server_args(max_len: int) -> list[str]:
     return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64))]
 
 
+COMPUTE_DTYPES = ("model", "float32")
+
+
+def compute_args(dtype: str) -> list[str]:
+    """Server flags for the benches' ``--compute-dtype``: ``model`` (the checkpoint's, bf16 for
+    SmolLM2) adds none; ``float32`` computes in fp32 and keeps the KV cache in bf16
+    (``--kv-cache-dtype bfloat16``; memha's pools read back into bf16), so every byte stored and
+    sent is a bf16 model's. On a CPU without a bf16 GEMM path (AVX2 only) torch's bf16 matmuls
+    are 13-90x slower than fp32 (SmolLM2 prefill of 1024 tokens: 30.0 s bf16, 6.3 s fp32), which
+    made a 4K-prompt TTFT bench take hours; decode steps are not faster in fp32 (2x the weight
+    bytes)."""
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return [] if dtype == "model" else ["--dtype", "float32", "--kv-cache-dtype", "bfloat16"]
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """Torch threads of one server (0 = torch's default, one per core). On this 2-core box a
     prefill with 1 thread leaves the second core to Mooncake, whose TCP transport keeps a core

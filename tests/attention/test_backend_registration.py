@@ -99,9 +99,9 @@ def test_format_refusal_names_the_formats_it_reads():
 def test_quantized_pool_accepts_memha_triton_and_refuses_other_backends():
     from sglang_memha.sglang_ext.pool.configure import _refusals
 
-    def kvc(backend, prefill=None):
+    def kvc(backend, prefill=None, kv_dtype="auto"):
         sa = SimpleNamespace(attention_backend=backend, prefill_attention_backend=prefill,
-                             decode_attention_backend=None, kv_cache_dtype="auto", speculative_algorithm=None,
+                             decode_attention_backend=None, kv_cache_dtype=kv_dtype, speculative_algorithm=None,
                              enable_hierarchical_cache=False)
         return SimpleNamespace(server_args=sa)
 
@@ -109,3 +109,7 @@ def test_quantized_pool_accepts_memha_triton_and_refuses_other_backends():
     assert _refusals(kvc("memha_triton", prefill="torch_native")) == []
     (bad,) = _refusals(kvc("flashinfer"))
     assert bad.startswith("attention backend ['flashinfer'] (use --attention-backend memha_triton on a GPU")
+    # bfloat16 only names the dtype reads return (fp32-compute benches); an fp8 cache is a format
+    assert _refusals(kvc("torch_native", kv_dtype="bfloat16")) == []
+    assert _refusals(kvc("torch_native", kv_dtype="fp8_e4m3")) == [
+        "--kv-cache-dtype fp8_e4m3 (MEMHA_KV_FORMAT replaces it; drop the flag)"]

@@ -41,7 +41,10 @@ def _refusals(kvc) -> list[str]:
         out.append("MLA models")
     if getattr(kvc, "is_hybrid_swa", False) or getattr(kvc, "mambaish_config", None) is not None:
         out.append("hybrid sliding-window / linear-attention models")
-    if getattr(sa, "kv_cache_dtype", "auto") not in ("auto", None):
+    # bfloat16 is accepted: it is the dtype the pool's reads return (the model's dtype with
+    # "auto"), e.g. a float32-compute model whose KV path should be a bf16 model's (eval benches
+    # on CPUs without a bf16 GEMM path); the bytes stored are the format's either way.
+    if getattr(sa, "kv_cache_dtype", "auto") not in ("auto", None, "bfloat16"):
         out.append(f"--kv-cache-dtype {sa.kv_cache_dtype} (MEMHA_KV_FORMAT replaces it; drop the flag)")
     if getattr(sa, "speculative_algorithm", None):
         out.append("speculative decoding")
