@@ -40,8 +40,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eval.pd_configs import (COMPUTE_DTYPES, MAX_TOKENS, PD_CONFIGS, compute_args, matched_link_rate,  # noqa: E402
-                             server_args, thread_env)
+from eval.pd_configs import (COMPUTE_DTYPES, MAX_TOKENS, PD_CONFIGS, SLOW_LINK_ENV, compute_args,  # noqa: E402
+                             matched_link_rate, server_args, thread_env)
 from sglang_memha.models.smollm2 import ensure_smollm2  # noqa: E402
 from sglang_memha.testing import PDCluster, SingleServer  # noqa: E402
 from sglang_memha.testing.netns import ShapedLink, netns_available  # noqa: E402
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in a.configs.split(","):
             env = CONFIGS[name]
             print(f"{name}: {env or 'stock SGLang pools'}", flush=True)
-            with PDCluster(model, flags, flags, env=env,
+            with PDCluster(model, flags, flags, env={**SLOW_LINK_ENV, **env},
                            prefill_env=pf_env,
                            max_total_tokens=MAX_TOKENS, link=None if name == NO_LINK else link,
                            log_dir=os.path.join(a.log_dir, name)) as c:

@@ -58,6 +58,12 @@ def server_args(max_len: int) -> list[str]:
     return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64))]
 
 
+# Mooncake fails a synchronous batch transfer that takes over 30 s (its MC_TRANSFER_TIMEOUT, in
+# seconds): a 4K prompt's whole bf16 KV (94 MB) on a link matched to a 30 s prefill takes ~30 s,
+# so stock SGLang PD's whole-request send failed there ("Sync batch data transfer timeout after
+# 30094372036ns"). Every configuration of a shaped-link bench gets the same longer limit.
+SLOW_LINK_ENV = {"MC_TRANSFER_TIMEOUT": "300"}
+
 COMPUTE_DTYPES = ("model", "float32")
 
 
