@@ -16,6 +16,11 @@ import pytest
 # Servers fork from a process that has SGLang imported (sglang_memha/testing/zygote.py): ~17 s
 # of CPU less per server start.
 os.environ.setdefault("MEMHA_ZYGOTE", "1")
+# One torch thread per process, servers included (they inherit it): two workers each run a cluster
+# of two or three servers on 2 cores, and a server's 2-thread OpenMP regions then wait at every
+# barrier for a thread the scheduler descheduled (a PD decode stepped SmolLM2 at ~1 token/s in
+# the full suite, against ~11 alone). Set before torch is imported; an explicit value wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

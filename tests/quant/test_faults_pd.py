@@ -50,7 +50,7 @@ def _check(rec: faults.FaultRecord, client: str, server: str | tuple[str, ...], 
 def test_transfer_past_its_timeout(tiny_model, link, tmp_path):
     with faults.cluster(tiny_model, link, str(tmp_path), decode_env=faults.TIMEOUT_DECODE_ENV) as c:
         rec = faults.transfer_timeout(c)
-        _check(rec, "timed out after 5.0s", "decode", "timed out after 5.0s")
+        _check(rec, faults.TIMEOUT_TEXT, "decode", faults.TIMEOUT_TEXT)
         assert rec.victim_status == 500, rec
     assert descendants() == []
 
