@@ -41,7 +41,7 @@ from eval.goodput import confidence, report, runner, windows
 from eval.goodput.metrics import SLO, TARGET
 from eval.goodput.prices import COLUMNS, hourly_cost, load_prices
 from eval.goodput.workload import Scaling, load_window
-from eval.pd_configs import PD_CONFIGS, ROOT, matched_link_rate, recorded_link_rate
+from eval.pd_configs import COMPUTE_DTYPES, PD_CONFIGS, ROOT, matched_link_rate, recorded_link_rate
 
 RESULTS = os.path.join(ROOT, "eval", "results")
 CONFIGS = ["stock_bf16", "memha_fp8_whole", "memha_fp8_pipelined", "memha_int4_pipelined",
@@ -76,6 +76,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prefill-threads", type=int, default=1, help="torch threads of the prefill server")
     ap.add_argument("--decode-threads", type=int, default=1,
                     help="torch threads of the decode server (0 = torch's default; see eval/pd_configs.py)")
+    ap.add_argument("--compute-dtype", default="model", choices=COMPUTE_DTYPES,
+                    help="float32: fp32 compute, bf16 KV cache (as eval/bench_ttft.py; match --rate to it)")
     ap.add_argument("--text", default="auto", choices=("auto", "sharegpt", "os-text"), help="prompt text source")
     ap.add_argument("--subnet", default="10.200.77", help="shaped link subnet (pick one no one else uses)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 trace, 2 configs, 10 requests, 2 rates")
@@ -284,7 +286,7 @@ def measure(a: argparse.Namespace, command: str) -> None:
                 print(f"[{trace}] {config}: {PD_CONFIGS[config].label} "
                       f"({(time.monotonic() - t_start) / 60:.1f} min elapsed)", flush=True)
                 with runner.start_cluster(config, model, link, int(wl.input_len.max()), a.prefill_threads,
-                                          a.decode_threads, os.path.join(a.log_dir, trace)) as c:
+                                          a.decode_threads, os.path.join(a.log_dir, trace), a.compute_dtype) as c:
                     runner.warm_up(c, pool[:128].tolist())
                     if slo is None:  # the first configuration is stock: calibrate the SLOs on it
                         cal = runner.calibrate(c, wl, lambda ls: prompts_mod.cut_prompts(ls, pool), a.calibration_reps)
@@ -337,6 +339,7 @@ def _header(a, command: str, rate: str, scaling: Scaling, settings, prices: dict
             "date": dt.datetime.now().isoformat(timespec="seconds"), "model": "SmolLM2-135M-Instruct",
             "machine": f"{os.cpu_count()} CPU cores, --device cpu, torch_native attention, all servers on one box",
             "link_rate": rate, "prefill_threads": a.prefill_threads, "decode_threads": a.decode_threads,
+            "compute_dtype": a.compute_dtype,
             "traces": a.traces, "configs": a.configs, "n_requests": a.n, "target_attainment": a.target,
             "length_scale": a.length_scale, "min_input": scaling.min_input, "max_input": a.max_input,
             "min_output": scaling.min_output, "max_output": a.max_output, "k_ttft": a.k_ttft, "k_tpot": a.k_tpot,

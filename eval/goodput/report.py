@@ -65,12 +65,15 @@ def ratio(out: dict, trace: str, memha: str = MEMHA) -> tuple[float | None, str]
 
 # The settings that define an experiment: runs merged or compared as repeats must agree on them.
 EXPERIMENT_SETTINGS = ("model", "link_rate", "n_requests", "length_scale", "k_ttft", "k_tpot",
-                       "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output")
+                       "target_attainment", "prefill_threads", "decode_threads", "max_input", "max_output",
+                       "compute_dtype")
+SETTING_DEFAULTS = {"compute_dtype": "model"}  # what files written before the key existed ran with
 
 
 def differing_setting(a: dict, b: dict) -> str | None:
     """The first of EXPERIMENT_SETTINGS on which results a and b differ, else None."""
-    return next((k for k in EXPERIMENT_SETTINGS if a.get(k) != b.get(k)), None)
+    return next((k for k in EXPERIMENT_SETTINGS
+                 if a.get(k, SETTING_DEFAULTS.get(k)) != b.get(k, SETTING_DEFAULTS.get(k))), None)
 
 
 def merge(parts: list[dict]) -> dict:

@@ -27,3 +27,21 @@ def test_thread_env_and_recorded_rate(tmp_path):
     assert recorded_link_rate(str(tmp_path / "t.json")) == "40mbit"
     with pytest.raises(ValueError, match="--rate"):
         recorded_link_rate(str(tmp_path / "missing.json"))
+
+
+def test_compute_dtype_flags_reach_the_goodput_cluster_and_its_settings():
+    """--compute-dtype float32: both servers compute in fp32 with a bf16 KV cache, every config
+    gets the slow-link Mooncake limit, and runs that differ in it (a missing key = the model's
+    dtype, as before the key existed) are not merged."""
+    from eval.goodput import report, runner
+    from eval.pd_configs import SLOW_LINK_ENV, compute_args
+
+    assert compute_args("model") == []
+    assert compute_args("float32") == ["--dtype", "float32", "--kv-cache-dtype", "bfloat16"]
+    with pytest.raises(ValueError, match="compute dtype 'bf16'"):
+        compute_args("bf16")
+    c = runner.start_cluster("memha_fp8_pipelined", "/nonexistent-model", None, 512, 1, 1, "/tmp/x", "float32")
+    assert c.prefill_args[-4:] == c.decode_args[-4:] == compute_args("float32")
+    assert c.env["MC_TRANSFER_TIMEOUT"] == SLOW_LINK_ENV["MC_TRANSFER_TIMEOUT"] and c.env["MEMHA_KV_FORMAT"] == "fp8_e4m3"
+    assert report.differing_setting({}, {"compute_dtype": "model"}) is None
+    assert report.differing_setting({}, {"compute_dtype": "float32"}) == "compute_dtype"
