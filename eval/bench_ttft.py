@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from eval.pd_configs import (COMPUTE_DTYPES, MAX_TOKENS, PD_CONFIGS, SLOW_LINK_ENV, compute_args,  # noqa: E402
+from eval.pd_configs import (COMPUTE_DTYPES, MAX_TOKENS, PD_CONFIGS, SLOW_LINK_ENV,  # noqa: E402
                              matched_link_rate, server_args, thread_env)
 from sglang_memha.models.smollm2 import ensure_smollm2  # noqa: E402
 from sglang_memha.testing import PDCluster, SingleServer  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     lengths = [int(x) for x in a.lengths.split(",")]
     reps = {n: (a.reps if n <= 4096 else a.reps_long) for n in lengths}
     model = ensure_smollm2()
-    flags = server_args(max(lengths)) + compute_args(a.compute_dtype)
+    flags = server_args(max(lengths), a.compute_dtype)
     t_start = time.perf_counter()
 
     print("prefill-only (single server, no transfer)", flush=True)

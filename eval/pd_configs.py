@@ -52,10 +52,11 @@ PD_CONFIGS: dict[str, PDConfig] = {
 }
 
 
-def server_args(max_len: int) -> list[str]:
+def server_args(max_len: int, compute_dtype: str = "model") -> list[str]:
     """Flags of both servers: page 16, chunked prefill larger than the longest prompt (one
-    forward, then one send = "whole request")."""
-    return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64))]
+    forward, then one send = "whole request"), and ``compute_args(compute_dtype)``."""
+    return ["--page-size", str(PAGE), "--chunked-prefill-size", str(max(8192, max_len + 64)),
+            *compute_args(compute_dtype)]
 
 
 # Mooncake fails a synchronous batch transfer that takes over 30 s (its MC_TRANSFER_TIMEOUT, in

@@ -18,7 +18,7 @@ from eval.goodput import client
 from eval.goodput.metrics import (SLO, RequestResult, allowed_misses, attainment, next_rate, passes,
                                   percentiles)
 from eval.goodput.workload import Workload
-from eval.pd_configs import MAX_TOKENS, PD_CONFIGS, SLOW_LINK_ENV, compute_args, server_args, thread_env
+from eval.pd_configs import MAX_TOKENS, PD_CONFIGS, SLOW_LINK_ENV, server_args, thread_env
 from sglang_memha.testing import PDCluster
 from sglang_memha.testing.procs import http_json
 
@@ -62,9 +62,9 @@ def _rounded(d: dict) -> dict:
 def start_cluster(name: str, model: str, link, max_len: int, prefill_threads: int, decode_threads: int,
                   log_dir: str, compute_dtype: str = "model") -> PDCluster:
     """The PD cluster of configuration ``name`` (not started: use it in ``with``); ``compute_dtype``
-    as ``eval/bench_ttft.py``'s (``pd_configs.compute_args``)."""
+    as ``eval/bench_ttft.py``'s (``pd_configs.server_args``)."""
     cfg = PD_CONFIGS[name]
-    flags = server_args(max_len) + compute_args(compute_dtype)
+    flags = server_args(max_len, compute_dtype)
     return PDCluster(model, flags, flags, env={**SLOW_LINK_ENV, **cfg.env},
                      decode_env={**thread_env(decode_threads), **cfg.decode_env},
                      prefill_env=thread_env(prefill_threads),
