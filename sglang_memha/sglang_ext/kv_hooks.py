@@ -12,6 +12,7 @@
 | ``disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req`` (always) | BEFORE | the received-bytes metric (returns at once without ``--enable-metrics``) | ``transfer/arrival.count_arrived`` |
 | ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool`` (always) | AFTER | prefill on SGLang's own bf16 or fp8 pool: describe it, so a memha decode accepts it and the sender converts its pages into that decode's format (``transcode``) | ``pool/stock_pool.describe_stock_pool`` |
 | ``disaggregation.prefill.PrefillBootstrapQueue.__init__`` (always) | AFTER | stock fp8 prefill pool: read the model's per-layer K/V scales, which the conversion gives each row | ``pool/stock_pool.record_layer_scales`` |
+| ``disaggregation.{prefill,decode}.prepare_abort`` (always) | AROUND | a request whose KV is non-finite fails with 400, not 500: the router neither retries it nor counts it against the workers' circuit breakers | ``transfer/mooncake_conn.abort_status_of_request_faults`` |
 
 The Mooncake REPLACEs are also installed without ``MEMHA_KV_FORMAT`` (``register_metrics``) so
 a stock-format PD pair logs the same measured-bytes line, for like-for-like comparisons. Called
@@ -46,6 +47,9 @@ def register_metrics() -> None:
                           HookType.AROUND)
     HookRegistry.register("sglang.srt.disaggregation.decode.DecodeTransferQueue._commit_transfer_to_req",
                           arrival.count_arrived, HookType.BEFORE)
+    for side in ("prefill", "decode"):  # each calls the name it imported from disaggregation.utils
+        HookRegistry.register(f"sglang.srt.disaggregation.{side}.prepare_abort",
+                              mooncake_conn.abort_status_of_request_faults, HookType.AROUND)
 
 
 def register_kv_format() -> None:

@@ -33,6 +33,7 @@ beyond what the overridden SGLang method already does.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 import numpy as np
 
@@ -154,7 +155,7 @@ class MemhaKVManager(HandshakeMixin, BridgeMixin, HeadSliceMixin, ByteAccounting
         if not layers:
             return False
         room = self._memha_tls.room
-        reason = (f"sglang-memha: the model produced non-finite K/V (NaN, inf or |x| > 2^64) for this "
+        reason = (f"sglang-memha: {NONFINITE_TEXT} (NaN, inf or |x| > 2^64) for this "
                   f"request in layer(s) {layers[:8]}{' ...' if len(layers) > 8 else ''}; its KV is not sent "
                   f"and the request fails (other requests are unaffected)")
         logger.error("sglang-memha: room %s: %s", room, reason)
@@ -179,6 +180,24 @@ class MemhaKVManager(HandshakeMixin, BridgeMixin, HeadSliceMixin, ByteAccounting
         if self.memha_pipeline is not None and self.memha_pipeline.in_flight(room):
             return
         super()._maybe_ack_drained_abort(room)
+
+
+NONFINITE_TEXT = "the model produced non-finite K/V"
+
+
+def abort_status_of_request_faults(original_fn, req, error_message, status_code=None):
+    """AROUND ``prepare_abort`` as ``sglang.srt.disaggregation.{prefill,decode}`` call it (scheduler,
+    when a request's KV transfer failed; does not block). SGLang answers every failed transfer
+    with 500. The router retries a 500 (5 more times by default, each a new prefill) and counts it
+    against both workers' circuit breakers (10 failures open them for 60 s). A request whose KV
+    is non-finite fails the same way on every try, so a couple of such prompts would take a
+    healthy prefill out of rotation for everyone. It gets 400, as SGLang's other faults of the
+    request itself (a prompt too long for the pool): the router neither retries a 4xx nor counts
+    it as the worker's failure, and 400 is the one 4xx its PD path passes on from a decode
+    (sglang_router 0.3.2 turns a decode's 422 into 500). Other transfer failures keep 500."""
+    if NONFINITE_TEXT in str(error_message):
+        status_code = HTTPStatus.BAD_REQUEST
+    return original_fn(req, error_message, status_code=status_code)
 
 
 class MemhaKVReceiver(mc.MooncakeKVReceiver):
