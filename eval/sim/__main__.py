@@ -7,10 +7,15 @@
                                   exists) | harness | reference (older copied medians);
                                   --write updates the validation keys of eval/results/sim.json
                                   (with --repeat its sim_repeat_* keys: a repeat session's file F)
-    extrapolate --calib F [--other F2] [--short-max N] [--attn-ratio R] [--link-groups G] [--write]
+    extrapolate --calib F [--other F2] [--short-max N] [--attn-ratio R] [--link-groups G]
+                [--kernel-rates K [--kernel-form additive|scaled]] [--write]
                                   fit on bench_ttft file F's prompts <= N (1024), predict its longer
-                                  prompts and every point of F2 (another link rate); --write merges
-                                  the sim_extrapolation_* keys into eval/results/sim.json
+                                  prompts and every point of F2 (another link rate); with K the
+                                  prefill is priced by kernel rates measured at each length; --write
+                                  merges the sim_extrapolation_* keys into eval/results/sim.json
+    kernel-rates [--model M] [--lengths a,b] [--dtype D] [--threads T] [--out F]
+                                  time one layer's GEMMs and causal attention at each length on this
+                                  machine (torch, as the servers compute) -> eval/results/kernel_rates.json
     replay MODEL SYSTEM P D TRACE [--rate R] [--n N]     one replay, prints TTFT/TPOT percentiles
     search MODEL TRACE BUDGET [--systems a,b] [--price spot] [--n N]   P:D search, prints a table
     all [--n N] [--budget B]      everything for the report: eval/results/sim.json + sim_*.png
@@ -129,8 +134,21 @@ def kept_keys(path: Path) -> dict:
     return {k: v for k, v in old.items() if k.startswith(KEPT_BY_ALL)}
 
 
+def cmd_kernel_rates(a: argparse.Namespace) -> dict:
+    from . import kernel_rates
+    from .config import load_model
+
+    t = kernel_rates.measure(load_model(a.model), [int(x) for x in a.lengths.split(",")], a.dtype, a.threads, a.reps)
+    for r in t["rows"]:
+        print(f"n={r['n']:6d}  gemm {r['gemm_gflops']:7.1f} GFLOP/s ({r['gemm_s'] * 1e3:8.2f} ms/layer)  "
+              f"attn {r['attn_gflops']:7.1f} GFLOP/s ({r['attn_s'] * 1e3:8.2f} ms/layer)")
+    Path(a.out).write_text(json.dumps(t, indent=1))
+    print(f"wrote {a.out}")
+    return t
+
+
 def cmd_extrapolate(a: argparse.Namespace, argv: list[str]) -> dict:
-    v = X.run(a.calib, a.other, a.short_max, a.attn_ratio, a.link_groups)
+    v = X.run(a.calib, a.other, a.short_max, a.attn_ratio, a.link_groups, a.kernel_rates, a.kernel_form)
     print(X.format_table(v))
     if a.write:
         path = RESULTS / "sim.json"
@@ -334,7 +352,18 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--attn-ratio", type=float, default=None,
                    help="F_gemm / F_attn when --calib has < 3 short lengths (default: validate's harness fit)")
     x.add_argument("--link-groups", default="config", choices=("config", "schedule"))
+    x.add_argument("--kernel-rates", default=None,
+                   help="`kernel-rates` output: price the prefill by kernel rates measured at each length")
+    x.add_argument("--kernel-form", default="additive", choices=("additive", "scaled"),
+                   help="the rest of the forward: a per-token cost beside the kernels, or a factor on them")
     x.add_argument("--write", action="store_true", help="merge the sim_extrapolation_* keys into eval/results/sim.json")
+    k = sub.add_parser("kernel-rates", help="time one layer's GEMMs and attention at each length on this machine")
+    k.add_argument("--model", default="smollm2-135m")
+    k.add_argument("--lengths", default="256,512,1024,2048,4096")
+    k.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    k.add_argument("--threads", type=int, default=1, help="torch threads (bench_ttft's --prefill-threads)")
+    k.add_argument("--reps", type=int, default=3)
+    k.add_argument("--out", default=str(RESULTS / "kernel_rates.json"))
     r = sub.add_parser("replay")
     for k in ("model", "system"):
         r.add_argument(k)
@@ -372,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         cmd_validate(a)
     elif a.cmd == "extrapolate":
         cmd_extrapolate(a, argv)
+    elif a.cmd == "kernel-rates":
+        cmd_kernel_rates(a)
     elif a.cmd == "replay":
         cmd_replay(a)
     elif a.cmd == "search":

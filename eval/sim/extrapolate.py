@@ -55,7 +55,7 @@ import numpy as np
 
 from eval.pd_configs import MAX_TOKENS, PD_CONFIGS, server_args
 
-from . import validate
+from . import kernel_rates, validate
 from .config import Device, ModelConfig, load_model
 from .transfer import Link
 
@@ -121,6 +121,11 @@ class Fit:
     attn_ratio: float | None  # F_gemm / F_attn when given, else None (fitted)
     attn_ratio_source: str
     link_groups: str = "config"  # what ``links`` is keyed by: "config" or "schedule"
+    kernel: kernel_rates.KernelPrefill | None = None  # the prefill priced by kernel rates at each length
+
+    def dev(self):
+        """What the replays price a prompt with: the fitted device, or the kernel-rate one per length."""
+        return self.kernel.device if self.kernel is not None else self.device
 
     def predict(self, tb: dict, config: str, prompt: int, gbps: float) -> float:
         setup, fmt, pipe = config_kind(config)
@@ -128,14 +133,15 @@ class Fit:
         if setup == "c":
             eta, lat = self.links[link_group(config, self.link_groups)]
             kw["link"] = Link(gbps=eta * gbps, latency_s=lat)
-        return validate.replay_ttft(self.model, self.device, setup, prompt, self.handoff_s, tb, self.slowdown, **kw)
+        return validate.replay_ttft(self.model, self.dev(), setup, prompt, self.handoff_s, tb, self.slowdown, **kw)
 
     def as_dict(self) -> dict:
         d = self.device
-        return {"gemm_gflops": d.bf16_tflops * 1e3, "attn_prefill_gflops": d.attn_prefill_flops / 1e9,
-                "prefill_overhead_s": d.prefill_step_overhead_s, "pd_handoff_s": self.handoff_s,
-                "pd_prefill_slowdown": self.slowdown, "attn_ratio_given": self.attn_ratio,
-                "attn_ratio_source": self.attn_ratio_source,
+        prefill = (self.kernel.as_dict() if self.kernel is not None else
+                   {"prefill_model": "fitted rates", "gemm_gflops": d.bf16_tflops * 1e3,
+                    "attn_prefill_gflops": d.attn_prefill_flops / 1e9, "prefill_overhead_s": d.prefill_step_overhead_s,
+                    "attn_ratio_given": self.attn_ratio, "attn_ratio_source": self.attn_ratio_source})
+        return {**prefill, "pd_handoff_s": self.handoff_s, "pd_prefill_slowdown": self.slowdown,
                 **{f"link_{s}_eta": e for s, (e, _) in self.links.items()},
                 **{f"link_{s}_latency_s": lat for s, (_, lat) in self.links.items()}}
 
@@ -153,7 +159,7 @@ def harness_attn_ratio() -> float:
     return dev.bf16_tflops / (dev.attn_prefill_flops / 1e12)
 
 
-def _fit_link(m: ModelConfig, dev: Device, handoff: float, slowdown: float | None, tb: dict, rows: list[dict],
+def _fit_link(m: ModelConfig, dev, handoff: float, slowdown: float | None, tb: dict, rows: list[dict],
               gbps: float) -> tuple[float, float]:
     """(eta, latency_s) minimising the relative squared error of the replayed ``rows``."""
     y = np.array([r["ttft_s"] for r in rows])
@@ -186,11 +192,19 @@ def link_group(config: str, link_groups: str) -> str:
 
 
 def fit(calib: dict, short_max: int = SHORT_MAX, attn_ratio: float | None = None, tb: dict | None = None,
-        link_groups: str = "config") -> Fit:
-    """Fit every constant on ``calib``'s points with prompt <= ``short_max``."""
+        link_groups: str = "config", kernel_table: dict | None = None, kernel_form: str = "additive") -> Fit:
+    """Fit every constant on ``calib``'s points with prompt <= ``short_max``. With ``kernel_table``
+    (``kernel_rates.measure``) the prefill is priced by kernel rates measured at each length and
+    only its overhead and framework factor are fitted (``attn_ratio`` is then unused)."""
     tb = tb or testbed(max(n for c in calib["points"].values() for n in c))
     m = load_model(tb["model"])
     pre = _rows(calib, [PREFILL_ONLY], short_max)
+    if kernel_table is not None:
+        kp = kernel_rates.fit(m, validate._base_device(tb), kernel_table, pre, kernel_form, tb)
+        handoff, slowdown = validate.fit_pd(m, kp.device, _rows(calib, [NO_LINK], short_max), tb,
+                                            kv_fmt=config_kind(NO_LINK)[1])
+        links = _fit_links(m, kp.device, handoff, slowdown, tb, calib, short_max, link_groups)
+        return Fit(m, kp.base, handoff, slowdown, links, None, "kernel rates", link_groups, kp)
     if attn_ratio is not None:
         source = "given"
     elif len(pre) >= 3:
@@ -199,22 +213,31 @@ def fit(calib: dict, short_max: int = SHORT_MAX, attn_ratio: float | None = None
         attn_ratio, source = harness_attn_ratio(), "validate's harness fit (eval/results/cpu_pd_measured.json)"
     dev = validate.fit_prefill(m, validate._base_device(tb), pre, tb, attn_ratio)
     handoff, slowdown = validate.fit_pd(m, dev, _rows(calib, [NO_LINK], short_max), tb, kv_fmt=config_kind(NO_LINK)[1])
+    links = _fit_links(m, dev, handoff, slowdown, tb, calib, short_max, link_groups)
+    return Fit(m, dev, handoff, slowdown, links, attn_ratio, source, link_groups)
+
+
+def _fit_links(m: ModelConfig, dev, handoff: float, slowdown: float | None, tb: dict, calib: dict,
+               short_max: int, link_groups: str) -> dict[str, tuple[float, float]]:
+    """(eta, latency_s) of each link group that has short shaped-link points in ``calib``."""
     links = {}
     shaped = [c for c in calib["points"] if config_kind(c)[0] == "c"]
     for g in sorted({link_group(c, link_groups) for c in shaped}):
         rows = _rows(calib, [c for c in shaped if link_group(c, link_groups) == g], short_max)
         if rows:
             links[g] = _fit_link(m, dev, handoff, slowdown, tb, rows, calib["gbps"])
-    return Fit(m, dev, handoff, slowdown, links, attn_ratio, source, link_groups)
+    return links
 
 
 def run(calib_path: str | Path, other_path: str | Path | None = None, short_max: int = SHORT_MAX,
-        attn_ratio: float | None = None, link_groups: str = "config") -> dict:
+        attn_ratio: float | None = None, link_groups: str = "config", kernel_rates_path: str | Path | None = None,
+        kernel_form: str = "additive") -> dict:
     """Fit on the calibration file's short points, predict the rest; rows and the sim_extrapolation_* keys."""
     calib = load_ttft(calib_path)
     files = [("calib", calib)] + ([("other", load_ttft(other_path))] if other_path else [])
     tb = testbed(max(n for _, f in files for c in f["points"].values() for n in c))
-    ft = fit(calib, short_max, attn_ratio, tb, link_groups)
+    table = kernel_rates.load(kernel_rates_path, load_model(tb["model"])) if kernel_rates_path else None
+    ft = fit(calib, short_max, attn_ratio, tb, link_groups, table, kernel_form)
     rows = []
     for which, f in files:
         for c in sorted(f["points"]):
@@ -244,6 +267,7 @@ def run(calib_path: str | Path, other_path: str | Path | None = None, short_max:
     out["sim_extrapolation_fit"] = ft.as_dict()
     out["sim_extrapolation_short_max"] = short_max
     out["sim_extrapolation_link_groups"] = link_groups
+    out["sim_extrapolation_prefill_model"] = f"kernel_rates ({kernel_form})" if table else "fitted rates"
     out["sim_extrapolation_inputs"] = {w: {"path": f["path"], "date": f["date"], "link_rate": f["link_rate"],
                                            "reps": f["reps"]} for w, f in files}
     out["sim_extrapolation_rows"] = rows

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -271,10 +272,12 @@ def testbed_cluster(m: ModelConfig, dev: Device, setup: str, handoff: float, tb:
     return ClusterSpec(prefill=(p,), decode=(d,), pipelined=pipelined, handoff_s=hand)
 
 
-def replay_ttft(m: ModelConfig, dev: Device, setup: str, prompt: int, handoff: float, tb: dict,
-                slowdown: float | None = None, **cluster_kw) -> float:
-    """TTFT of one ``prompt``-token request replayed through ``cluster.simulate``."""
-    spec = testbed_cluster(m, dev, setup, handoff, tb, slowdown, **cluster_kw)
+def replay_ttft(m: ModelConfig, dev: Device | Callable[[int], Device], setup: str, prompt: int, handoff: float,
+                tb: dict, slowdown: float | None = None, **cluster_kw) -> float:
+    """TTFT of one ``prompt``-token request replayed through ``cluster.simulate``. ``dev`` is a
+    device or a function of the prompt length returning one (``kernel_rates.KernelPrefill.device``:
+    rates measured at that length)."""
+    spec = testbed_cluster(m, dev(prompt) if callable(dev) else dev, setup, handoff, tb, slowdown, **cluster_kw)
     return float(simulate(spec, np.zeros(1), np.array([prompt]), np.array([1])).ttft[0])
 
 
