@@ -24,7 +24,10 @@ from sglang_memha.testing.procs import http_json
 
 # Retries would re-run a failed (or aborted) request's whole prefill behind the client's back, and
 # the circuit breaker would shut a worker out after a stopped run's aborts: both off, for every config.
-ROUTER_ARGS = ["--disable-retries", "--disable-circuit-breaker"]
+# The router's health check (5 s timeout, 3 failures) marked a CPU prefill busy with long fp32
+# forwards unhealthy mid-run (mooncake_conversation, session 17: every later request got 503
+# "No available prefill workers"); this box's longest forward is well under 300 s.
+ROUTER_ARGS = ["--disable-retries", "--disable-circuit-breaker", "--health-check-timeout-secs", "300"]
 _QUEUES = ("prefill_bootstrap_queue_reqs", "prefill_inflight_queue_reqs", "decode_prealloc_queue_reqs",
            "decode_transfer_queue_reqs", "decode_retracted_queue_reqs")
 
@@ -190,6 +193,11 @@ def sweep(c: PDCluster, config: str, wl: Workload, prompts: list[list[int]], slo
                      stopped, wall, res)
         points.append(p)
         s = p.summary(slo)
+        shut_out = [e for e in s["errors"] if "No available" in e]
+        if shut_out:  # the router had no worker to send to: a router state, not this rate's goodput
+            raise RuntimeError(f"{wl.trace} {config} @ {rate:.3f} req/s: the router turned requests away "
+                               f"({shut_out[0][:160]}); the run measures the router, not the cluster: "
+                               f"see its log (health checks, circuit breaker) and rerun the window")
         log(f"  {config} @ {rate:.3f} req/s (x{p.multiplier:.3f} trace rate): attainment {att:.2f} "
             f"{'PASS' if p.passed else 'miss'}{' (stopped early)' if stopped else ''}, "
             f"TTFT p50/p90 {s['ttft_s']['p50']}/{s['ttft_s']['p90']} s, TPOT p50 {s['tpot_s']['p50']} s, "
