@@ -354,13 +354,13 @@ def main(argv: list[str] | None = None) -> None:
     x.add_argument("--link-groups", default="config", choices=("config", "schedule"))
     x.add_argument("--kernel-rates", default=None,
                    help="`kernel-rates` output: price the prefill by kernel rates measured at each length")
-    x.add_argument("--kernel-form", default="additive", choices=("additive", "scaled"),
+    x.add_argument("--kernel-form", default="additive", choices=X.kernel_rates.FORMS,
                    help="the rest of the forward: a per-token cost beside the kernels, or a factor on them")
     x.add_argument("--write", action="store_true", help="merge the sim_extrapolation_* keys into eval/results/sim.json")
     k = sub.add_parser("kernel-rates", help="time one layer's GEMMs and attention at each length on this machine")
     k.add_argument("--model", default="smollm2-135m")
     k.add_argument("--lengths", default="256,512,1024,2048,4096")
-    k.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    k.add_argument("--dtype", default="float32", choices=X.kernel_rates.DTYPES)
     k.add_argument("--threads", type=int, default=1, help="torch threads (bench_ttft's --prefill-threads)")
     k.add_argument("--reps", type=int, default=3)
     k.add_argument("--out", default=str(RESULTS / "kernel_rates.json"))

@@ -195,7 +195,8 @@ def fit(calib: dict, short_max: int = SHORT_MAX, attn_ratio: float | None = None
         link_groups: str = "config", kernel_table: dict | None = None, kernel_form: str = "additive") -> Fit:
     """Fit every constant on ``calib``'s points with prompt <= ``short_max``. With ``kernel_table``
     (``kernel_rates.measure``) the prefill is priced by kernel rates measured at each length and
-    only its overhead and framework factor are fitted (``attn_ratio`` is then unused)."""
+    only its overhead and, by ``kernel_form``, a per-token cost or a factor on kernel time are
+    fitted (``kernel_rates.fit``; ``attn_ratio`` is then unused)."""
     tb = tb or testbed(max(n for c in calib["points"].values() for n in c))
     m = load_model(tb["model"])
     pre = _rows(calib, [PREFILL_ONLY], short_max)

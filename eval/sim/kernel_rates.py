@@ -44,7 +44,7 @@ import numpy as np
 from .config import Device, ModelConfig
 from .roofline import _gemm_shapes, prefill_attention_flops
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+DTYPES = ("float32", "bfloat16")  # torch dtypes the servers compute in (--compute-dtype)
 
 
 def layer_flops(m: ModelConfig, n: int) -> tuple[float, float]:
@@ -163,17 +163,16 @@ class KernelPrefill:
                 "kernel_attn_gflops": {r["n"]: r["attn_gflops"] for r in self.table["rows"]}}
 
 
-def _fit_once(m: ModelConfig, base: Device, table: dict, prompts: np.ndarray, y: np.ndarray, form: str,
-              weights: np.ndarray) -> KernelPrefill:
-    probe = KernelPrefill(m, base, table, 0.0)
-    kern = np.array([probe.kernel_s(int(n)) for n in prompts])
+def _fit_once(m: ModelConfig, base: Device, table: dict, form: str, prompts: np.ndarray, kern: np.ndarray,
+              y: np.ndarray, w: np.ndarray) -> KernelPrefill:
+    """One weighted least-squares fit of ``y`` (seconds) on the prompts' kernel seconds ``kern``."""
     x, target = (prompts, y - kern) if form == "additive" else (kern, y)
-    w = weights
     (o, k), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1) * w[:, None], target * w, rcond=None)
     if o < 0:
         o, k = 0.0, float(np.sum(w * w * x * target) / np.sum((w * x) ** 2))
     if k < 0 or (form == "scaled" and k == 0):
-        raise ValueError(f"kernel-rate prefill fit ({form}) is unphysical: {k:.4g} < 0")
+        raise ValueError(f"kernel-rate prefill fit ({form}) is unphysical: {k:.4g} (a per-token cost must be "
+                         f">= 0, a factor > 0)")
     if form == "additive":
         return KernelPrefill(m, base, table, float(o), per_token_s=float(k), form=form)
     return KernelPrefill(m, base, table, float(o), factor=float(k), form=form)
@@ -193,14 +192,16 @@ def fit(m: ModelConfig, base: Device, table: dict, cal: list[dict], form: str = 
         raise ValueError(f"{len(cal)} prefill row(s): the overhead and the {form} term need 2 or more")
     prompts = np.array([float(r["prompt"]) for r in cal])
     y = np.array([r["ttft_s"] for r in cal])
-    kp = _fit_once(m, base, table, prompts, y, form, 1.0 / y)
+    probe = KernelPrefill(m, base, table, 0.0)
+    kern = np.array([probe.kernel_s(int(n)) for n in prompts])  # fixed by the table: computed once
+    kp = _fit_once(m, base, table, form, prompts, kern, y, 1.0 / y)
     if tb is None:
         return kp
     from .validate import replay_ttft
 
     for _ in range(50):  # fixed point: the fitted constants stop moving
         extra = np.array([replay_ttft(m, kp.device, "a", int(n), 0.0, tb) - kp.predict_s(int(n)) for n in prompts])
-        new = _fit_once(m, base, table, prompts, y - extra, form, 1.0 / y)
+        new = _fit_once(m, base, table, form, prompts, kern, y - extra, 1.0 / y)
         done = np.allclose([new.overhead_s, new.factor, new.per_token_s],
                            [kp.overhead_s, kp.factor, kp.per_token_s], rtol=1e-9, atol=1e-12)
         kp = new
