@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks, for a session lent a CUDA machine: the Triton kernels and the pipeline's CUDA-event
 # marker and the decode-attention kernel against the torch references (tests marked `gpu`), then
-# the Triton bandwidth bench and the decode-attention bench.
+# the Triton bandwidth bench, the decode-attention bench, and the simulator's GPU calibration
+# (eval.sim.gpu_measure: one Qwen3-8B layer's GEMMs and attention + nvidia-smi power; gpu_fit).
 # Needs torch + triton + pytest (+ pytest-xdist, hypothesis); no SGLang, no network.
 #   scripts/gpu_checks.sh [OUTDIR]     -> OUTDIR/{device.txt,pytest_gpu.log,codecs_gpu.json,...}
 set -u
@@ -20,3 +21,7 @@ timeout 240 $py eval/bench_codecs.py --gpu-only --out "$out/codecs_gpu.json" 2>&
 echo "bench rc=${PIPESTATUS[0]}"
 timeout 240 $py eval/bench_decode_attention.py --out "$out/decode_attention_gpu.json" 2>&1 | tee "$out/bench_decode_attention_gpu.log"
 echo "decode bench rc=${PIPESTATUS[0]}"
+timeout 150 $py -m eval.sim.gpu_measure --out "$out/sim_gpu_measure.json" 2>&1 | tee "$out/sim_gpu_measure.log"
+echo "sim measure rc=${PIPESTATUS[0]}"
+timeout 60 $py -m eval.sim.gpu_fit "$out/sim_gpu_measure.json" --out "$out/sim_gpu.json" 2>&1 | tee "$out/sim_gpu_fit.log"
+echo "sim fit rc=${PIPESTATUS[0]}"

@@ -94,6 +94,25 @@ def prefill_attention_flops(m: ModelConfig, new: np.ndarray, cached: np.ndarray)
     return float(4.0 * m.num_attention_heads * m.head_dim * np.sum(n * c + n * (n + 1) / 2))
 
 
+def prefill_attention_time(m: ModelConfig, dev: Device, new: np.ndarray, cached: np.ndarray,
+                           kv_fmt: str = "bf16") -> float:
+    """Causal attention of ONE layer over a prefill batch (chunk i: new[i] tokens after cached[i])."""
+    new = np.asarray(new, dtype=np.float64)
+    cached = np.asarray(cached, dtype=np.float64)
+    a_flops = prefill_attention_flops(m, new, cached)
+    kvb = kv_bytes_per_token_layer(m, kv_fmt)
+    a_bytes = float(cached.sum()) * kvb + float(new.sum()) * 2 * m.num_attention_heads * m.head_dim * ACT_BYTES
+    return max(a_flops / dev.attn_prefill_flops, a_bytes / dev.mem_bw)
+
+
+def decode_attention_time_per_token(m: ModelConfig, dev: Device, pool_fmt: str = "bf16") -> float:
+    """Seconds per KV token of ONE layer's decode attention on a ``pool_fmt`` pool (dequant inside)."""
+    a_flops = 4.0 * m.num_attention_heads * m.head_dim
+    if pool_fmt != "bf16":
+        a_flops += dev.kv_quant_flops_per_elem * 2 * m.num_key_value_heads * m.head_dim
+    return max(a_flops / dev.attn_decode_flops, kv_bytes_per_token_layer(m, pool_fmt) / dev.mem_bw)
+
+
 def prefill_step_time(m: ModelConfig, dev: Device, new: np.ndarray, cached: np.ndarray,
                       n_finishing: int, kv_fmt: str = "bf16") -> float:
     """Seconds for one prefill batch: chunk i adds new[i] tokens after cached[i] already in the pool.
@@ -108,11 +127,7 @@ def prefill_step_time(m: ModelConfig, dev: Device, new: np.ndarray, cached: np.n
         raise ValueError(f"prefill batch has {n_tok} new tokens: expected > 0")
     ef, eb = elementwise_per_token(m, kv_fmt)
     elem = max(n_tok * ef / dev.gemm_flops, n_tok * eb / dev.mem_bw)
-    a_flops = prefill_attention_flops(m, new, cached)
-    kvb = kv_bytes_per_token_layer(m, kv_fmt)
-    a_bytes = float(cached.sum()) * kvb + n_tok * 2 * m.num_attention_heads * m.head_dim * ACT_BYTES
-    attn = max(a_flops / dev.attn_prefill_flops, a_bytes / dev.mem_bw)
-    layer = gemm_time(m, dev, n_tok) + elem + attn
+    layer = gemm_time(m, dev, n_tok) + elem + prefill_attention_time(m, dev, new, cached, kv_fmt)
     return m.num_hidden_layers * layer + lm_head_time(m, dev, n_finishing) + dev.prefill_step_overhead_s
 
 
@@ -138,9 +153,5 @@ def decode_cost(m: ModelConfig, dev: Device, pool_fmt: str = "bf16", max_batch: 
     head = np.array([lm_head_time(m, dev, x) for x in b])
     C = L * (gemm_time(m, dev, b) + elem + q_io) + head + dev.decode_step_overhead_s \
         + b * dev.decode_per_request_overhead_s
-    kvb = kv_bytes_per_token_layer(m, pool_fmt)
-    a_flops = 4.0 * m.num_attention_heads * m.head_dim
-    if pool_fmt != "bf16":
-        a_flops += dev.kv_quant_flops_per_elem * 2 * m.num_key_value_heads * m.head_dim
-    D = L * max(a_flops / dev.attn_decode_flops, kvb / dev.mem_bw)
+    D = L * decode_attention_time_per_token(m, dev, pool_fmt)
     return DecodeCost(C=C, D=float(D))
