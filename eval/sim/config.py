@@ -102,6 +102,9 @@ class Device:
     # Optional: a separate effective FLOP/s for attention (the CPU testbed's torch_native SDPA is
     # much slower than its GEMMs). 0 means "bf16_tflops * attn_*_eff".
     attn_tflops: float = 0.0
+    # Fixed time of every kernel the roofline prices (4 GEMMs and one attention per layer): the
+    # floor small shapes hit (launch, tail). 0 unless a GPU calibration measured it (gpu_fit).
+    kernel_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_positive(f"hardware.json: {self.name}", self, (
@@ -111,9 +114,10 @@ class Device:
             allow_zero=())
         _check_positive(f"efficiency.json: {self.name}", self, (
             "prefill_step_overhead_s", "decode_step_overhead_s", "decode_per_request_overhead_s",
-            "activation_reserve_gb", "kv_quant_flops_per_elem", "power_w", "attn_tflops"),
+            "activation_reserve_gb", "kv_quant_flops_per_elem", "power_w", "attn_tflops", "kernel_latency_s"),
             allow_zero=("prefill_step_overhead_s", "decode_step_overhead_s", "decode_per_request_overhead_s",
-                        "activation_reserve_gb", "kv_quant_flops_per_elem", "power_w", "attn_tflops"))
+                        "activation_reserve_gb", "kv_quant_flops_per_elem", "power_w", "attn_tflops",
+                        "kernel_latency_s"))
         for n in ("gemm_eff", "attn_prefill_eff", "attn_decode_eff", "mem_eff", "mem_fraction_static"):
             if getattr(self, n) > 1:
                 raise ValueError(f"efficiency.json: {self.name}.{n}={getattr(self, n)} is not valid: expected <= 1")

@@ -12,6 +12,7 @@ Operators (per layer, N tokens in the batch, h hidden, q/kv heads, d head_dim, I
     attn   prefill   4*q*d*sum_i(n_i*c_i + n_i*(n_i+1)/2)  (causal; c_i cached prefix, n_i new)
            decode    4*q*d*S (+ dequant flops), bytes S * kv_bytes_per_token(pool format)
 
+Every GEMM and attention call also costs ``kernel_latency_s`` (0 unless a GPU calibration measured it).
 Decode attention is linear in S (total KV tokens of the batch), so one decode step is
 ``C(B) + D * S`` exactly (B = batch size); ``DecodeCost`` precomputes C for every B.
 KV bytes per token come from the project's format module (``sglang_memha.kvformat``).
@@ -53,7 +54,7 @@ def gemm_time(m: ModelConfig, dev: Device, n_tokens: np.ndarray | float) -> np.n
     for k_in, k_out in _gemm_shapes(m):
         flops = 2.0 * n * k_in * k_out
         byts = k_in * k_out * m.weight_bytes + n * (k_in + k_out) * ACT_BYTES
-        t = t + np.maximum(flops / dev.gemm_flops, byts / dev.mem_bw)
+        t = t + np.maximum(flops / dev.gemm_flops, byts / dev.mem_bw) + dev.kernel_latency_s
     return t if t.ndim else float(t)
 
 
@@ -102,7 +103,7 @@ def prefill_attention_time(m: ModelConfig, dev: Device, new: np.ndarray, cached:
     a_flops = prefill_attention_flops(m, new, cached)
     kvb = kv_bytes_per_token_layer(m, kv_fmt)
     a_bytes = float(cached.sum()) * kvb + float(new.sum()) * 2 * m.num_attention_heads * m.head_dim * ACT_BYTES
-    return max(a_flops / dev.attn_prefill_flops, a_bytes / dev.mem_bw)
+    return max(a_flops / dev.attn_prefill_flops, a_bytes / dev.mem_bw) + dev.kernel_latency_s
 
 
 def decode_attention_time_per_token(m: ModelConfig, dev: Device, pool_fmt: str = "bf16") -> float:
@@ -151,7 +152,7 @@ def decode_cost(m: ModelConfig, dev: Device, pool_fmt: str = "bf16", max_batch: 
     elem = np.maximum(b * ef / dev.gemm_flops, b * eb / dev.mem_bw)
     q_io = b * 2 * m.num_attention_heads * m.head_dim * ACT_BYTES / dev.mem_bw  # q in, o out
     head = np.array([lm_head_time(m, dev, x) for x in b])
-    C = L * (gemm_time(m, dev, b) + elem + q_io) + head + dev.decode_step_overhead_s \
+    C = L * (gemm_time(m, dev, b) + elem + q_io + dev.kernel_latency_s) + head + dev.decode_step_overhead_s \
         + b * dev.decode_per_request_overhead_s
     D = L * decode_attention_time_per_token(m, dev, pool_fmt)
     return DecodeCost(C=C, D=float(D))

@@ -1,7 +1,8 @@
 """The GPU calibration of the simulator: eval.sim.gpu_measure (CPU smoke run) and eval.sim.gpu_fit.
 
-The fit is checked on rows synthesised from the roofline itself with known factors and +-3 %
-deterministic noise: it must recover the factors and predict the held-out steps within 10 %,
+The fit is checked on rows synthesised from the roofline itself with known factors (a 6 us kernel
+latency among them) and +-3 % deterministic noise: it must recover the factors within 10 % and
+predict the held-out steps within 10 %,
 while the unfitted assumptions of efficiency.json miss them by more.
 """
 
@@ -15,7 +16,7 @@ import pytest
 from eval.sim import gpu_fit, roofline
 from eval.sim.config import DATA_DIR, load_device, load_model
 
-TRUTH = {"gemm_eff": 0.5, "attn_prefill_eff": 0.35, "attn_decode_eff": 0.3, "mem_eff": 0.93}
+TRUTH = {"gemm_eff": 0.5, "attn_prefill_eff": 0.35, "attn_decode_eff": 0.3, "mem_eff": 0.93, "kernel_latency_s": 6e-6}
 PREFILL, BATCHES, CTXS, FORMATS = (1024, 2048, 4096, 8192), (1, 8, 64), (1024, 8192, 32768), ("bf16", "fp8_e4m3")
 
 
@@ -38,7 +39,7 @@ def synthetic(hw="h100-sxm", factors=TRUTH, noise=0.03) -> dict:
     for fmt in FORMATS:
         for b in BATCHES:
             for c in CTXS:
-                s = b * c * roofline.decode_attention_time_per_token(m, dev, fmt)
+                s = b * c * roofline.decode_attention_time_per_token(m, dev, fmt) + dev.kernel_latency_s
                 rows.append({"kind": "attn_decode", "format": fmt, "batch": b, "ctx": c, "impl": "memha_triton",
                              "s": s * jitter()})
     return {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-08", "torch": "2.11", "triton": "3.6",
@@ -49,8 +50,8 @@ def synthetic(hw="h100-sxm", factors=TRUTH, noise=0.03) -> dict:
 def test_fit_recovers_factors_and_predicts_held_out_steps():
     meas = synthetic()
     factors = gpu_fit.fit(meas, "h100-sxm")
-    for f in ("gemm_eff", "attn_prefill_eff", "mem_eff"):
-        assert factors[f] == pytest.approx(TRUTH[f], rel=0.06), f
+    for f in ("gemm_eff", "attn_prefill_eff", "mem_eff", "kernel_latency_s"):
+        assert factors[f] == pytest.approx(TRUTH[f], rel=0.1), f
     ev = gpu_fit.evaluate(meas, "h100-sxm", factors)
     assert ev["held_out_steps"] == 2 + 2 * 5  # prefill 4K, 8K; per format (1|8, 32K) and (64, 1K|8K|32K)
     assert ev["sim_gpu_step_rel_error"] < 0.10
@@ -101,7 +102,9 @@ def test_write_records_factors_and_power_with_provenance(tmp_path, monkeypatch):
     mfile.write_text(json.dumps(meas))
     out = gpu_fit.main([str(mfile), "--write", "--out", str(tmp_path / "sim_gpu.json")])
     eff = json.loads((tmp_path / "efficiency.json").read_text())["h100-sxm"]
-    assert {f: eff[f] for f in gpu_fit.FACTORS} == out["factors"]
+    assert out["factors_not_identified"] == ["attn_decode_eff"]  # every decode row here is memory-bound
+    written = {f: v for f, v in out["factors"].items() if f != "attn_decode_eff"}
+    assert {f: eff[f] for f in written} == written and "attn_decode_eff" not in eff
     assert "measured on NVIDIA H100 80GB HBM3 2026-12-08" in eff["sources"]["gemm_eff"]
     power = json.loads((tmp_path / "power.json").read_text())["devices"]["h100-sxm"]
     assert (power["idle_w"], power["busy_prefill_w"], power["busy_decode_w"]) == (110.0, 640.0, 420.0)
