@@ -188,3 +188,57 @@ def test_decode_on_gpu_matches_reference(fmt, head_dim, page, group, hw):
     check(fmt, lens, page, head_dim, 2, group, device="cuda", hw=hw, num_kv_splits=1)
     # bf16 q: dots in bf16 (q, int4 values and the softmax weights rounded to bf16)
     check(fmt, lens, page, head_dim, 2, group, device="cuda", hw=hw, dtype=torch.bfloat16, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("fmt", [f.value for f in DECODE_FORMATS if f.value != "bf16"])
+def test_write_and_decode_capture_and_replay_under_cuda_graphs(fmt):
+    """One decode step as the server runs it under CUDA graphs: quantize-on-write of the step's
+    new K/V rows (Triton codecs, in place) then decode attention, captured once and replayed with
+    new q / K / V copied into the static inputs; each replay equals the same calls run eagerly on a
+    copy of the pools (bit for bit: same kernels, same launch shapes)."""
+    from sglang_memha.kvformat.triton_kernels import quantize_to_slots
+
+    case = make_case(fmt, [300, 17, 1000], 16, 128, 2, 4, dtype=torch.bfloat16)
+    cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    last = (cuda["kv_indptr"][1:] - 1).long()  # each request's newest token: the slot this step writes
+    loc = cuda["kv_indices"][last].long()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hkv, d = cuda["k_data"].shape[1], 128
+    new_k, new_v = (torch.empty(3, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q = cuda["q"].clone()
+    out = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+
+    def step(pools, q_in, k_in, v_in, out_t):
+        kd, ks, vd, vs = pools
+        quantize_to_slots(fmt, k_in, loc, kd, ks)
+        quantize_to_slots(fmt, v_in, loc, vd, vs)
+        decode_attention(fmt, q_in, kd, ks, vd, vs, cuda["kv_indptr"], cuda["kv_indices"], cuda["sm_scale"],
+                         num_kv_splits=8, max_kv_len=1000, out=out_t, out_dtype=torch.float32)
+
+    graph_pools = [cuda[n] for n in ("k_data", "k_scale", "v_data", "v_scale")]
+    eager_pools = [t.clone() for t in graph_pools]
+    for t in (new_k, new_v, q):
+        t.copy_(torch.randn(t.shape, device="cuda", generator=g))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up (Triton compiles) outside the capture
+        step([t.clone() for t in graph_pools], q, new_k, new_v, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graph_pools, q, new_k, new_v, out)
+    outs = []
+    for _ in range(2):
+        for t in (new_k, new_v, q):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=g))
+        graph.replay()
+        eager = torch.empty_like(out)
+        step(eager_pools, q, new_k, new_v, eager)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), f"{fmt}: replay differs from eager by {(out - eager).abs().max().item()}"
+        assert all(torch.equal(a, b) for a, b in zip(graph_pools, eager_pools) if a is not None)
+        outs.append(out.clone())
+    assert not torch.equal(outs[0], outs[1])  # the replays computed from their new inputs
