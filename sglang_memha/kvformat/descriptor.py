@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from sglang_memha.kvformat import k_offset as _k_offset
@@ -67,6 +68,39 @@ class FormatMismatchError(ValueError):
             hint += (" (K offsets differ: set MEMHA_K_OFFSET to the same calibration file on both "
                      "servers, or on neither)")
         super().__init__(f"KV format mismatch with peer (not bridgeable): {body}{hint}")
+
+
+def _parse_kv_scales(value, fmt: KVFormat, num_layers) -> tuple[tuple[float, float], ...] | None:
+    """``kv_scales`` as a tuple of (K, V) float pairs, one per layer; ``ValueError`` naming the fault."""
+    if value is None:
+        return None
+    if fmt != KVFormat.FP8_E4M3_TENSOR:
+        raise ValueError(f"FormatDescriptor.kv_scales is stated for fmt={fmt.value}: expected it only for "
+                         f"fp8_e4m3_tensor (one scale per layer; the other formats carry theirs in the pages)")
+    if not isinstance(value, (list, tuple)) or len(value) != num_layers:
+        raise ValueError(f"FormatDescriptor.kv_scales has {len(value) if isinstance(value, (list, tuple)) else value!r} "
+                         f"entries: expected one [k_scale, v_scale] pair per layer ({num_layers})")
+    out = []
+    for i, pair in enumerate(value):
+        ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in pair)
+        if not ok:
+            raise ValueError(f"FormatDescriptor.kv_scales[{i}]={pair!r}: expected [k_scale, v_scale], two positive "
+                             f"finite numbers")
+        out.append((float(pair[0]), float(pair[1])))
+    return tuple(out)
+
+
+def _kv_scales_mismatch(local, peer) -> tuple[str, object, object]:
+    """The mismatch entry for two fp8_e4m3_tensor descriptors whose layer scales differ."""
+    what = ("kv_scales (fp8_e4m3_tensor pages hold K / k_scale and V / v_scale of their layer: both servers "
+            "need the same checkpoint scales, or SGLang's default 1.0 on both")
+    if local is None or peer is None:
+        return (what + "; a side that states none runs another sglang-memha: run the same release on both)",
+                "stated" if local else None, "stated" if peer else None)
+    diff = [i for i, (a, b) in enumerate(zip(local, peer)) if a != b]
+    shown = ", ".join(f"layer {i}: {local[i]} vs {peer[i]}" for i in diff[:3]) + (" ..." if len(diff) > 3 else "")
+    return (f"{what}; (k, v) differ in {len(diff)} layer(s): {shown})", local[diff[0]], peer[diff[0]])
 
 
 class Bridge(str, enum.Enum):
@@ -103,6 +137,9 @@ class FormatDescriptor:
     k_offset: str = "none"  # "none" or k_offset.digest() of the MEMHA_K_OFFSET file; must match exactly
     layout: str = "NHD"
     version: int = FORMAT_VERSION
+    # fp8_e4m3_tensor only: the (K, V) scale of each layer the pool divides by (None: not stated;
+    # left out of to_dict then, so every other descriptor's bytes are unchanged). Must match.
+    kv_scales: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", KVFormat.parse(self.fmt))
@@ -121,10 +158,15 @@ class FormatDescriptor:
             raise ValueError(f"FormatDescriptor.k_offset={self.k_offset!r}: expected 'none' or 'sha256:<16 hex>'")
         if self.layout not in LAYOUTS:
             raise ValueError(f"FormatDescriptor.layout={self.layout!r}: expected one of {LAYOUTS}")
+        object.__setattr__(self, "kv_scales", _parse_kv_scales(self.kv_scales, self.fmt, self.num_layers))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["fmt"] = self.fmt.value
+        if self.kv_scales is None:
+            del d["kv_scales"]
+        else:
+            d["kv_scales"] = [list(p) for p in self.kv_scales]
         return d
 
     @classmethod
@@ -210,6 +252,13 @@ class FormatDescriptor:
                                 f"{b} heads x TP {peer_tp}"))
             elif a != b:
                 bad.append((name, a, b))
+        if self.fmt == peer.fmt == KVFormat.FP8_E4M3_TENSOR and self.kv_scales != peer.kv_scales:
+            bad.append(_kv_scales_mismatch(self.kv_scales, peer.kv_scales))
+        calibrated = [i for i, p in enumerate(self.kv_scales or ()) if p != (1.0, 1.0)]
+        if calibrated and {Bridge.ENCODE_ON_SEND, Bridge.REQUANTIZE_ON_SEND} & set(bridges):
+            bad.append(("kv_scales (the prefill quantizes fp8_e4m3_tensor pages with scale 1.0 on send; this pool "
+                        "divides by its checkpoint's scales: use the same format on both servers)",
+                        f"layer {calibrated[0]}: {self.kv_scales[calibrated[0]]}", "1.0"))
         if peer.page_size != self.page_size:
             bridges.append(Bridge.REPAGE)
         sent = [b.value for b in bridges if b in SENDER_BRIDGES]

@@ -146,8 +146,7 @@ class MemhaQuantKVPool(MHATokenToKVPool):
             if self.layout.has_scale_rows:
                 self.k_scale_buffer = buffers(self.layout.scale_bytes)
                 self.v_scale_buffer = buffers(self.v_layout.scale_bytes)
-        # fp8_e4m3_tensor: one scale per layer for K and V; 1.0 as SGLang defaults without a
-        # calibrated checkpoint scale (so the data bytes equal a stock fp8 pool's).
+        # fp8_e4m3_tensor: one scale per layer for K and V, 1.0 (SGLang's default; the descriptor says so)
         self.layer_scale = torch.ones(1, dtype=torch.float32, device=self.device)
         if block_coded:
             # the residual holds K as written: the model dtype, or fp32 once rotated (fp32 arithmetic)
@@ -168,7 +167,8 @@ class MemhaQuantKVPool(MHATokenToKVPool):
         self.memha_descriptor = FormatDescriptor(
             fmt=self.memha_format, page_size=self.page_size, num_kv_heads=self.head_num,
             head_dim=self.head_dim, num_layers=self.layer_num, model_id=self.memha_model_id,
-            k_transform=self.memha_k_transform, k_offset=offset_digest)
+            k_transform=self.memha_k_transform, k_offset=offset_digest,
+            kv_scales=((1.0, 1.0),) * self.layer_num if self.memha_format == KVFormat.FP8_E4M3_TENSOR else None)
         state.set_local_descriptor(self.memha_descriptor, pool=self)
         logger.warning(
             "sglang-memha KV pool: format=%s k_transform=%s k_offset=%s tokens=%d page_size=%d layers=%d "

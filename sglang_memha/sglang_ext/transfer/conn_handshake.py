@@ -19,6 +19,7 @@ refusal is also counted by its cause (``metrics.handshake_refused``; a no-op wit
 from __future__ import annotations
 
 import logging
+import re
 
 from sglang.srt.disaggregation.utils import DisaggregationMode
 
@@ -125,6 +126,9 @@ class HandshakeMixin:
             ready = super().try_ensure_parallel_info(bootstrap_addr)
         except RuntimeError as e:
             prefill_page = repage.prefill_page_size(str(e))
+            dtype = _prefill_kv_dtype(str(e)) if self.memha_stock else None
+            if dtype is not None:
+                return self._accept_memha_fp8_prefill(bootstrap_addr, dtype)
             if prefill_page is None:
                 return self._refuse_prefill(bootstrap_addr, str(e))
             if self.memha_desc is None:
@@ -133,6 +137,37 @@ class HandshakeMixin:
             return self._accept_repaged(bootstrap_addr, prefill_page)
         self.memha_refused_prefills.pop(bootstrap_addr, None)  # fixed and restarted
         return ready
+
+    def _accept_memha_fp8_prefill(self, bootstrap_addr: str, prefill_dtype: str) -> bool:
+        """Decode scheduler, this decode on SGLang's own fp8 pool: SGLang refused a prefill whose
+        ``--kv-cache-dtype`` differs. A memha prefill on an ``fp8_e4m3_tensor`` pool keeps
+        ``--kv-cache-dtype auto`` yet writes the bytes this pool reads: SGLang's checks run again
+        with the prefill's dtype (``repage.ManagerProbe``), then its descriptor is judged (format, layer
+        scales, page size); only an accepted prefill's info is published to SGLang."""
+        probe = repage.ManagerProbe(self, kv_cache_dtype_str=prefill_dtype)
+        try:
+            ready = self.memha_sglang_cls.try_ensure_parallel_info(probe, bootstrap_addr)
+        except Exception as e:  # noqa: BLE001 - any raise here would end the decode scheduler
+            return self._refuse_prefill(bootstrap_addr, f"{type(e).__name__}: {e}")
+        if not ready:
+            return False
+        info = probe.prefill_info_table[bootstrap_addr]
+        layout = getattr(info, "kv_layout", None)
+        if handshake.layout_descriptor(layout) is None:
+            return self._refuse_prefill(bootstrap_addr, (
+                f"KV cache dtype mismatch: prefill has kv_cache_dtype={prefill_dtype}, this decode runs "
+                f"SGLang's fp8 pool (fp8_e4m3); only an sglang-memha prefill with "
+                f"MEMHA_KV_FORMAT=fp8_e4m3_tensor writes its bytes: set that there, or the same --kv-cache-dtype"))
+        tp = (self.attn_tp_size, getattr(info, "attn_tp_size", self.attn_tp_size))
+        reason = handshake.check_prefill_peer(self.memha_desc, layout, bootstrap_addr, self.memha_secret, tp,
+                                              local_stock=True)
+        if reason is not None:
+            return self._refuse_prefill(bootstrap_addr, reason)
+        self.memha_refused_prefills.pop(bootstrap_addr, None)
+        self.prefill_info_table[bootstrap_addr] = info
+        logger.warning("sglang-memha: prefill at %s (kv_cache_dtype=%s, fp8_e4m3_tensor pages, the same layer "
+                       "scales) feeds this decode's fp8 pool", bootstrap_addr, prefill_dtype)
+        return True
 
     def _refuse_prefill(self, bootstrap_addr: str, reason: str) -> bool:
         """Decode scheduler: remember why ``bootstrap_addr`` is refused; SGLang asks again until it
@@ -144,6 +179,15 @@ class HandshakeMixin:
         logger.error("sglang-memha: prefill at %s refused (its requests fail, this server goes on): %s",
                      bootstrap_addr, reason)
         return False
+
+
+_KV_DTYPE_REFUSAL = re.compile(r"^KV cache dtype mismatch: prefill server has kv_cache_dtype=([^,\s]+),")
+
+
+def _prefill_kv_dtype(error: str) -> str | None:
+    """The prefill's ``--kv-cache-dtype`` in SGLang's dtype refusal (``common/conn.py``), or None."""
+    m = _KV_DTYPE_REFUSAL.match(error)
+    return m.group(1) if m else None
 
 
 def attach_memha_frame(original, cls, msg):

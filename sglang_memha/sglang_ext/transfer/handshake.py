@@ -315,20 +315,32 @@ def check_layout_tag(secret: str | None, kv_layout: object, peer: str) -> str | 
 
 
 def check_prefill_peer(local: FormatDescriptor, kv_layout: str | None, peer: str,
-                       secret: str | None = None, tp: tuple[int, int] = (1, 1)) -> str | None:
+                       secret: str | None = None, tp: tuple[int, int] = (1, 1),
+                       local_stock: bool = False) -> str | None:
     """Decode side: judge the prefill's published ``kv_layout`` (any JSON value the bootstrap
     server returned: only a ``memha/1:`` / ``memha/1a:`` str is parsed, other strs and None are
-    "missing"), its authentication tag first. ``tp``: (decode, prefill) attention TP sizes."""
+    "missing"), its authentication tag first. ``tp``: (decode, prefill) attention TP sizes.
+    ``local_stock``: this decode runs SGLang's own fp8 pool (``pool/stock_pool``): a prefill
+    without a descriptor is plain SGLang PD (accepted, as without the plugin), and one with a
+    descriptor must send pages this pool reads as they are (no bridge: same format, layer scales
+    and page size)."""
     if kv_layout is None or (isinstance(kv_layout, str) and not kv_layout.startswith(
             (LAYOUT_PREFIX, AUTH_LAYOUT_PREFIX))):
-        return _missing("prefill", peer, local, "decode")
+        return None if local_stock and not secret else _missing("prefill", peer, local, "decode")
     reason = check_layout_tag(secret, kv_layout, peer)
     if reason is not None:
         return reason
     parsed = _parse(_layout_payload, kv_layout, f"prefill at {peer}")
     if isinstance(parsed, str):
         return parsed
-    return _verdict(local, parsed, f"prefill at {peer} is incompatible", tp)
+    reason = _verdict(local, parsed, f"prefill at {peer} is incompatible", tp)
+    if reason is None and local_stock and local.check_compatible(parsed, tp):
+        return Refusal("unsupported_bridge",
+                       f"prefill at {peer} sends fmt={parsed.fmt.value} page_size={parsed.page_size}, and this "
+                       f"decode runs SGLang's own fp8 pool (fp8_e4m3_tensor, page_size={local.page_size}), which "
+                       f"takes pages only as they are: start the prefill with MEMHA_KV_FORMAT=fp8_e4m3_tensor "
+                       f"and the same --page-size, or give this decode MEMHA_KV_FORMAT")
+    return reason
 
 
 def check_decode_peer(local: FormatDescriptor, frame: bytes | None, peer: str,

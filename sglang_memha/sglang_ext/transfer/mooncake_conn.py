@@ -66,7 +66,8 @@ class MemhaKVManager(HandshakeMixin, BridgeMixin, HeadSliceMixin, ByteAccounting
     def __init__(self, args, disaggregation_mode, server_args, is_mla_backend=False):
         self._init_room_stats()
         self.memha_desc = state.local_descriptor()  # None: the quantized-KV path is off
-        # A prefill on SGLang's own pool: described for memha decodes, stock for the others.
+        # SGLang's own pool, described: a prefill's for memha decodes (stock for the others), an
+        # fp8 decode's for memha fp8_e4m3_tensor prefills (``pool/stock_pool``)
         self.memha_stock = state.local_is_stock()
         self.memha_bridges: dict[int, list] = {}  # decode: room -> bridges to apply on arrival
         # prefill: decode session -> its descriptor, when pages must be converted on send
@@ -210,8 +211,11 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
             return
         info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
         tp = (self.kv_mgr.attn_tp_size, getattr(info, "attn_tp_size", self.kv_mgr.attn_tp_size))
-        reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None),
-                                              peer=self.bootstrap_addr, secret=self.kv_mgr.memha_secret, tp=tp)
+        reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None), peer=self.bootstrap_addr,
+                                              secret=self.kv_mgr.memha_secret, tp=tp,
+                                              local_stock=getattr(self.kv_mgr, "memha_stock", False))
+        if reason is None and getattr(self.kv_mgr, "memha_stock", False):
+            return  # SGLang's own fp8 pool: the pages land as they are (no bridge)
         if reason is None:
             bridges = handshake.bridges_for(local, info.kv_layout, tp)
             if bridges:

@@ -156,19 +156,26 @@ def prefill_page_size(error: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class PageSizeProbe:
-    """The decode's KV manager as SGLang's ``try_ensure_parallel_info`` sees it, except that
-    its page size is the prefill's and the prefill info lands in a scratch table: running the
-    stock method on it applies every other stock check unchanged, and nothing is published
-    before ``acceptance_problem`` passed. Created and used on the decode scheduler thread."""
+class ManagerProbe:
+    """The decode's KV manager as SGLang's ``try_ensure_parallel_info`` sees it, with some
+    attributes replaced (``overrides``) and the prefill info landing in a scratch table: running
+    the stock method on it applies every other stock check unchanged, and nothing is published
+    before the caller accepts the prefill. Created and used on the decode scheduler thread."""
+
+    def __init__(self, mgr, **overrides):
+        self.__dict__.update(_mgr=mgr, prefill_info_table={}, **overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._mgr, name)
+
+
+class PageSizeProbe(ManagerProbe):
+    """A ``ManagerProbe`` whose page size is the prefill's (then ``acceptance_problem`` decides)."""
 
     def __init__(self, mgr, prefill_page_size: int):
         kv_args = copy.copy(mgr.kv_args)
         kv_args.page_size = prefill_page_size
-        self.__dict__.update(_mgr=mgr, kv_args=kv_args, prefill_info_table={})
-
-    def __getattr__(self, name):
-        return getattr(self._mgr, name)
+        super().__init__(mgr, kv_args=kv_args)
 
 
 def acceptance_problem(decode_page_size: int, prefill_page_size: int, prefill_desc,
