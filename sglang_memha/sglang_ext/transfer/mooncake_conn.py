@@ -211,10 +211,10 @@ class MemhaKVReceiver(mc.MooncakeKVReceiver):
             return
         info = self.kv_mgr.prefill_info_table.get(self.bootstrap_addr)
         tp = (self.kv_mgr.attn_tp_size, getattr(info, "attn_tp_size", self.kv_mgr.attn_tp_size))
+        stock = getattr(self.kv_mgr, "memha_stock", False)
         reason = handshake.check_prefill_peer(local, getattr(info, "kv_layout", None), peer=self.bootstrap_addr,
-                                              secret=self.kv_mgr.memha_secret, tp=tp,
-                                              local_stock=getattr(self.kv_mgr, "memha_stock", False))
-        if reason is None and getattr(self.kv_mgr, "memha_stock", False):
+                                              secret=self.kv_mgr.memha_secret, tp=tp, local_stock=stock)
+        if reason is None and stock:
             return  # SGLang's own fp8 pool: the pages land as they are (no bridge)
         if reason is None:
             bridges = handshake.bridges_for(local, info.kv_layout, tp)
